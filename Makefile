@@ -1,0 +1,51 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use and install
+# the pinned dependency set (requirements/*.lock) with uv, so a fresh machine needs only python3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION ?= 0.13.9
+WORKDIR ?= runs/demo
+CONFIG ?= configs/demo.py
+ARGS ?=
+
+.PHONY: demo test test-slow install install-test bench lint clean
+
+$(UV):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.runtime-installed: requirements/runtime.lock pyproject.toml | $(UV)
+	$(UV) pip install -q --python $(PY) -r requirements/runtime.lock
+	$(UV) pip install -q --python $(PY) --no-deps -e .
+	touch $@
+
+$(VENV)/.test-installed: requirements/test.lock pyproject.toml | $(UV)
+	$(UV) pip install -q --python $(PY) -r requirements/test.lock
+	$(UV) pip install -q --python $(PY) --no-deps -e .
+	touch $@ $(VENV)/.runtime-installed
+
+install: $(VENV)/.runtime-installed
+install-test: $(VENV)/.test-installed
+
+# Train + evaluate the demo config on the embedded dataset; prints the evaluation table.
+demo: install
+	$(PY) -m mmjax.main --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+# The default test suite (CPU, < 10 minutes on 2 cores).
+test: install-test
+	$(PY) -m pytest -q $(ARGS)
+
+# Slow tests excluded from `make test` (long end-to-end runs).
+test-slow: install-test
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+bench: install
+	$(PY) bench/train_step.py --config=configs/bench_tiny.py $(ARGS)
+
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml -q --python-version 3.11 -o requirements/runtime.lock
+	$(UV) pip compile pyproject.toml --extra test -q --python-version 3.11 -o requirements/test.lock
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

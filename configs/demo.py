@@ -1,0 +1,39 @@
+r"""Demo: a small SigLIP dual encoder trained on the embedded procedural scenes, on CPU.
+
+Run:
+  python -m mmjax.main --config=configs/demo.py --workdir=runs/demo
+(or `make demo`). About 8 minutes on 2 CPU cores.
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.batch_size = 128
+  c.total_steps = 1500
+  c.log_every_steps = 50
+
+  c.model.embed_dim = 128
+  c.model.image.image_size = 32
+  c.model.image.patch_size = 4
+  c.model.image.width = 128
+  c.model.image.depth = 4
+  c.model.image.num_heads = 4
+  c.model.image.mlp_dim = 512
+  c.model.text.max_len = 40
+  c.model.text.vocab_size = 512
+  c.model.text.width = 128
+  c.model.text.depth = 3
+  c.model.text.num_heads = 4
+  c.model.text.mlp_dim = 512
+  c.tokenizer.vocab_size = 512
+
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.weight_decay = 1e-4
+
+  c.checkpoint.every_steps = 500
+  c.eval.every_steps = 500
+  c.eval.num_scenes = 1000
+  return c

@@ -1,0 +1,294 @@
+"""Typed configs built from the ml_collections ConfigDict in one place, and validated early.
+
+Every run goes through `validate(config)` before any compute: an unknown key, a wrong type or an
+impossible value stops the run with a message that names the key and the value. Layers never see
+the ConfigDict; they get the small frozen dataclasses below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import pathlib
+import sys
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+  """A config that cannot run: names the offending key and value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  image_size: int = 64
+  patch_size: int = 8
+  width: int = 256
+  depth: int = 6
+  num_heads: int = 4
+  mlp_dim: int = 1024
+  posemb: str = 'learn'
+  pool: str = 'gap'
+  dropout: float = 0.0
+  remat: bool = False
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  max_len: int = 32
+  vocab_size: int = 32_000
+  width: int = 256
+  depth: int = 6
+  num_heads: int = 4
+  mlp_dim: int = 1024
+  causal: bool = True
+  pool: str = 'last'
+  dropout: float = 0.0
+  remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  image: ViTConfig
+  text: TextConfig
+  embed_dim: int = 256
+  head: str = 'linear'
+  loss: str = 'sigmoid'
+  temperature_init: float = math.log(10.0)
+  bias_init: float | None = -10.0
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    return cls(image=ViTConfig(**d.pop('image')), text=TextConfig(**d.pop('text')), **d)
+
+
+IMAGE_POOLS = ('cls', 'gap', 'map')
+TEXT_POOLS = ('last', 'first', 'mean', 'map')
+LOSSES = ('sigmoid', 'softmax')
+HEADS = ('linear', 'mlp', 'none')
+DTYPES = ('float32', 'bfloat16', 'float16')
+POSEMBS = ('learn', 'sincos2d')
+SCHEDULES = ('cosine', 'constant')
+DATASETS = ('demo',)
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def default_temperature_init(loss: str) -> float:
+  """SigLIP starts at t' = log 10; CLIP at log(1/0.07)."""
+  return math.log(10.0) if loss == 'sigmoid' else math.log(1 / 0.07)
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The typed model config of a (validated) run config."""
+  m = config.model
+  t_init = config.loss.temperature_init
+  if t_init is None:
+    t_init = default_temperature_init(config.loss.kind)
+  return ModelConfig(
+      image=ViTConfig(**m.image.to_dict()),
+      text=TextConfig(**m.text.to_dict()),
+      embed_dim=m.embed_dim,
+      head=m.head,
+      loss=config.loss.kind,
+      temperature_init=float(t_init),
+      bias_init=float(config.loss.bias_init) if config.loss.kind == 'sigmoid' else None,
+      dtype=m.dtype,
+      param_dtype=m.param_dtype,
+  )
+
+
+def jnp_dtype(name: str):
+  return jnp.dtype(name)
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file, the way `config_flags` does (for notebooks/tests)."""
+  ensure_configs_importable()
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f'_mmjax_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def ensure_configs_importable() -> None:
+  """Config files import `configs.base`; make the repository's `configs/` importable."""
+  if (REPO_ROOT / 'configs').is_dir() and str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  ensure_configs_importable()
+  from configs import base  # pylint: disable=import-outside-toplevel
+
+  return base.get_config()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check_schema(config, schema, prefix: str = '') -> None:
+  """Every key of `config` exists in the base schema, with a compatible type."""
+  for key in config.keys():
+    name = f'{prefix}{key}'
+    if key not in schema:
+      known = ', '.join(sorted(schema.keys()))
+      raise ConfigError(f'Unknown config key config.{name}. Known keys here: {known}.')
+    value, ref = config[key], schema[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f'config.{name} must be a group of fields, got {value!r}.')
+      _check_schema(value, ref, prefix=f'{name}.')
+      continue
+    ref_type = _field_type(schema, key)
+    if value is None or ref_type is None:
+      continue
+    ok = isinstance(value, ref_type) and not (ref_type is int and isinstance(value, bool))
+    if ref_type is float and isinstance(value, int) and not isinstance(value, bool):
+      ok = True
+    if not ok:
+      raise ConfigError(
+          f'config.{name}={value!r} has type {type(value).__name__}, expected {ref_type.__name__}.')
+
+
+def _field_type(schema, key):
+  ref = schema[key]
+  field = schema._fields[key]  # pylint: disable=protected-access
+  if isinstance(field, ml_collections.FieldReference):
+    return field.get_type()
+  if ref is None:
+    return None
+  if isinstance(ref, (tuple, list)):
+    return (tuple, list)
+  return type(ref)
+
+
+def _require(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
+
+
+def _one_of(name: str, value, choices) -> None:
+  _require(value in choices, f'config.{name}={value!r} is not one of {", ".join(map(repr, choices))}.')
+
+
+def _positive(name: str, value) -> None:
+  _require(value > 0, f'config.{name}={value!r} must be > 0.')
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             num_processes: int | None = None) -> None:
+  """Raises ConfigError naming the key and value of the first problem found."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  _check_schema(config, base_config())
+
+  for name in ('batch_size', 'total_steps', 'log_every_steps', 'model.embed_dim',
+               'checkpoint.every_steps', 'checkpoint.keep', 'eval.every_steps', 'eval.num_scenes',
+               'eval.batch_size', 'data.num_train_examples', 'data.read_threads',
+               'tokenizer.vocab_size', 'optimizer.learning_rate'):
+    _positive(name, _get(config, name))
+  _require(config.data.num_workers >= 0,
+           f'config.data.num_workers={config.data.num_workers} must be >= 0.')
+  _require(0 <= config.optimizer.warmup_steps < max(config.total_steps, 1) or
+           config.optimizer.warmup_steps == 0,
+           f'config.optimizer.warmup_steps={config.optimizer.warmup_steps} must be in '
+           f'[0, total_steps={config.total_steps}).')
+  _require(0.0 <= config.optimizer.end_lr_ratio <= 1.0,
+           f'config.optimizer.end_lr_ratio={config.optimizer.end_lr_ratio} must be in [0, 1].')
+  _require(config.optimizer.grad_clip_norm >= 0,
+           f'config.optimizer.grad_clip_norm={config.optimizer.grad_clip_norm} must be >= 0.')
+  _one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
+  _one_of('loss.kind', config.loss.kind, LOSSES)
+  _one_of('model.head', config.model.head, HEADS)
+  _one_of('model.dtype', config.model.dtype, DTYPES)
+  _one_of('model.param_dtype', config.model.param_dtype, DTYPES)
+  _one_of('data.name', config.data.name, DATASETS)
+
+  img = config.model.image
+  _one_of('model.image.pool', img.pool, IMAGE_POOLS)
+  _one_of('model.image.posemb', img.posemb, POSEMBS)
+  for tower, cfg in (('image', img), ('text', config.model.text)):
+    for key in ('width', 'depth', 'num_heads', 'mlp_dim'):
+      _positive(f'model.{tower}.{key}', cfg[key])
+    _require(cfg.width % cfg.num_heads == 0,
+             f'config.model.{tower}.width={cfg.width} is not a multiple of '
+             f'config.model.{tower}.num_heads={cfg.num_heads}.')
+    _require(0.0 <= cfg.dropout < 1.0, f'config.model.{tower}.dropout={cfg.dropout} must be in [0, 1).')
+  _positive('model.image.patch_size', img.patch_size)
+  _require(img.image_size % img.patch_size == 0,
+           f'config.model.image.image_size={img.image_size} is not a multiple of '
+           f'config.model.image.patch_size={img.patch_size}.')
+  _require(img.image_size >= 16, f'config.model.image.image_size={img.image_size} must be >= 16.')
+  txt = config.model.text
+  _one_of('model.text.pool', txt.pool, TEXT_POOLS)
+  _require(txt.max_len >= 2, f'config.model.text.max_len={txt.max_len} must be >= 2 (text + EOS).')
+  _positive('model.text.vocab_size', txt.vocab_size)
+  if not config.tokenizer.path:
+    _require(config.tokenizer.vocab_size <= txt.vocab_size,
+             f'config.tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds '
+             f'config.model.text.vocab_size={txt.vocab_size}.')
+
+  rules = config.logical_axis_rules
+  for rule in rules:
+    _require(isinstance(rule, (tuple, list)) and len(rule) == 2,
+             f'config.logical_axis_rules entry {rule!r} must be (logical_name, mesh_axes).')
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    for a in axes:
+      _require(a is None or a in MESH_AXES,
+               f'config.logical_axis_rules maps {rule[0]!r} to unknown mesh axis {a!r} '
+               f'(mesh axes: {", ".join(MESH_AXES)}).')
+
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  num_processes = jax.process_count() if num_processes is None else num_processes
+  shape = mesh_shape(config.mesh, num_devices)
+  batch_shards = shape['data'] * shape['fsdp']
+  _require(config.batch_size % batch_shards == 0,
+           f'config.batch_size={config.batch_size} is not divisible by the {batch_shards} batch '
+           f'shards of the mesh (data={shape["data"]} x fsdp={shape["fsdp"]}, {num_devices} '
+           'devices).')
+  _require(config.batch_size % num_processes == 0,
+           f'config.batch_size={config.batch_size} is not divisible by the {num_processes} '
+           'processes.')
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Resolves the mesh axis sizes (one may be -1) against the device count."""
+  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  _require(len(free) <= 1, f'config.mesh: at most one axis may be -1, got {sizes}.')
+  for a, s in sizes.items():
+    _require(s == -1 or s >= 1, f'config.mesh.{a}={s} must be >= 1 or -1.')
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    _require(num_devices % fixed == 0,
+             f'config.mesh {sizes}: the fixed axes ({fixed} devices) do not divide the '
+             f'{num_devices} available devices.')
+    sizes[free[0]] = num_devices // fixed
+  _require(math.prod(sizes.values()) == num_devices,
+           f'config.mesh {sizes} needs {math.prod(sizes.values())} devices, but '
+           f'{num_devices} are available.')
+  return sizes
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node

@@ -1,0 +1,128 @@
+"""Embedding with a trained model, with or without training state: `mmjax.load_embedder(path)`.
+
+The same `Embedder` serves the evaluators during training (params taken from the train state) and
+users of an exported model (params restored from `DIR/export`). Inputs are embedded in fixed-size
+batches sharded over the mesh's batch axes; the last partial batch is padded and the padding rows
+dropped, so every batch has one compiled shape.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from mmjax.config import ModelConfig
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.models import TwoTower
+from mmjax.parallel import mesh as mesh_lib
+
+EXPORT_FORMAT = 'mmjax.dual_encoder.v1'
+
+
+class Embedder:
+  """Embeds images (uint8 [N, H, W, 3]) and texts (list of str) into the shared space."""
+
+  def __init__(self, model_config: ModelConfig, params: Any, encoder: tokenizer_lib.TextEncoder,
+               mesh: Mesh | None = None, batch_size: int = 256):
+    self.config = model_config
+    self.model = TwoTower(model_config)
+    self.params = params
+    self.encoder = encoder
+    self.mesh = mesh or mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+    shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    self.batch_size = -(-batch_size // shards) * shards
+    batch_sh = mesh_lib.batch_sharding(self.mesh)
+    self._batch_sharding = batch_sh
+    repl = mesh_lib.replicated(self.mesh)
+    apply = self.model.apply
+    self._embed_images = jax.jit(
+        lambda p, x: apply({'params': p}, x, method=TwoTower.embed_images),
+        in_shardings=(None, batch_sh), out_shardings=repl)
+    self._embed_texts = jax.jit(
+        lambda p, t, m: apply({'params': p}, t, m, method=TwoTower.embed_texts),
+        in_shardings=(None, batch_sh, batch_sh), out_shardings=repl)
+
+  @property
+  def embed_dim(self) -> int:
+    return self.config.embed_dim
+
+  def _batches(self, arrays: Sequence[np.ndarray]):
+    n = len(arrays[0])
+    for start in range(0, n, self.batch_size):
+      chunk = [a[start:start + self.batch_size] for a in arrays]
+      valid = len(chunk[0])
+      if valid < self.batch_size:
+        chunk = [np.concatenate([c, np.zeros((self.batch_size - valid,) + c.shape[1:], c.dtype)])
+                 for c in chunk]
+      yield [self._put(c) for c in chunk], valid
+
+  def _put(self, x: np.ndarray) -> jax.Array:
+    return jax.make_array_from_callback(x.shape, self._batch_sharding, lambda idx: x[idx])
+
+  def embed_images(self, images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    size = self.config.image.image_size
+    if images.ndim != 4 or images.shape[1:3] != (size, size) or images.shape[3] != 3:
+      raise ValueError(f'Expected images [N, {size}, {size}, 3], got {images.shape}.')
+    out = [np.asarray(self._embed_images(self.params, x))[:valid]
+           for (x,), valid in self._batches([images])]
+    return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    if isinstance(texts, str):
+      raise TypeError('embed_texts takes a list of strings, got one string.')
+    tokens, mask = self.encoder(list(texts))
+    out = [np.asarray(self._embed_texts(self.params, t, m))[:valid]
+           for (t, m), valid in self._batches([tokens, mask])]
+    return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+
+def export(directory: str | pathlib.Path, model_config: ModelConfig, params: Any,
+           tokenizer_json: str, extra: dict[str, Any] | None = None) -> pathlib.Path:
+  """Writes params (Orbax, no optimizer state), the model config and the tokenizer."""
+  directory = pathlib.Path(directory).absolute()
+  directory.mkdir(parents=True, exist_ok=True)
+  params_dir = directory / 'params'
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(params_dir, params, force=True)
+  if jax.process_index() == 0:
+    (directory / tokenizer_lib.TOKENIZER_FILE).write_text(tokenizer_json)
+    info = {'format': EXPORT_FORMAT, 'model': model_config.to_dict(), **(extra or {})}
+    (directory / 'model.json').write_text(json.dumps(info, indent=2, sort_keys=True))
+  return directory
+
+
+def load_embedder(path: str | pathlib.Path, *, batch_size: int = 256,
+                  mesh: Mesh | None = None) -> Embedder:
+  """Loads an exported model (`DIR/export` or a workdir holding one) for embedding."""
+  path = pathlib.Path(path).absolute()
+  if not (path / 'model.json').exists() and (path / 'export' / 'model.json').exists():
+    path = path / 'export'
+  info_file = path / 'model.json'
+  if not info_file.exists():
+    raise FileNotFoundError(f'{path} is not an mmjax export (no model.json). Create one with '
+                            '`python -m mmjax.main --mode=export --workdir=DIR --config=...`.')
+  info = json.loads(info_file.read_text())
+  if info.get('format') != EXPORT_FORMAT:
+    raise ValueError(f'{info_file}: unknown export format {info.get("format")!r}, expected '
+                     f'{EXPORT_FORMAT!r}.')
+  model_config = ModelConfig.from_dict(info['model'])
+  tok = tokenizer_lib.load(path)
+  encoder = tokenizer_lib.TextEncoder(tok, model_config.text.max_len)
+  model = TwoTower(model_config)
+  from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
+  abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
+                                                        *dummy_inputs(model_config))['params']))
+  mesh = mesh or mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  repl = mesh_lib.replicated(mesh)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(path / 'params', target)
+  return Embedder(model_config, params, encoder, mesh=mesh, batch_size=batch_size)

@@ -1,0 +1,154 @@
+"""Transformer building blocks shared by every tower.
+
+Parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'vocab'); the config's
+`logical_axis_rules` decide which mesh axis each lives on. Activations are constrained at block
+boundaries only. Attention goes through `jax.nn.dot_product_attention`, which picks the fused
+kernel of the backend (cuDNN flash attention on GPU, the XLA path on CPU/TPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+DEFAULT_KERNEL_INIT = nn.initializers.xavier_uniform()
+
+
+def dense_init(axes: tuple[str, ...], init=DEFAULT_KERNEL_INIT):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> Dense."""
+
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    d = x.shape[-1]
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=dense_init(('embed', 'mlp')),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('mlp',)),
+                 name='fc1')(x)
+    h = nn.gelu(h, approximate=True)
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=dense_init(('mlp', 'embed')),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+                    name='fc2')(h)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with separate q/k/v projections (the layout released checkpoints use).
+
+  `mask` is a boolean key mask [batch, kv_len] (True = attend); `causal` adds the causal mask.
+  """
+
+  num_heads: int
+  causal: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_in: jax.Array, kv_in: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    kv_in = q_in if kv_in is None else kv_in
+    d = q_in.shape[-1]
+    head_dim = d // self.num_heads
+
+    def proj(name, x):
+      return nn.DenseGeneral(
+          (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=dense_init(('embed', 'heads', 'kv')),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'kv')),
+          name=name)(x)
+
+    q, k, v = proj('query', q_in), proj('key', kv_in), proj('value', kv_in)
+    attn_mask = None if mask is None else mask[:, None, None, :].astype(bool)
+    out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, is_causal=self.causal)
+    return nn.DenseGeneral(
+        d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=dense_init(('heads', 'kv', 'embed')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+        name='out')(out)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+  num_heads: int
+  mlp_dim: int
+  causal: bool = False
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    h = layer_norm(self.dtype, self.param_dtype, 'ln1')(x)
+    h = Attention(self.num_heads, self.causal, self.dtype, self.param_dtype, name='attn')(h, mask=mask)
+    x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = layer_norm(self.dtype, self.param_dtype, 'ln2')(x)
+    h = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name='mlp')(
+        h, deterministic=deterministic)
+    return x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  """A stack of `depth` encoder blocks and a final LayerNorm."""
+
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  causal: bool = False
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               deterministic: bool = True) -> jax.Array:
+    block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+    for i in range(self.depth):
+      x = block(self.num_heads, self.mlp_dim, self.causal, self.dropout, self.dtype,
+                self.param_dtype, name=f'block{i}')(x, mask, deterministic)
+    return layer_norm(self.dtype, self.param_dtype, 'ln_final')(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the sequence (SigLIP's head)."""
+
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    b, _, d = x.shape
+    probe = self.param('probe', nn.with_logical_partitioning(
+        nn.initializers.xavier_uniform(), (None, None, 'embed')), (1, 1, d), self.param_dtype)
+    probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
+    h = Attention(self.num_heads, False, self.dtype, self.param_dtype, name='attn')(
+        probe, x, mask=mask)
+    y = layer_norm(self.dtype, self.param_dtype, 'ln')(h)
+    h = h + MlpBlock(self.mlp_dim, 0.0, self.dtype, self.param_dtype, name='mlp')(
+        y, deterministic=True)
+    return h[:, 0]

@@ -1,0 +1,84 @@
+"""The dual encoder: image and text towers, projection heads, learnable temperature and bias."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.config import ModelConfig
+from mmjax.models import layers
+from mmjax.models.text import TextTransformer
+from mmjax.models.vit import ViT
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class ProjectionHead(nn.Module):
+  """'linear': one Dense; 'mlp': Dense-GELU-Dense; 'none': identity (width must equal embed_dim)."""
+
+  kind: str
+  embed_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.kind == 'none':
+      if x.shape[-1] != self.embed_dim:
+        raise ValueError(f"head='none' needs tower width {x.shape[-1]} == embed_dim {self.embed_dim}.")
+      return x
+    dense = lambda d, axes, name: nn.Dense(  # noqa: E731
+        d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=layers.dense_init(axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],)), name=name)
+    if self.kind == 'mlp':
+      x = nn.gelu(dense(x.shape[-1], ('embed', 'mlp'), 'hidden')(x), approximate=True)
+      return dense(self.embed_dim, ('mlp', 'embed'), 'out')(x)
+    return dense(self.embed_dim, ('embed', None), 'out')(x)
+
+
+def normalize_images(images: jax.Array, dtype) -> jax.Array:
+  """uint8 [0, 255] -> [-1, 1]; float inputs are taken as already normalised."""
+  if images.dtype == jnp.uint8:
+    return images.astype(dtype) * (2.0 / 255.0) - 1.0
+  return images.astype(dtype)
+
+
+class TwoTower(nn.Module):
+  """SigLIP/CLIP dual encoder returning L2-normalised embeddings and the logit scale/bias."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.img = ViT(cfg.image, dtype, pdtype)
+    self.txt = TextTransformer(cfg.text, dtype, pdtype)
+    self.img_head = ProjectionHead(cfg.head, cfg.embed_dim, dtype, pdtype)
+    self.txt_head = ProjectionHead(cfg.head, cfg.embed_dim, dtype, pdtype)
+    self.t_prime = self.param('t_prime', nn.initializers.constant(cfg.temperature_init), (),
+                              jnp.float32)
+    if cfg.bias_init is not None:
+      self.bias = self.param('bias', nn.initializers.constant(cfg.bias_init), (), jnp.float32)
+
+  def embed_images(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    x = normalize_images(images, jnp.dtype(self.config.dtype))
+    return l2_normalize(self.img_head(self.img(x, train=train)))
+
+  def embed_texts(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
+    return l2_normalize(self.txt_head(self.txt(tokens, mask, train=train)))
+
+  def logit_params(self) -> tuple[jax.Array, jax.Array]:
+    """(temperature, bias): temperature = exp(t'); bias is 0 for the softmax loss."""
+    bias = self.bias if self.config.bias_init is not None else jnp.zeros((), jnp.float32)
+    return jnp.exp(self.t_prime), bias
+
+  def __call__(self, images: jax.Array, tokens: jax.Array, mask: jax.Array, *,
+               train: bool = False):
+    zimg = self.embed_images(images, train=train)
+    ztxt = self.embed_texts(tokens, mask, train=train)
+    t, b = self.logit_params()
+    return zimg, ztxt, t, b

@@ -1,0 +1,72 @@
+"""Vision Transformer tower: patches -> position embedding -> encoder -> pooled features."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.config import ViTConfig
+from mmjax.models import layers, poolers
+
+
+def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding (MoCo v3 / big_vision layout), [1, h*w, width]."""
+  if width % 4:
+    raise ValueError(f'sincos2d position embedding needs width divisible by 4, got {width}.')
+  y, x = np.mgrid[:h, :w]
+  omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+  y = np.einsum('m,d->md', y.ravel(), omega)
+  x = np.einsum('m,d->md', x.ravel(), omega)
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None].astype(
+      np.float32)
+
+
+class ViT(nn.Module):
+  """Returns pooled features [batch, width] of float images [batch, H, W, C] in [-1, 1]."""
+
+  config: ViTConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    cfg = self.config
+    b, h, w, c = images.shape
+    p = cfg.patch_size
+    if h % p or w % p:
+      raise ValueError(f'Image size {h}x{w} is not a multiple of patch_size={p}.')
+    gh, gw = h // p, w // p
+    # Patch embedding as one matmul over flattened patches; the kernel keeps the conv layout
+    # [p, p, C, width] so released conv weights load unchanged.
+    kernel = self.param('patch_kernel', layers.dense_init((None, None, None, 'embed')),
+                        (p, p, c, cfg.width), self.param_dtype)
+    bias = self.param('patch_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+                      (cfg.width,), self.param_dtype)
+    patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, gh * gw, p * p * c).astype(self.dtype)
+    x = jnp.dot(patches, kernel.reshape(p * p * c, cfg.width).astype(self.dtype))
+    x = x + bias.astype(self.dtype)
+
+    if cfg.posemb == 'learn':
+      pos = self.param('pos_embedding', nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=1 / np.sqrt(cfg.width)), (None, None, 'embed')),
+                       (1, gh * gw, cfg.width), self.param_dtype)
+    else:
+      pos = jnp.asarray(sincos2d(gh, gw, cfg.width))
+    x = x + pos.astype(self.dtype)
+
+    if cfg.pool == 'cls':
+      cls = self.param('cls', nn.with_logical_partitioning(nn.initializers.zeros, (None, None, 'embed')),
+                       (1, 1, cfg.width), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.width)), x], axis=1)
+
+    x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+    x = layers.Encoder(cfg.depth, cfg.num_heads, cfg.mlp_dim, causal=False, dropout=cfg.dropout,
+                       remat=cfg.remat, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name='encoder')(x, deterministic=not train)
+    if cfg.pool == 'map':
+      return layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype,
+                            name='map_head')(x)
+    return poolers.POOLERS[cfg.pool](x)

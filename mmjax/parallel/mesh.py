@@ -1,0 +1,57 @@
+"""One place that turns the config into a device mesh and shardings.
+
+The mesh always has the axes ('data', 'fsdp', 'tensor'), even on one CPU device, so the code that
+runs on a laptop is the code that runs on a pod: only the axis sizes change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mmjax.config import MESH_AXES, mesh_shape
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh over all (or the given) devices with axis sizes from `config.mesh`."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def rules(config) -> tuple[tuple[str, Any], ...]:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in config.logical_axis_rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, axis_rules) -> Any:
+  """NamedShardings for a tree of (possibly LogicallyPartitioned-boxed) abstract values."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> one global jax.Array per field, sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

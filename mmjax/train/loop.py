@@ -1,0 +1,276 @@
+"""The training loop: everything stateful (checkpoints, logging, data order) lives here, around
+the pure `train_step`.
+
+`train_and_evaluate(config, workdir)` trains, evaluates periodically and at the end, checkpoints,
+and resumes automatically when `workdir` already holds a checkpoint of the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from mmjax import config as config_lib
+from mmjax.data import demo, pipeline, tokenizer as tokenizer_lib
+from mmjax.embedder import Embedder, export
+from mmjax.eval.retrieval import RetrievalEvaluator, format_table
+from mmjax.models import TwoTower
+from mmjax.parallel import mesh as mesh_lib
+from mmjax.train import checkpoint as ckpt_lib
+from mmjax.train import optim, state as state_lib, step as step_lib
+from mmjax.train.writer import MetricWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from (config, workdir) before the first step."""
+
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  mesh: Any
+  axis_rules: Any
+  model_config: config_lib.ModelConfig
+  model: TwoTower
+  tx: Any
+  schedule: Any
+  encoder: tokenizer_lib.TextEncoder
+  abstract_state: Any
+  state_shardings: Any
+  checkpointer: ckpt_lib.Checkpointer
+  meta: dict[str, Any]
+
+
+def get_tokenizer(config, workdir: pathlib.Path):
+  """The run's tokenizer, saved in the workdir so that a resumed run uses the very same one."""
+  saved = workdir / tokenizer_lib.TOKENIZER_FILE
+  if saved.exists():
+    return tokenizer_lib.load(saved)
+  if config.tokenizer.path:
+    tok = tokenizer_lib.load(config.tokenizer.path)
+  else:
+    tok = tokenizer_lib.train_wordpiece(demo.caption_corpus(seed=config.seed),
+                                        config.tokenizer.vocab_size)
+  if tok.get_vocab_size() > config.model.text.vocab_size:
+    raise config_lib.ConfigError(
+        f'The tokenizer has {tok.get_vocab_size()} tokens but config.model.text.vocab_size='
+        f'{config.model.text.vocab_size}; raise config.model.text.vocab_size.')
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(tok.to_str())
+  return tok
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run:
+  config_lib.validate(config)
+  workdir = pathlib.Path(workdir).absolute()
+  mesh = mesh_lib.make_mesh(config.mesh)
+  axis_rules = mesh_lib.rules(config)
+  model_config = config_lib.model_config(config)
+  model = TwoTower(model_config)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  encoder = tokenizer_lib.TextEncoder(get_tokenizer(config, workdir), config.model.text.max_len)
+  abstract, shardings = state_lib.state_layout(model, tx, mesh, axis_rules,
+                                               jax.random.key(config.seed))
+  meta = {'model': model_config.to_dict(),
+          'param_shapes': ckpt_lib.shape_signature(abstract.params)}
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  return Run(config, workdir, mesh, axis_rules, model_config, model, tx, schedule, encoder,
+             abstract, shardings, checkpointer, meta)
+
+
+def _state_tree(state, rng) -> dict[str, Any]:
+  return {'params': state.params, 'opt_state': state.opt_state, 'step': state.step,
+          'rng': jax.random.key_data(rng)}
+
+
+def init_or_restore(run: Run, data_iter) -> tuple[Any, jax.Array, int]:
+  """(state, base rng, start step): from the newest good checkpoint, or freshly initialised."""
+  rng = jax.random.key(run.config.seed)
+  repl = mesh_lib.replicated(run.mesh)
+  key_data = jax.random.key_data(rng)
+  target = _state_tree(run.abstract_state, rng)
+  target['rng'] = jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=repl)
+  restored = run.checkpointer.restore_latest(target, data_iter, run.meta)
+  if restored is not None:
+    step, tree = restored
+    state = run.abstract_state.replace(params=tree['params'], opt_state=tree['opt_state'],
+                                       step=tree['step'])
+    rng = jax.random.wrap_key_data(tree['rng'])
+    log.info('Resumed from %s at step %d.', run.checkpointer.directory, step)
+    return state, rng, int(step)
+  init_rng, _ = jax.random.split(rng)
+  state, _ = state_lib.create_train_state(run.model, run.tx, run.mesh, run.axis_rules, init_rng)
+  return state, rng, 0
+
+
+def compile_step(run: Run, state, rng):
+  """The jitted, lowered and compiled train step; logs its FLOPs and memory analysis."""
+  batch_sh = mesh_lib.batch_sharding(run.mesh)
+  repl = mesh_lib.replicated(run.mesh)
+  cfg = run.model_config
+  b, s, L = run.config.batch_size, cfg.image.image_size, cfg.text.max_len
+  batch_spec = {'image': jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sh),
+                'tokens': jax.ShapeDtypeStruct((b, L), jnp.int32, sharding=batch_sh),
+                'mask': jax.ShapeDtypeStruct((b, L), jnp.int32, sharding=batch_sh)}
+  jitted = step_lib.jit_train_step(run.state_shardings, batch_sh, repl)
+  with run.mesh, nn_rules(run.axis_rules):
+    compiled = jitted.lower(state, batch_spec, rng).compile()
+  flops = step_flops(compiled)
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    log.info('Train step memory per device: arguments %.1f MiB, outputs %.1f MiB, temp %.1f MiB.',
+             mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20,
+             mem.temp_size_in_bytes / 2**20)
+  if flops:
+    log.info('Train step: %.3f TFLOP per step (XLA cost analysis).', flops / 1e12)
+  return compiled
+
+
+def step_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def nn_rules(axis_rules):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  return nn.logical_axis_rules(axis_rules)
+
+
+def make_embedder(run: Run, params) -> Embedder:
+  return Embedder(run.model_config, params, run.encoder, mesh=run.mesh,
+                  batch_size=run.config.eval.batch_size)
+
+
+def make_evaluator(config) -> RetrievalEvaluator:
+  return RetrievalEvaluator.demo_validation(config.eval.num_scenes,
+                                            config.model.image.image_size, config.eval.seed)
+
+
+def evaluate(run: Run, params, evaluator: RetrievalEvaluator) -> dict[str, float]:
+  with run.mesh, nn_rules(run.axis_rules):
+    return evaluator(make_embedder(run, params))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains `config` into `workdir` (resuming if possible); returns the final eval metrics."""
+  run = setup(config, workdir)
+  writer = MetricWriter(run.workdir)
+  if jax.process_index() == 0:
+    ckpt_lib.write_json(run.workdir / 'config.json', json.loads(config.to_json_best_effort()))
+
+  data_iter = iter(pipeline.make_train_dataset(
+      config, run.encoder, process_index=jax.process_index(), process_count=jax.process_count()))
+  state, rng, start = init_or_restore(run, data_iter)
+  log.info('Model: %s parameters. Mesh: %s. Start step %d of %d.',
+           f'{state_lib.param_count(state.params):,}', dict(run.mesh.shape), start,
+           config.total_steps)
+  compiled = compile_step(run, state, rng)
+  evaluator = make_evaluator(config)
+
+  eval_metrics: dict[str, float] = {}
+  pending: list[dict[str, jax.Array]] = []
+  bar = tqdm.tqdm(total=config.total_steps * config.batch_size, initial=start * config.batch_size,
+                  unit='pair', unit_scale=True, dynamic_ncols=True, file=sys.stdout,
+                  disable=jax.process_index() != 0, mininterval=1.0,
+                  bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} pairs [{elapsed}<{remaining}, '
+                             '{rate_fmt}{postfix}]')
+  t_log, steps_since_log = time.perf_counter(), 0
+  step = start
+  try:
+    while step < config.total_steps:
+      batch = mesh_lib.global_batch(next(data_iter), run.mesh)
+      state, metrics = compiled(state, batch, rng)
+      step += 1
+      steps_since_log += 1
+      pending.append(metrics)
+      bar.update(config.batch_size)
+      last = step == config.total_steps
+
+      if step % config.log_every_steps == 0 or last:
+        host = jax.device_get(pending)  # The only host sync of the loop body.
+        summary = {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
+        dt = time.perf_counter() - t_log
+        summary['train/pairs_per_sec'] = steps_since_log * config.batch_size / dt
+        summary['train/learning_rate'] = float(run.schedule(step - 1))
+        if not math.isfinite(summary['train/loss']):
+          raise FloatingPointError(f'Loss is {summary["train/loss"]} at step {step}.')
+        writer.write(step, summary)
+        bar.set_postfix(loss=f'{summary["train/loss"]:.4f}')
+        pending, t_log, steps_since_log = [], time.perf_counter(), 0
+
+      if step % config.eval.every_steps == 0 or last:
+        eval_metrics = evaluate(run, state.params, evaluator)
+        writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        bar.write(f'step {step}: ' + ', '.join(
+            f'{k}={eval_metrics[k]:.4f}' for k in ('i2t/recall@1', 't2i/recall@1', 'i2t/mrr')))
+        t_log = time.perf_counter()  # Eval time is not training throughput.
+
+      if step % config.checkpoint.every_steps == 0 or last:
+        run.checkpointer.save(step, _state_tree(state, rng), data_iter,
+                              {**run.meta, 'step': step})
+  finally:
+    bar.close()
+    run.checkpointer.close()
+    writer.close()
+
+  if not eval_metrics:  # Resumed a finished run: evaluate what is there.
+    eval_metrics = evaluate(run, state.params, evaluator)
+  result = {**eval_metrics, 'step': step, 'chance/recall@1': evaluator.chance_recall_at_1,
+            'num_eval_pairs': len(evaluator.captions)}
+  if jax.process_index() == 0:
+    ckpt_lib.write_json(run.workdir / 'eval.json', result)
+    print(format_table(eval_metrics, title=f'Validation retrieval at step {step} '
+                       f'({len(evaluator.captions)} pairs, chance R@1 = '
+                       f'{evaluator.chance_recall_at_1:.4f}):'))
+  return result
+
+
+def load_for_inference(config, workdir):
+  """(run, state) from the newest checkpoint of `workdir`; an error if there is none."""
+  run = setup(config, workdir)
+  if run.checkpointer.latest_step() is None:
+    raise FileNotFoundError(f'No checkpoint in {run.checkpointer.directory}.')
+  state, _, step = init_or_restore(run, None)
+  return run, state, step
+
+
+def evaluate_checkpoint(config, workdir) -> dict:
+  """`--mode=eval`: the retrieval evaluation of the newest checkpoint, into eval.json."""
+  run, state, step = load_for_inference(config, workdir)
+  evaluator = make_evaluator(config)
+  metrics = evaluate(run, state.params, evaluator)
+  run.checkpointer.close()
+  result = {**metrics, 'step': step, 'chance/recall@1': evaluator.chance_recall_at_1,
+            'num_eval_pairs': len(evaluator.captions)}
+  if jax.process_index() == 0:
+    MetricWriter(run.workdir).write(step, {f'eval/{k}': v for k, v in metrics.items()})
+    ckpt_lib.write_json(run.workdir / 'eval.json', result)
+    print(format_table(metrics, title=f'Validation retrieval at step {step}:'))
+  return result
+
+
+def export_checkpoint(config, workdir) -> pathlib.Path:
+  """`--mode=export`: params only + config + tokenizer into DIR/export."""
+  run, state, step = load_for_inference(config, workdir)
+  run.checkpointer.close()
+  out = export(run.workdir / 'export', run.model_config, state.params, run.encoder.tokenizer.to_str(),
+               extra={'step': step})
+  log.info('Exported step %d to %s.', step, out)
+  return out

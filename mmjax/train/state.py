@@ -1,0 +1,64 @@
+"""The train state, created directly in its sharded layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training import train_state
+from jax.sharding import Mesh
+
+from mmjax.config import ModelConfig
+from mmjax.parallel import mesh as mesh_lib
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus the loss the step optimises (static)."""
+
+  loss_kind: str = struct.field(pytree_node=False, default='sigmoid')
+
+
+def dummy_inputs(cfg: ModelConfig, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+  s = cfg.image.image_size
+  return (jnp.zeros((batch, s, s, 3), jnp.uint8), jnp.zeros((batch, cfg.text.max_len), jnp.int32),
+          jnp.ones((batch, cfg.text.max_len), jnp.int32))
+
+
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation):
+  def init(rng):
+    variables = model.init({'params': rng}, *dummy_inputs(model.config))
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                             loss_kind=model.config.loss)
+  return init
+
+
+def state_layout(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, axis_rules,
+                 rng: jax.Array) -> tuple[TrainState, Any]:
+  """(abstract state, shardings) without allocating anything: the restore target.
+
+  Shapes and logical axis names come from `jax.eval_shape`; the rules map them to mesh axes.
+  """
+  with mesh, nn.logical_axis_rules(axis_rules):
+    boxed = jax.eval_shape(_init_fn(model, tx), rng)
+    shardings = mesh_lib.logical_shardings(boxed, mesh, axis_rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                       axis_rules, rng: jax.Array) -> tuple[TrainState, Any]:
+  """Initialises params and optimizer state already sharded (never whole on one device)."""
+  _, shardings = state_layout(model, tx, mesh, axis_rules, rng)
+  init = _init_fn(model, tx)
+  with mesh, nn.logical_axis_rules(axis_rules):
+    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def param_count(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
