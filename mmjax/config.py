@@ -149,7 +149,8 @@ def _check_schema(config, schema, prefix: str = '') -> None:
     name = f'{prefix}{key}'
     if key not in schema:
       known = ', '.join(sorted(schema.keys()))
-      raise ConfigError(f'Unknown config key config.{name}. Known keys here: {known}.')
+      raise ConfigError(
+          f'Unknown config key config.{name}={config[key]!r}. Known keys here: {known}.')
     value, ref = config[key], schema[key]
     if isinstance(ref, ml_collections.ConfigDict):
       if not isinstance(value, (ml_collections.ConfigDict, dict)):

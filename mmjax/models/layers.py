@@ -53,6 +53,30 @@ class MlpBlock(nn.Module):
                     name='fc2')(h)
 
 
+class DenseND(nn.Module):
+  """Dense over the last `in_dims` axes into `features` axes, the kernel kept multi-dimensional
+  ([*in, *features]) so each axis has its own logical name (e.g. 'embed', 'heads', 'kv')."""
+
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  in_dims: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.in_dims:]
+    n_in, n_out = len(in_shape), len(self.features)
+    init = nn.initializers.xavier_uniform(in_axis=tuple(range(n_in)),
+                                          out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
+                        in_shape + tuple(self.features), self.param_dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(
+        nn.initializers.zeros, self.kernel_axes[n_in:]), tuple(self.features), self.param_dtype)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+    return y + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head attention with separate q/k/v projections (the layout released checkpoints use).
 
@@ -71,21 +95,16 @@ class Attention(nn.Module):
     d = q_in.shape[-1]
     head_dim = d // self.num_heads
 
-    def proj(name, x):
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=dense_init(('embed', 'heads', 'kv')),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'kv')),
-          name=name)(x)
-
-    q, k, v = proj('query', q_in), proj('key', kv_in), proj('value', kv_in)
+    q = DenseND((self.num_heads, head_dim), ('embed', 'heads', 'kv'), dtype=self.dtype,
+                param_dtype=self.param_dtype, name='query')(q_in)
+    k = DenseND((self.num_heads, head_dim), ('embed', 'heads', 'kv'), dtype=self.dtype,
+                param_dtype=self.param_dtype, name='key')(kv_in)
+    v = DenseND((self.num_heads, head_dim), ('embed', 'heads', 'kv'), dtype=self.dtype,
+                param_dtype=self.param_dtype, name='value')(kv_in)
     attn_mask = None if mask is None else mask[:, None, None, :].astype(bool)
     out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, is_causal=self.causal)
-    return nn.DenseGeneral(
-        d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=dense_init(('heads', 'kv', 'embed')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
-        name='out')(out)
+    return DenseND((d,), ('heads', 'kv', 'embed'), in_dims=2, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name='out')(out)
 
 
 class EncoderBlock(nn.Module):

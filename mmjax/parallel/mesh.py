@@ -6,6 +6,7 @@ runs on a laptop is the code that runs on a pod: only the axis sizes change.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -29,6 +30,13 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, axis_rules):
+  """Makes `mesh` and the logical axis rules current (for tracing and sharding constraints)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    yield
 
 
 def rules(config) -> tuple[tuple[str, Any], ...]:

@@ -62,7 +62,7 @@ def get_tokenizer(config, workdir: pathlib.Path):
   if config.tokenizer.path:
     tok = tokenizer_lib.load(config.tokenizer.path)
   else:
-    tok = tokenizer_lib.train_wordpiece(demo.caption_corpus(seed=config.seed),
+    tok = tokenizer_lib.train_wordpiece(demo.caption_corpus(num_scenes=2000, seed=config.seed),
                                         config.tokenizer.vocab_size)
   if tok.get_vocab_size() > config.model.text.vocab_size:
     raise config_lib.ConfigError(
@@ -128,7 +128,7 @@ def compile_step(run: Run, state, rng):
                 'tokens': jax.ShapeDtypeStruct((b, L), jnp.int32, sharding=batch_sh),
                 'mask': jax.ShapeDtypeStruct((b, L), jnp.int32, sharding=batch_sh)}
   jitted = step_lib.jit_train_step(run.state_shardings, batch_sh, repl)
-  with run.mesh, nn_rules(run.axis_rules):
+  with mesh_lib.activate(run.mesh, run.axis_rules):
     compiled = jitted.lower(state, batch_spec, rng).compile()
   flops = step_flops(compiled)
   mem = compiled.memory_analysis()
@@ -148,11 +148,6 @@ def step_flops(compiled) -> float | None:
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
-def nn_rules(axis_rules):
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  return nn.logical_axis_rules(axis_rules)
-
-
 def make_embedder(run: Run, params) -> Embedder:
   return Embedder(run.model_config, params, run.encoder, mesh=run.mesh,
                   batch_size=run.config.eval.batch_size)
@@ -163,9 +158,14 @@ def make_evaluator(config) -> RetrievalEvaluator:
                                             config.model.image.image_size, config.eval.seed)
 
 
-def evaluate(run: Run, params, evaluator: RetrievalEvaluator) -> dict[str, float]:
-  with run.mesh, nn_rules(run.axis_rules):
-    return evaluator(make_embedder(run, params))
+def evaluate(run: Run, params, evaluator: RetrievalEvaluator,
+             embedder: Embedder | None = None) -> dict[str, float]:
+  """Retrieval metrics of `params`; pass the same `embedder` each time to compile only once."""
+  if embedder is None:
+    embedder = make_embedder(run, params)
+  embedder.params = params
+  with mesh_lib.activate(run.mesh, run.axis_rules):
+    return evaluator(embedder)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -183,6 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
            config.total_steps)
   compiled = compile_step(run, state, rng)
   evaluator = make_evaluator(config)
+  embedder = make_embedder(run, state.params)
 
   eval_metrics: dict[str, float] = {}
   pending: list[dict[str, jax.Array]] = []
@@ -216,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         pending, t_log, steps_since_log = [], time.perf_counter(), 0
 
       if step % config.eval.every_steps == 0 or last:
-        eval_metrics = evaluate(run, state.params, evaluator)
+        eval_metrics = evaluate(run, state.params, evaluator, embedder)
         writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         bar.write(f'step {step}: ' + ', '.join(
             f'{k}={eval_metrics[k]:.4f}' for k in ('i2t/recall@1', 't2i/recall@1', 'i2t/mrr')))
@@ -231,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer.close()
 
   if not eval_metrics:  # Resumed a finished run: evaluate what is there.
-    eval_metrics = evaluate(run, state.params, evaluator)
+    eval_metrics = evaluate(run, state.params, evaluator, embedder)
   result = {**eval_metrics, 'step': step, 'chance/recall@1': evaluator.chance_recall_at_1,
             'num_eval_pairs': len(evaluator.captions)}
   if jax.process_index() == 0:

@@ -18,8 +18,14 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on matrices and embeddings only, not on biases, norms or the logit scale/bias."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices and embeddings only, not on biases, norms or the logit scale/bias.
+
+  Decided by rank and name: attention q/k/v biases are 2-D ([heads, head_dim]) but are biases.
+  """
+  def decay(path, p):
+    name = getattr(path[-1], 'key', getattr(path[-1], 'name', None)) if path else None
+    return p.ndim >= 2 and name != 'bias'
+  return jax.tree_util.tree_map_with_path(decay, params)
 
 
 def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -42,7 +42,7 @@ def state_layout(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
 
   Shapes and logical axis names come from `jax.eval_shape`; the rules map them to mesh axes.
   """
-  with mesh, nn.logical_axis_rules(axis_rules):
+  with mesh_lib.activate(mesh, axis_rules):
     boxed = jax.eval_shape(_init_fn(model, tx), rng)
     shardings = mesh_lib.logical_shardings(boxed, mesh, axis_rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -55,7 +55,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh:
   """Initialises params and optimizer state already sharded (never whole on one device)."""
   _, shardings = state_layout(model, tx, mesh, axis_rules, rng)
   init = _init_fn(model, tx)
-  with mesh, nn.logical_axis_rules(axis_rules):
+  with mesh_lib.activate(mesh, axis_rules):
     state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
   return state, shardings
 

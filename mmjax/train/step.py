@@ -29,7 +29,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainSt
 
   (loss, (t, b)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads)
-  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'temperature': t, 'bias': b}
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'temperature': t, 'bias': b}
   return new_state, metrics
 
 
