@@ -132,10 +132,10 @@ def test_truncated_latest_checkpoint_falls_back_and_is_kept(trained, tmp_path):
   _, workdir, _ = trained
   wd = tmp_path / 'wd'
   shutil.copytree(workdir, wd)
-  files = [p for p in (wd / 'checkpoints' / '4' / 'state').rglob('*') if p.is_file()]
-  biggest = max(files, key=lambda p: p.stat().st_size)
-  data = biggest.read_bytes()
-  biggest.write_bytes(data[:len(data) // 2])
+  # Truncate the newest checkpoint's array data (as an interrupted copy or a full disk would).
+  for f in [p for p in (wd / 'checkpoints' / '4' / 'state').rglob('*') if p.parent.name == 'd']:
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 2])
   proc = run_cli(wd, '--config.total_steps=6')
   assert 'unreadable' in proc.stderr and 'step 4' in proc.stderr
   kept = list((wd / 'checkpoints_corrupt').iterdir())

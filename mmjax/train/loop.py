@@ -171,13 +171,13 @@ def evaluate(run: Run, params, evaluator: RetrievalEvaluator,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains `config` into `workdir` (resuming if possible); returns the final eval metrics."""
   run = setup(config, workdir)
+  data_iter = iter(pipeline.make_train_dataset(
+      config, run.encoder, process_index=jax.process_index(), process_count=jax.process_count()))
+  # Restore (or refuse an incompatible workdir) before writing anything into the workdir.
+  state, rng, start = init_or_restore(run, data_iter)
   writer = MetricWriter(run.workdir)
   if jax.process_index() == 0:
     ckpt_lib.write_json(run.workdir / 'config.json', json.loads(config.to_json_best_effort()))
-
-  data_iter = iter(pipeline.make_train_dataset(
-      config, run.encoder, process_index=jax.process_index(), process_count=jax.process_count()))
-  state, rng, start = init_or_restore(run, data_iter)
   log.info('Model: %s parameters. Mesh: %s. Start step %d of %d.',
            f'{state_lib.param_count(state.params):,}', dict(run.mesh.shape), start,
            config.total_steps)
