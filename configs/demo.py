@@ -17,16 +17,16 @@ def get_config():
   c.model.embed_dim = 128
   c.model.image.image_size = 32
   c.model.image.patch_size = 4
-  c.model.image.width = 128
-  c.model.image.depth = 4
+  c.model.image.width = 96
+  c.model.image.depth = 3
   c.model.image.num_heads = 4
-  c.model.image.mlp_dim = 512
-  c.model.text.max_len = 40
+  c.model.image.mlp_dim = 384
+  c.model.text.max_len = 56  # The longest demo caption (4 objects) is 55 tokens with EOS.
   c.model.text.vocab_size = 512
-  c.model.text.width = 128
-  c.model.text.depth = 3
+  c.model.text.width = 96
+  c.model.text.depth = 2
   c.model.text.num_heads = 4
-  c.model.text.mlp_dim = 512
+  c.model.text.mlp_dim = 384
   c.tokenizer.vocab_size = 512
 
   c.optimizer.learning_rate = 1e-3

@@ -134,10 +134,6 @@ BAD = {
     'schedule': ({'optimizer.schedule': 'linear'}, ['config.optimizer.schedule', "'linear'"]),
     'dataset': ({'data.name': 'imagenet'}, ['config.data.name', "'imagenet'"]),
     # Optimizer / run length.
-    'warmup-equals-total': ({'optimizer.warmup_steps': 4}, ['config.optimizer.warmup_steps=4',
-                                                            'total_steps=4']),
-    'warmup-above-total': ({'optimizer.warmup_steps': 10}, ['config.optimizer.warmup_steps=10',
-                                                            'total_steps=4']),
     'warmup-negative': ({'optimizer.warmup_steps': -1}, ['config.optimizer.warmup_steps=-1']),
     'end-lr-ratio': ({'optimizer.end_lr_ratio': 1.5}, ['config.optimizer.end_lr_ratio=1.5']),
     'grad-clip': ({'optimizer.grad_clip_norm': -1.0}, ['config.optimizer.grad_clip_norm=-1.0']),
@@ -189,6 +185,7 @@ def test_int_for_float_and_tokenizer_path_are_accepted(tiny_config):
                                      'tokenizer.vocab_size': 10**6}))
   validate(with_values(tiny_config, {'optimizer.warmup_steps': 0}))
   validate(with_values(tiny_config, {'optimizer.warmup_steps': 3}))  # total_steps - 1.
+  validate(with_values(tiny_config, {'optimizer.warmup_steps': 10}))  # Longer than the run.
 
 
 @pytest.mark.parametrize('mesh,num_devices,want', [
