@@ -25,17 +25,23 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
-  image_size: int = 64
-  patch_size: int = 8
+class TransformerConfig:
+  """The encoder stack every tower shares."""
+
   width: int = 256
   depth: int = 6
   num_heads: int = 4
   mlp_dim: int = 1024
-  posemb: str = 'learn'
-  pool: str = 'gap'
   dropout: float = 0.0
   remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(TransformerConfig):
+  image_size: int = 64
+  patch_size: int = 8
+  posemb: str = 'learn'
+  pool: str = 'gap'
 
   @property
   def num_patches(self) -> int:
@@ -43,17 +49,11 @@ class ViTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(TransformerConfig):
   max_len: int = 32
   vocab_size: int = 32_000
-  width: int = 256
-  depth: int = 6
-  num_heads: int = 4
-  mlp_dim: int = 1024
   causal: bool = True
   pool: str = 'last'
-  dropout: float = 0.0
-  remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
