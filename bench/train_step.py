@@ -77,7 +77,7 @@ def mesh_context(mesh, rules):
 # Synthetic data.
 
 
-def synthetic_batch(config, cfg: config_lib.ModelConfig, rows: int, seed: int) -> dict:
+def synthetic_batch(cfg: config_lib.ModelConfig, rows: int, seed: int) -> dict:
   """Random uint8 images; right-padded captions of random length ending in EOS, with their mask."""
   rng = np.random.default_rng(seed)
   s, L, vocab = cfg.image.image_size, cfg.text.max_len, cfg.text.vocab_size
@@ -88,7 +88,6 @@ def synthetic_batch(config, cfg: config_lib.ModelConfig, rows: int, seed: int) -
   tokens = rng.integers(SPECIAL_TOKENS, vocab, size=(rows, L), dtype=np.int32)
   tokens = np.where(pos == lengths[:, None] - 1, EOS_ID, tokens)
   tokens = np.where(mask == 1, tokens, 0).astype(np.int32)
-  del config
   return {'image': images, 'tokens': tokens, 'mask': mask}
 
 
@@ -131,20 +130,23 @@ def analytic_flops(params, cfg: config_lib.ModelConfig, batch: int) -> dict[str,
   return {'dense': dense, 'attention': attn, 'loss': loss, 'total': dense + attn + loss}
 
 
-def matmul_peak(n: int, runs: int) -> float:
-  """FLOP/s of a jitted dense f32 (n x n) @ (n x n) on the default device: median after warmup."""
+def matmul_peak(n: int, runs: int) -> tuple[float, float]:
+  """A jitted dense f32 (n x n) @ (n x n) on the default device, median of `runs` after warmup:
+  (FLOP per wall second, FLOP per second of process CPU time)."""
   key_a, key_b = jax.random.split(jax.random.key(0))
   a = jax.random.normal(key_a, (n, n), jnp.float32)
   b = jax.random.normal(key_b, (n, n), jnp.float32)
   f = jax.jit(lambda x, y: x @ y)
   for _ in range(2):
     f(a, b).block_until_ready()
-  times = []
+  times, cpu_times = [], []
   for _ in range(runs):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t0)
-  return 2.0 * n ** 3 / float(np.median(times))
+    cpu_times.append(time.process_time() - c0)
+  flops = 2.0 * n ** 3
+  return flops / float(np.median(times)), flops / max(float(np.median(cpu_times)), 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def main(argv):
   b = config.batch_size
   rows = b // jax.process_count()
   batches = [mesh_lib.global_batch(
-      synthetic_batch(config, cfg, rows, seed=1000 * i + jax.process_index()), mesh)
+      synthetic_batch(cfg, rows, seed=1000 * i + jax.process_index()), mesh)
              for i in range(2)]
   rng = jax.device_put(jax.random.key(config.seed), repl)
 
@@ -267,7 +269,7 @@ def main(argv):
     jax.block_until_ready((state, metrics))
     return metrics
 
-  peak_before = matmul_peak(FLAGS.matmul_n, FLAGS.matmul_runs)
+  peak_before, peak_cpu_before = matmul_peak(FLAGS.matmul_n, FLAGS.matmul_runs)
   for i in range(FLAGS.warmup_steps):
     run_step(i)
   load_before = _loadavg()
@@ -285,10 +287,11 @@ def main(argv):
       for i in range(2):
         run_step(i)
 
-  peak_after = matmul_peak(FLAGS.matmul_n, FLAGS.matmul_runs)
+  peak_after, peak_cpu_after = matmul_peak(FLAGS.matmul_n, FLAGS.matmul_runs)
   # Other processes on the machine only ever slow the matmul down: the faster of the two
   # measurements is the better estimate of what this machine can do.
   peak = max(peak_before, peak_after)
+  peak_cpu = max(peak_cpu_before, peak_cpu_after)
 
   # XLA's cost analysis of an SPMD program is per device; the peak is one device's.
   n_dev = jax.device_count()
@@ -301,6 +304,9 @@ def main(argv):
   # Process CPU time / (wall time x cores): ~1 when the step uses every core and nothing else
   # runs; well below 1 means a contended machine (see the load average) or idle cores.
   cpu_util = sum(cpu_times) / (sum(times) * (os.cpu_count() or 1))
+  # The same ratio in FLOP per second of process CPU time, for the step and for the matmul: it
+  # stays put when other processes take cores away (single-process CPU runs only).
+  mfu_cpu = (flops_global / cpu_step_s) / peak_cpu if flops_global and n_dev == 1 else None
 
   rows_out = [
       ('config', ' '.join([config_name()] + config_overrides(sys.argv))),
@@ -323,7 +329,9 @@ def main(argv):
       ('matmul peak', f'{_si(peak, "FLOP/s")} per device (f32 {FLAGS.matmul_n}^3, median of '
                       f'{FLAGS.matmul_runs}; before steps {_si(peak_before, "FLOP/s")}, after '
                       f'{_si(peak_after, "FLOP/s")})'),
-      ('MFU', 'n/a' if mfu is None else f'{100 * mfu:.1f}% (XLA FLOPs / matmul peak)'),
+      ('MFU', 'n/a' if mfu is None else f'{100 * mfu:.1f}% (XLA FLOPs / matmul peak)' + (
+          '' if mfu_cpu is None else f'; per CPU-second {100 * mfu_cpu:.1f}% (step FLOP per CPU '
+          f'second / matmul FLOP per CPU second, {_si(peak_cpu, "FLOP/s")})')),
       ('memory / device', 'n/a' if mem is None else
        f'args {_mib(mem.argument_size_in_bytes)}, out {_mib(mem.output_size_in_bytes)}, '
        f'temp {_mib(mem.temp_size_in_bytes)}'),
@@ -336,8 +344,9 @@ def main(argv):
   if FLAGS.profile_dir:
     print(f'  profile: {FLAGS.profile_dir}')
   if cpu_util < 0.8 and (os.cpu_count() or 1) > 1:
-    print(f'  WARNING: the step used {100 * cpu_util:.0f}% of the cores; other processes were '
-          'probably competing for the CPU, so times and MFU are pessimistic.')
+    print(f'  WARNING: the step used {100 * cpu_util:.0f}% of the cores: other processes were '
+          'probably competing for the CPU (or the model is too small to use every core), so the '
+          'wall times and MFU are pessimistic; the per-CPU-second MFU is the steadier figure.')
 
   if FLAGS.append and jax.process_index() == 0:
     now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')

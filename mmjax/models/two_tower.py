@@ -31,9 +31,10 @@ class ProjectionHead(nn.Module):
       if x.shape[-1] != self.embed_dim:
         raise ValueError(f"head='none' needs tower width {x.shape[-1]} == embed_dim {self.embed_dim}.")
       return x
-    dense = lambda d, axes, name: nn.Dense(  # noqa: E731
-        d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=layers.dense_init(axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],)), name=name)
+    def dense(features, axes, name):
+      return layers.DenseND((features,), axes, dtype=self.dtype, param_dtype=self.param_dtype,
+                            name=name)
+
     if self.kind == 'mlp':
       x = nn.gelu(dense(x.shape[-1], ('embed', 'mlp'), 'hidden')(x), approximate=True)
       return dense(self.embed_dim, ('mlp', 'embed'), 'out')(x)
