@@ -514,3 +514,20 @@ def test_dropout_only_in_train_mode():
     np.testing.assert_array_equal(train1[i], train1b[i])  # A pure function of the rng.
     assert np.abs(train1[i] - eval1[i]).max() > 1e-3
     assert np.abs(train1[i] - train2[i]).max() > 1e-3
+
+
+@pytest.mark.parametrize('x_shape,w_shape,n_in', [((3, 5, 8), (8, 2, 4), 1),
+                                                  ((2, 7, 2, 4), (2, 4, 8), 2),
+                                                  ((6, 8), (8, 16), 1)])
+def test_matmul_nd_value_and_gradients_match_tensordot(x_shape, w_shape, n_in):
+  from mmjax.models import layers as layers_lib  # pylint: disable=import-outside-toplevel
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  ref = lambda x, w: jnp.tensordot(x, w, axes=n_in)  # noqa: E731
+  out = layers_lib.matmul_nd(x, w, n_in)
+  np.testing.assert_allclose(out, ref(x, w), rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(kg, out.shape)
+  got = jax.grad(lambda x, w: jnp.sum(layers_lib.matmul_nd(x, w, n_in) * g), argnums=(0, 1))(x, w)
+  want = jax.grad(lambda x, w: jnp.sum(ref(x, w) * g), argnums=(0, 1))(x, w)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ kernel of the backend (cuDNN flash attention on GPU, the XLA path on CPU/TPU).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -49,13 +50,41 @@ class MlpBlock(nn.Module):
                    name='fc2')(h)
 
 
+def matmul_nd(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+  """x [..., *in] @ w [*in, *out] -> [..., *out], as one 2-D matmul with a 2-D weight gradient."""
+  lead, in_shape = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+  out_shape = w.shape[n_in:]
+  y = _matmul_2d(x.reshape(-1, math.prod(in_shape)),
+                 w.reshape(math.prod(in_shape), math.prod(out_shape)))
+  return y.reshape(lead + out_shape)
+
+
+@jax.custom_vjp
+def _matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
+  return x @ w
+
+
+def _matmul_2d_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _matmul_2d_bwd(res, g):
+  # The same products autodiff would form, written so XLA:CPU lowers dW = x^T g to its fast
+  # (YNNPACK) matmul instead of the Eigen fallback (see DenseND).
+  x, w = res
+  return g @ w.T, jnp.einsum('nd,nm->dm', x, g)
+
+
+_matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
+
+
 class DenseND(nn.Module):
   """Dense over the last `in_dims` axes into `features` axes, the kernel kept multi-dimensional
   ([*in, *features]) so each axis has its own logical name (e.g. 'embed', 'heads', 'kv').
 
-  Every projection in mmjax uses it. Written as a tensordot, its weight gradient lowers to a
-  matmul XLA:CPU runs on its fast (YNNPACK) path; `nn.Dense`'s lowered to the slower Eigen path
-  (measured: -11% step time on configs/bench_tiny.py, see BENCHMARKS.md).
+  Every projection in mmjax uses it: one 2-D matmul whose weight gradient XLA:CPU runs on its
+  fast (YNNPACK) path, where `nn.Dense`'s autodiff form fell back to the slower Eigen path
+  (measured in bench/: see BENCHMARKS.md). Gradients are the same products either way.
   """
 
   features: tuple[int, ...]
@@ -74,7 +103,7 @@ class DenseND(nn.Module):
                         in_shape + tuple(self.features), self.param_dtype)
     bias = self.param('bias', nn.with_logical_partitioning(
         nn.initializers.zeros, self.kernel_axes[n_in:]), tuple(self.features), self.param_dtype)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+    y = matmul_nd(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
     return y + bias.astype(self.dtype)
 
 
