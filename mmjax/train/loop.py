@@ -200,12 +200,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       state, metrics = compiled(state, batch, rng)
       step += 1
       steps_since_log += 1
+      if pending:
+        # Wait for the previous step (this one is already queued behind it), so the bar's rate
+        # and ETA follow finished steps rather than dispatches, without stalling the device.
+        jax.block_until_ready(pending[-1]['loss'])
+        bar.update(config.batch_size)
       pending.append(metrics)
-      bar.update(config.batch_size)
       last = step == config.total_steps
 
       if step % config.log_every_steps == 0 or last:
-        host = jax.device_get(pending)  # The only host sync of the loop body.
+        host = jax.device_get(pending)
+        bar.update(config.batch_size)
         summary = {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
         dt = time.perf_counter() - t_log
         summary['train/pairs_per_sec'] = steps_since_log * config.batch_size / dt
