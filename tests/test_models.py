@@ -531,3 +531,24 @@ def test_matmul_nd_value_and_gradients_match_tensordot(x_shape, w_shape, n_in):
   want = jax.grad(lambda x, w: jnp.sum(ref(x, w) * g), argnums=(0, 1))(x, w)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_gives_the_same_gradients(tiny_config):
+  """`remat` recomputes activations in the backward pass; the gradients must not change."""
+  from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.model_config(tiny_config)
+  inputs = dummy_inputs(cfg, 4)
+  images = jax.random.randint(jax.random.key(2), inputs[0].shape, 0, 255).astype(jnp.uint8)
+  tokens = jax.random.randint(jax.random.key(3), inputs[1].shape, 3, cfg.text.vocab_size)
+  params = nn.unbox(TwoTower(cfg).init(jax.random.key(0), images, tokens, inputs[2]))
+
+  def grads(model_cfg):
+    def loss(p):
+      zi, zt, t, b = TwoTower(model_cfg).apply(p, images, tokens, inputs[2])
+      return jnp.sum(zi @ zt.T) * t + b
+    return jax.jit(jax.grad(loss))(params)
+
+  remat = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, remat=True),
+                              text=dataclasses.replace(cfg.text, remat=True))
+  for a, b in zip(jax.tree.leaves(grads(cfg)), jax.tree.leaves(grads(remat))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
