@@ -9,7 +9,7 @@ WORKDIR ?= runs/demo
 CONFIG ?= configs/demo.py
 ARGS ?=
 
-.PHONY: demo test test-slow install install-test bench lint clean
+.PHONY: demo test test-slow install install-test bench lock clean
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ test: install-test
 
 # Slow tests excluded from `make test` (long end-to-end runs).
 test-slow: install-test
-	$(PY) -m pytest -q -m slow $(ARGS)
+	$(PY) -m pytest -q -m slow $(ARGS) || [ $$? -eq 5 ]  # 5: no test is marked slow yet.
 
 bench: install
 	$(PY) bench/train_step.py --config=configs/bench_tiny.py $(ARGS)
