@@ -125,12 +125,11 @@ class Attention(nn.Module):
     d = q_in.shape[-1]
     head_dim = d // self.num_heads
 
-    q = DenseND((self.num_heads, head_dim), ('embed', 'heads', 'kv'), dtype=self.dtype,
-                param_dtype=self.param_dtype, name='query')(q_in)
-    k = DenseND((self.num_heads, head_dim), ('embed', 'heads', 'kv'), dtype=self.dtype,
-                param_dtype=self.param_dtype, name='key')(kv_in)
-    v = DenseND((self.num_heads, head_dim), ('embed', 'heads', 'kv'), dtype=self.dtype,
-                param_dtype=self.param_dtype, name='value')(kv_in)
+    def heads(name: str) -> DenseND:
+      return DenseND((self.num_heads, head_dim), ('embed', 'heads', 'kv'), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=name)
+
+    q, k, v = heads('query')(q_in), heads('key')(kv_in), heads('value')(kv_in)
     attn_mask = None if mask is None else mask[:, None, None, :].astype(bool)
     out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, is_causal=self.causal)
     return DenseND((d,), ('heads', 'kv', 'embed'), in_dims=2, dtype=self.dtype,
