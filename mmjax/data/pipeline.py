@@ -50,8 +50,10 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
   local_batch = config.batch_size // process_count
   ds = grain.MapDataset.source(make_source(config)).seed(config.seed)
   ds = ds.shuffle().repeat(None)  # A new permutation every epoch.
-  ds = ds[process_index::process_count]
+  # Seeded by the global position (lazily, before the per-process slice), so every example gets
+  # the same caption whatever the number of processes.
   ds = ds.random_map(SampleCaptionAndEncode(encoder))
+  ds = ds[process_index::process_count]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
                                             prefetch_buffer_size=2 * local_batch))
   it = it.batch(local_batch, drop_remainder=True)

@@ -53,6 +53,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(x: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
+  """A host value (the same in every process) as one array replicated over the whole mesh.
+
+  Unlike `jax.device_put`, this works when the mesh spans devices of other processes.
+  """
+  if jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(replicate(jax.random.key_data(x), mesh))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, replicated(mesh), lambda idx: host[idx])
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, axis_rules) -> Any:
   """NamedShardings for a tree of (possibly LogicallyPartitioned-boxed) abstract values."""
   specs = nn.get_partition_spec(abstract_tree)

@@ -23,6 +23,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mmjax.config import ConfigError
 
@@ -138,6 +139,8 @@ class Checkpointer:
     if jax.process_index() == 0 and src.exists():
       dst.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(str(src), str(dst))
+    if jax.process_count() > 1:  # Nobody reloads before the move is done.
+      multihost_utils.sync_global_devices(f'mmjax_quarantine_{step}')
     self.manager.close()
     self.manager = self._make_manager()
 

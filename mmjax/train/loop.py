@@ -117,7 +117,8 @@ def init_or_restore(run: Run, data_iter) -> tuple[Any, jax.Array, int]:
     return state, rng, int(step)
   init_rng, _ = jax.random.split(rng)
   state, _ = state_lib.create_train_state(run.model, run.tx, run.mesh, run.axis_rules, init_rng)
-  return state, rng, 0
+  # Replicated over the whole mesh (not on one local device), so every process can save it.
+  return state, mesh_lib.replicate(rng, run.mesh), 0
 
 
 def compile_step(run: Run, state, rng):
