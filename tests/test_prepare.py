@@ -1,0 +1,150 @@
+"""Ingestion (`python -m mmjax.data.prepare`): corrupt inputs reported and skipped, resume after
+a kill, and the real sklearn digits / Tux Paint stamps when installed."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmjax.data import prepare, records
+
+
+def write_png(path: pathlib.Path, value: int, size: int = 12) -> None:
+  rng = np.random.default_rng(value)
+  Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def make_manifest(tmp: pathlib.Path, n: int = 20) -> pathlib.Path:
+  """`n` good rows plus one of each kind of bad input."""
+  img = tmp / 'img'
+  img.mkdir()
+  rows = []
+  for i in range(n):
+    write_png(img / f'{i}.png', i)
+    rows.append({'id': f'ex{i}', 'image': f'img/{i}.png', 'captions': [f'picture  {i}', f'alt {i}'],
+                 'group': f'g{i // 2}'})
+  (img / 'truncated.png').write_bytes((img / '0.png').read_bytes()[:40])
+  (img / 'text.png').write_text('not an image')
+  rows += [{'id': 'trunc', 'image': 'img/truncated.png', 'caption': 'x'},
+           {'id': 'text', 'image': 'img/text.png', 'caption': 'x'},
+           {'id': 'missing', 'image': 'img/nope.png', 'caption': 'x'},
+           {'id': 'empty', 'image': 'img/1.png', 'captions': ['  ', '']},
+           {'id': 'notstr', 'image': 'img/1.png', 'captions': [3]},
+           {'id': 'neither', 'caption': 'x'}]
+  lines = [json.dumps(r) for r in rows]
+  lines.insert(5, '{broken json')
+  path = tmp / 'm.jsonl'
+  path.write_text('\n'.join(lines) + '\n')
+  return path
+
+
+def read_all(out: pathlib.Path) -> list[dict]:
+  meta = json.loads((out / 'metadata.json').read_text())
+  src = grain.sources.ArrayRecordDataSource([str(out / s) for s in meta['shards']])
+  return [records.decode(src[i]) for i in range(len(src))]
+
+
+def test_corrupt_inputs_are_reported_and_skipped_nothing_lost(tmp_path):
+  manifest = make_manifest(tmp_path)
+  out = tmp_path / 'out'
+  meta = prepare.main([f'--manifest={manifest}', f'--out={out}', '--examples_per_shard=4',
+                       '--workers=2', '--no_progress'])
+  assert meta['num_examples'] == 20 and meta['num_skipped'] == 7
+  skipped = json.loads((out / 'report.json').read_text())['skipped']
+  reasons = {s.get('id', s.get('line')): s['reason'].split(':')[0] for s in skipped}
+  assert reasons == {'trunc': 'corrupt image', 'text': 'corrupt image', 'missing': 'unreadable image',
+                     'empty': 'bad captions', 'notstr': 'bad captions', 'neither':
+                     'row has neither `image` nor `query`', 6: 'bad JSON'}
+  got = read_all(out)
+  assert [g['id'] for g in got] == [f'ex{i}' for i in range(20)]  # Input order, none lost.
+  assert got[3]['captions'] == ['picture 3', 'alt 3'] and got[3]['group'] == 'g1'
+  np.testing.assert_array_equal(records.decode_image(got[7]['image']),
+                                np.asarray(Image.open(tmp_path / 'img/7.png')))
+  assert meta['feature_spec'] == records.FEATURE_SPEC and len(meta['source_hash']) == 64
+
+
+def test_resume_after_a_kill_rewrites_only_unfinished_shards(tmp_path):
+  manifest = make_manifest(tmp_path)
+  out = tmp_path / 'out'
+  args = [f'--manifest={manifest}', f'--out={out}', '--examples_per_shard=3', '--workers=1',
+          '--no_progress']
+  prepare.main(args)
+  shards = sorted(out.glob('*.array_record'))
+  expected = read_all(out)
+  # What a kill can leave behind: a shard renamed but without its marker, a shard never started,
+  # a half-written temp file, no metadata yet.
+  (out / (shards[1].name + '.done')).unlink()
+  shards[4].unlink()
+  (out / (shards[4].name + '.done')).unlink()
+  (out / (shards[4].name + '.tmp-999')).write_bytes(b'partial')
+  (out / 'metadata.json').unlink()
+  untouched = {s: s.stat().st_mtime_ns for s in shards if s not in (shards[1], shards[4])}
+  prepare.main(args)
+  assert read_all(out) == expected
+  assert {s: s.stat().st_mtime_ns for s in untouched} == untouched
+  assert not list(out.glob('*.tmp-*'))
+
+
+def test_resume_into_a_directory_of_other_inputs_is_refused(tmp_path):
+  manifest = make_manifest(tmp_path)
+  out = tmp_path / 'out'
+  prepare.main([f'--manifest={manifest}', f'--out={out}', '--no_progress', '--workers=1'])
+  with pytest.raises(SystemExit, match='ingestion of other inputs'):
+    prepare.main([f'--manifest={manifest}', f'--out={out}', '--no_progress', '--workers=1',
+                  '--examples_per_shard=2'])
+
+
+def test_csv_manifest_and_text_pairs(tmp_path):
+  write_png(tmp_path / 'a.png', 1)
+  (tmp_path / 'm.csv').write_text('image,query,captions,label,neg_texts\n'
+                                  'a.png,,a cat|a kitten,3,\n'
+                                  ',what is jax,a numerical library,,a fruit|a bird\n')
+  out = tmp_path / 'out'
+  prepare.main([f'--manifest={tmp_path / "m.csv"}', f'--out={out}', '--no_progress'])
+  a, b = read_all(out)
+  assert a['captions'] == ['a cat', 'a kitten'] and a['label'] == 3 and 'image' in a
+  assert b['query'] == 'what is jax' and b['neg_texts'] == ['a fruit', 'a bird']
+  assert 'image' not in b and b['label'] == -1
+
+
+def digits_folder(root: pathlib.Path, n: int) -> pathlib.Path:
+  """The real scikit-learn digits as a folder of PNGs with caption side files."""
+  datasets = pytest.importorskip('sklearn.datasets', reason='scikit-learn (digits) not installed')
+  digits = datasets.load_digits()
+  words = 'zero one two three four five six seven eight nine'.split()
+  root.mkdir()
+  for i in range(n):
+    im = (digits.images[i] * (255 / 16)).astype(np.uint8)
+    Image.fromarray(np.stack([im] * 3, -1)).resize((32, 32)).save(root / f'd{i:04d}.png')
+    label = int(digits.target[i])
+    (root / f'd{i:04d}.txt').write_text(f'A handwritten digit {words[label]}.\n'
+                                        f'fr.utf8=Un chiffre manuscrit.\n')
+  return root
+
+
+def test_real_digits_image_folder(tmp_path):
+  root = digits_folder(tmp_path / 'digits', 60)
+  write_png(root / 'orphan.png', 0)  # No side file: reported.
+  meta = prepare.main([f'--image_dir={root}', f'--out={tmp_path / "out"}', '--no_progress',
+                       '--examples_per_shard=16', '--workers=1'])
+  assert meta['num_examples'] == 60 and meta['skipped_by_reason'] == {'no caption side file': 1}
+  got = read_all(tmp_path / 'out')
+  assert got[0]['captions'] == ['A handwritten digit zero.']  # Translations dropped.
+  assert records.decode_image(got[0]['image']).shape == (32, 32, 3)
+
+
+TUXPAINT = pathlib.Path('/usr/share/tuxpaint/stamps')
+
+
+@pytest.mark.skipif(not TUXPAINT.is_dir(), reason='Tux Paint stamps not installed '
+                    '(apt-get install tuxpaint-stamps-default)')
+def test_real_tuxpaint_stamps(tmp_path):
+  meta = prepare.main([f'--image_dir={TUXPAINT}', f'--out={tmp_path}', '--no_progress',
+                       '--max_image_size=64', '--examples_per_shard=200', '--workers=2'])
+  assert meta['num_examples'] > 700  # 796 PNGs, ~950 captions (DATA.md).
+  assert records.decode_image(read_all(tmp_path)[0]['image']).shape[2] == 3
