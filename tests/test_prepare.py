@@ -3,6 +3,7 @@ a kill, and the real sklearn digits / Tux Paint stamps when installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 
@@ -114,14 +115,18 @@ def test_csv_manifest_and_text_pairs(tmp_path):
 
 def digits_folder(root: pathlib.Path, n: int) -> pathlib.Path:
   """The real scikit-learn digits as a folder of PNGs with caption side files."""
-  datasets = pytest.importorskip('sklearn.datasets', reason='scikit-learn (digits) not installed')
-  digits = datasets.load_digits()
+  spec = importlib.util.find_spec('sklearn')
+  if spec is None:
+    pytest.skip('scikit-learn (its digits.csv.gz) is not installed: pip install scikit-learn')
+  # The CSV directly: importing sklearn.datasets costs seconds (scipy).
+  raw = np.loadtxt(pathlib.Path(spec.origin).parent / 'datasets/data/digits.csv.gz', delimiter=',')
+  images, targets = raw[:, :-1].reshape(-1, 8, 8), raw[:, -1].astype(int)
   words = 'zero one two three four five six seven eight nine'.split()
   root.mkdir()
   for i in range(n):
-    im = (digits.images[i] * (255 / 16)).astype(np.uint8)
+    im = (images[i] * (255 / 16)).astype(np.uint8)
     Image.fromarray(np.stack([im] * 3, -1)).resize((32, 32)).save(root / f'd{i:04d}.png')
-    label = int(digits.target[i])
+    label = int(targets[i])
     (root / f'd{i:04d}.txt').write_text(f'A handwritten digit {words[label]}.\n'
                                         f'fr.utf8=Un chiffre manuscrit.\n')
   return root

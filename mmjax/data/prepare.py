@@ -169,6 +169,8 @@ def _texts(value: Any, field: str, opts: Options) -> list[str]:
 
 def make_example(row: dict[str, Any], index: int, opts: Options) -> tuple[dict[str, Any], dict]:
   """(record, index entry) of one manifest row; raises Skip with the reason."""
+  if 'segments' in row:
+    return _document(row, index, opts)
   captions = _texts(row.get('captions', row.get('caption', row.get('text', []))), 'captions', opts)
   if not captions:
     raise Skip('bad captions: no non-empty caption')
@@ -209,6 +211,28 @@ def make_example(row: dict[str, Any], index: int, opts: Options) -> tuple[dict[s
   if row.get('neg_texts'):
     ex['neg_texts'] = _texts(row['neg_texts'], 'neg_texts', opts)[:opts.max_negatives]
   return ex, entry
+
+
+def _document(row: dict[str, Any], index: int, opts: Options) -> tuple[dict[str, Any], dict]:
+  """An interleaved document: its segments in order, images as encoded bytes."""
+  segments, texts = [], []
+  if not isinstance(row['segments'], list):
+    raise Skip('bad segments: expected a list')
+  for seg in row['segments']:
+    if isinstance(seg, dict) and isinstance(seg.get('image'), str):
+      segments.append({'image': _read_image(seg['image'], opts)[0]})
+    elif isinstance(seg, dict) and 'text' in seg:
+      text = _texts(seg['text'], 'segment text', opts)
+      if text:
+        segments.append({'text': text[0]})
+        texts.append(text[0])
+    else:
+      raise Skip(f'bad segment: {str(seg)[:80]!r}')
+  if not texts:
+    raise Skip('bad segments: no text segment')
+  ex = {'id': str(row.get('id', index)), 'segments': segments, 'captions': texts}
+  return ex, {'id': ex['id'], 'captions': [records.caption_key(t) for t in texts],
+              'num_images': len(segments) - len(texts), 'group': ''}
 
 
 # ----------------------------------------------------------------------------- shards
@@ -299,6 +323,7 @@ def finalise(opts: Options, num_shards: int, problems: list[dict[str, Any]], dig
       'num_captions': sum(len(e['captions']) for e in index),
       'num_images': sum('sha256' in e for e in index),
       'num_text_pairs': sum('query' in e for e in index),
+      'num_documents': sum('num_images' in e for e in index),
       'shards': [r['shard'] for r in reports],
       'shard_lengths': [r['num_examples'] for r in reports],
       'feature_spec': records.FEATURE_SPEC,

@@ -11,6 +11,8 @@ One ArrayRecord record is one example, a msgpack map (no pickle: readable from a
   weight     float       per-pair loss weight (e.g. inverse propensity of a click), 1.0 default
   neg_images list[bytes] hard-negative images for the captions (e.g. shown but not clicked)
   neg_texts  list[str]   hard-negative texts for the image / query
+  segments   list[map]   interleaved documents only: {'text': str} | {'image': bytes}, in order
+                         (captions then holds the text segments)
 
 `FEATURE_SPEC` is written into every dataset's metadata so a reader can check what it holds.
 """
@@ -32,6 +34,7 @@ FEATURE_SPEC: dict[str, str] = {
     'id': 'str', 'image': 'bytes (encoded image file) | absent', 'query': 'str | absent',
     'captions': 'list[str], >= 1', 'label': 'int (-1: none)', 'group': "str ('': none)",
     'weight': 'float', 'neg_images': 'list[bytes]', 'neg_texts': 'list[str]',
+    'segments': "list[{'text': str} | {'image': bytes}] | absent",
 }
 DEFAULTS: dict[str, Any] = {'label': -1, 'group': '', 'weight': 1.0, 'neg_images': [],
                             'neg_texts': []}

@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 
 from mmjax import config as config_lib
-from mmjax.data import demo, pipeline, tokenizer as tokenizer_lib
+from mmjax.data import pipeline, tokenizer as tokenizer_lib
 from mmjax.embedder import Embedder, export
 from mmjax.eval.retrieval import RetrievalEvaluator, format_table
 from mmjax.models import TwoTower
@@ -62,7 +62,7 @@ def get_tokenizer(config, workdir: pathlib.Path):
   if config.tokenizer.path:
     tok = tokenizer_lib.load(config.tokenizer.path)
   else:
-    tok = tokenizer_lib.train_wordpiece(demo.caption_corpus(num_scenes=2000, seed=config.seed),
+    tok = tokenizer_lib.train_wordpiece(pipeline.caption_corpus(config),
                                         config.tokenizer.vocab_size)
   if tok.get_vocab_size() > config.model.text.vocab_size:
     raise config_lib.ConfigError(
@@ -196,7 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   step = start
   try:
     while step < config.total_steps:
-      batch = mesh_lib.global_batch(next(data_iter), run.mesh)
+      local = next(data_iter)
+      batch = mesh_lib.global_batch({k: local[k] for k in pipeline.TRAIN_COLUMNS}, run.mesh)
       state, metrics = compiled(state, batch, rng)
       step += 1
       steps_since_log += 1
