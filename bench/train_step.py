@@ -252,7 +252,8 @@ def main(argv):
              for i in range(2)]
   rng = jax.device_put(jax.random.key(config.seed), repl)
 
-  jitted = step_lib.jit_train_step(state_shardings, batch_sh, repl)
+  jitted = step_lib.jit_train_step(state_shardings, batch_sh, repl,
+                                   step_lib.make_options(config, mesh))
   t0 = time.perf_counter()
   with mesh_context(mesh, rules):
     lowered = jitted.lower(state, batches[0], rng)

@@ -15,6 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.seed = 0  # Seeds parameter init, dropout and the data order.
   c.batch_size = 256  # Global batch (pairs per step), summed over all devices and processes.
+  # GradCache: each device's share of the batch is embedded in this many micro-batches, so the
+  # activation memory is that of batch_size / (data x fsdp x micro_batches) pairs; loss and
+  # gradients stay exactly those of the whole batch (costs one extra forward pass).
+  c.micro_batches = 1
   c.total_steps = 1000  # Optimizer steps of the whole run.
   c.log_every_steps = 50  # Train metrics go to metrics.jsonl / TensorBoard this often.
 
@@ -56,6 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
   # for softmax. The bias b (sigmoid only) starts at bias_init (SigLIP: -10).
   c.loss.temperature_init = ml_collections.config_dict.placeholder(float)
   c.loss.bias_init = -10.0
+  # How the loss spans devices: 'auto' ('ring' for sigmoid, 'all_gather' for softmax, 'dense' on
+  # one batch shard) | 'ring' (sigmoid: text blocks circulate, O(b^2) memory per device) |
+  # 'all_gather' (each device: its rows vs the gathered other tower, O(b*B)) | 'dense' (the
+  # global [B, B] logits; the reference). b = batch_size / (data x fsdp).
+  c.loss.impl = 'auto'
 
   # --- Optimizer -------------------------------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()
@@ -123,6 +132,18 @@ def get_config() -> ml_collections.ConfigDict:
       ('length', None),
       ('patch', None),
   )
+
+  # --- Multi-process (multi-host) ---------------------------------------------------------------
+  c.distributed = ml_collections.ConfigDict()
+  # '' : one process. 'host:port' : address of process 0's coordinator service (every process
+  # gets the same value plus its own process_id). 'auto' : let jax.distributed detect the cluster
+  # (Cloud TPU, SLURM, Open MPI, Kubernetes); num_processes/process_id are then ignored.
+  c.distributed.coordinator_address = ''
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.timeout_s = 300  # How long processes wait for each other at start-up.
+  # CPU-only runs: the cross-process collectives library ('gloo'; 'mpi' needs an MPI install).
+  c.distributed.cpu_collectives = 'gloo'
 
   # --- Checkpoints -----------------------------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()

@@ -86,6 +86,8 @@ POSEMBS = ('learn', 'sincos2d')
 SCHEDULES = ('cosine', 'constant')
 DATASETS = ('demo', 'records', 'tfds')
 AUGMENTS = ('none', 'light')
+LOSS_IMPLS = ('auto', 'dense', 'all_gather', 'ring')
+CPU_COLLECTIVES = ('gloo', 'mpi')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
@@ -227,14 +229,20 @@ def _validate_data(config) -> None:
     _require(src.get('weight', 1.0) > 0, f'config.{where}.weight={src.get("weight")} must be > 0.')
 
 
+def validate_schema(config: ml_collections.ConfigDict) -> None:
+  """Keys and types only (no JAX backend needed): runs before `jax.distributed` start-up."""
+  _check_schema(config, base_config())
+  _validate_distributed(config.distributed)
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
              num_processes: int | None = None) -> None:
   """Raises ConfigError naming the key and value of the first problem found."""
   import jax  # pylint: disable=import-outside-toplevel
 
-  _check_schema(config, base_config())
+  validate_schema(config)
 
-  for name in ('batch_size', 'total_steps', 'log_every_steps', 'model.embed_dim',
+  for name in ('batch_size', 'micro_batches', 'total_steps', 'log_every_steps', 'model.embed_dim',
                'checkpoint.every_steps', 'checkpoint.keep', 'eval.every_steps', 'eval.num_scenes',
                'eval.batch_size', 'data.num_train_examples', 'data.read_threads',
                'tokenizer.vocab_size', 'optimizer.learning_rate'):
@@ -250,6 +258,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
            f'config.optimizer.grad_clip_norm={config.optimizer.grad_clip_norm} must be >= 0.')
   _one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
   _one_of('loss.kind', config.loss.kind, LOSSES)
+  _one_of('loss.impl', config.loss.impl, LOSS_IMPLS)
+  _require(not (config.loss.impl == 'ring' and config.loss.kind != 'sigmoid'),
+           f"config.loss.impl='ring' needs config.loss.kind='sigmoid' (got {config.loss.kind!r}); "
+           "InfoNCE normalises over whole rows, use 'all_gather'.")
   _one_of('model.head', config.model.head, HEADS)
   _one_of('model.dtype', config.model.dtype, DTYPES)
   _one_of('model.param_dtype', config.model.param_dtype, DTYPES)
@@ -301,6 +313,26 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _require(config.batch_size % num_processes == 0,
            f'config.batch_size={config.batch_size} is not divisible by the {num_processes} '
            'processes.')
+  per_shard = config.batch_size // batch_shards
+  _require(per_shard % config.micro_batches == 0,
+           f'config.micro_batches={config.micro_batches} does not divide the {per_shard} pairs '
+           f'each batch shard holds (batch_size={config.batch_size} / {batch_shards} shards = '
+           f'data={shape["data"]} x fsdp={shape["fsdp"]}).')
+
+
+def _validate_distributed(d) -> None:
+  _one_of('distributed.cpu_collectives', d.cpu_collectives, CPU_COLLECTIVES)
+  _positive('distributed.timeout_s', d.timeout_s)
+  addr = d.coordinator_address
+  if addr in ('', 'auto'):
+    return
+  host, sep, port = addr.rpartition(':')
+  _require(bool(sep and host and port.isdigit()),
+           f"config.distributed.coordinator_address={addr!r} must be 'host:port', '' or 'auto'.")
+  _positive('distributed.num_processes', d.num_processes)
+  _require(0 <= d.process_id < d.num_processes,
+           f'config.distributed.process_id={d.process_id} must be in [0, '
+           f'config.distributed.num_processes={d.num_processes}).')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:

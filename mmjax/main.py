@@ -51,7 +51,10 @@ def main(argv):
   for noisy in ('absl', 'orbax', 'jax._src', 'grain'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   config = FLAGS.config
+  from mmjax.parallel import distributed  # pylint: disable=import-outside-toplevel
   try:
+    config_lib.validate_schema(config)
+    distributed.initialize(config.distributed)  # Before anything touches a JAX backend.
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     sys.exit(f'Config error: {e}')

@@ -1,7 +1,12 @@
 """Contrastive losses as pure functions of L2-normalised embeddings and the logit scale/bias.
 
-These are the single-device (or fully gathered) forms; the unit tests check them, value and
-gradient, against a plain NumPy reference.
+These are the single-device (or fully gathered) forms: they build the whole [n, n] logits
+matrix. `mmjax.losses.distributed` computes the same values over a batch sharded across devices
+without it; the unit tests check both, value and gradient, against a plain NumPy reference.
+
+`groups` (optional, int [n]): pairs i != j with groups[i] == groups[j] are duplicates (the same
+image or caption twice in a batch); they are left out of the loss instead of being pushed apart
+as negatives.
 """
 
 from __future__ import annotations
@@ -10,8 +15,16 @@ import jax
 import jax.numpy as jnp
 
 
-def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array,
-                 bias: jax.Array) -> jax.Array:
+def duplicate_mask(groups_a: jax.Array | None, groups_b: jax.Array | None,
+                   positives: jax.Array) -> jax.Array | None:
+  """True where (i, j) takes part in the loss: a positive, or a pair from different groups."""
+  if groups_a is None:
+    return None
+  return positives | (groups_a[:, None] != groups_b[None, :])
+
+
+def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array, bias: jax.Array,
+                 groups: jax.Array | None = None) -> jax.Array:
   """SigLIP: every (image, text) pair is an independent binary classification.
 
   loss = -1/n * sum_ij log sigmoid(y_ij * (t * <zimg_i, ztxt_j> + b)), y_ij = +1 iff i == j.
@@ -20,16 +33,23 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array,
   zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
   n = zimg.shape[0]
   logits = temperature * (zimg @ ztxt.T) + bias
-  labels = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
-  return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
+  eye = jnp.eye(n, dtype=bool)
+  nll = -jax.nn.log_sigmoid(jnp.where(eye, logits, -logits))
+  keep = duplicate_mask(groups, groups, eye)
+  if keep is not None:
+    nll = jnp.where(keep, nll, 0.0)
+  return jnp.sum(nll) / n
 
 
 def softmax_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array,
-                 bias: jax.Array | None = None) -> jax.Array:
+                 bias: jax.Array | None = None, groups: jax.Array | None = None) -> jax.Array:
   """Symmetric InfoNCE (CLIP): mean of image->text and text->image cross-entropies."""
   del bias
   zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
   logits = temperature * (zimg @ ztxt.T)
+  keep = duplicate_mask(groups, groups, jnp.eye(zimg.shape[0], dtype=bool))
+  if keep is not None:
+    logits = jnp.where(keep, logits, -jnp.inf)
   i2t = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
   t2i = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
   return 0.5 * (i2t + t2i)

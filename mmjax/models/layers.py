@@ -31,6 +31,28 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
 
 
+class Dropout(nn.Module):
+  """Dropout whose mask for each example depends only on (dropout key, example row, layer).
+
+  Each row's mask is drawn from fold_in(key, row), so an example gets the same mask however the
+  batch is split: over devices, hosts or GradCache micro-batches. `rows` are the examples' rows in
+  the global batch (default: 0..batch-1, right for a call that sees the whole batch).
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool, rows: jax.Array | None = None):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    key = self.make_rng('dropout')
+    rows = jnp.arange(x.shape[0], dtype=jnp.uint32) if rows is None else rows.astype(jnp.uint32)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
+    masks = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(keys)
+    return jnp.where(masks, x / keep, 0).astype(x.dtype)
+
+
 class MlpBlock(nn.Module):
   """Dense -> GELU -> Dense."""
 
@@ -40,12 +62,13 @@ class MlpBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, deterministic: bool,
+               rows: jax.Array | None = None) -> jax.Array:
     d = x.shape[-1]
     h = DenseND((self.mlp_dim,), ('embed', 'mlp'), dtype=self.dtype, param_dtype=self.param_dtype,
                 name='fc1')(x)
     h = nn.gelu(h, approximate=True)
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = Dropout(self.dropout)(h, deterministic=deterministic, rows=rows)
     return DenseND((d,), ('mlp', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype,
                    name='fc2')(h)
 
@@ -147,15 +170,16 @@ class EncoderBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool,
+               rows: jax.Array | None = None) -> jax.Array:
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     h = layer_norm(self.dtype, self.param_dtype, 'ln1')(x)
     h = Attention(self.num_heads, self.causal, self.dtype, self.param_dtype, name='attn')(h, mask=mask)
-    x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    x = x + Dropout(self.dropout)(h, deterministic=deterministic, rows=rows)
     h = layer_norm(self.dtype, self.param_dtype, 'ln2')(x)
     h = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name='mlp')(
-        h, deterministic=deterministic)
-    return x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h, deterministic=deterministic, rows=rows)
+    return x + Dropout(self.dropout)(h, deterministic=deterministic, rows=rows)
 
 
 class Encoder(nn.Module):
@@ -172,11 +196,11 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, rows: jax.Array | None = None) -> jax.Array:
     block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.causal, self.dropout, self.dtype,
-                self.param_dtype, name=f'block{i}')(x, mask, deterministic)
+                self.param_dtype, name=f'block{i}')(x, mask, deterministic, rows)
     return layer_norm(self.dtype, self.param_dtype, 'ln_final')(x)
 
 

@@ -23,7 +23,8 @@ class TextTransformer(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False,
+               rows: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     if tokens.shape[1] > cfg.max_len:
       raise ValueError(f'Text of {tokens.shape[1]} tokens exceeds max_len={cfg.max_len}.')
@@ -35,12 +36,12 @@ class TextTransformer(nn.Module):
         nn.initializers.normal(stddev=1 / np.sqrt(cfg.width)), (None, None, 'embed')),
                      (1, cfg.max_len, cfg.width), self.param_dtype)
     x = x + pos[:, :tokens.shape[1]].astype(self.dtype)
-    x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+    x = layers.Dropout(cfg.dropout)(x, deterministic=not train, rows=rows)
     mask = mask.astype(bool)
     x = layers.Encoder(cfg.depth, cfg.num_heads, cfg.mlp_dim, causal=cfg.causal,
                        dropout=cfg.dropout, remat=cfg.remat, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='encoder')(
-                           x, mask, deterministic=not train)
+                           x, mask, deterministic=not train, rows=rows)
     if cfg.pool == 'map':
       return layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype,
                             name='map_head')(x, mask)

@@ -65,12 +65,22 @@ class TwoTower(nn.Module):
     if cfg.bias_init is not None:
       self.bias = self.param('bias', nn.initializers.constant(cfg.bias_init), (), jnp.float32)
 
-  def embed_images(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+  # `rows`: the examples' rows in the global batch, which seed their dropout masks (see
+  # layers.Dropout); only a call that sees part of the batch (a GradCache micro-batch) passes them.
+  def embed_images(self, images: jax.Array, *, train: bool = False,
+                   rows: jax.Array | None = None) -> jax.Array:
     x = normalize_images(images, jnp.dtype(self.config.dtype))
-    return l2_normalize(self.img_head(self.img(x, train=train)))
+    return l2_normalize(self.img_head(self.img(x, train=train, rows=rows)))
 
-  def embed_texts(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
-    return l2_normalize(self.txt_head(self.txt(tokens, mask, train=train)))
+  def embed_texts(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False,
+                  rows: jax.Array | None = None) -> jax.Array:
+    return l2_normalize(self.txt_head(self.txt(tokens, mask, train=train, rows=rows)))
+
+  def embed_pairs(self, images: jax.Array, tokens: jax.Array, mask: jax.Array, *,
+                  train: bool = False, rows: jax.Array | None = None):
+    """(image embeddings, text embeddings) of a batch of pairs."""
+    return (self.embed_images(images, train=train, rows=rows),
+            self.embed_texts(tokens, mask, train=train, rows=rows))
 
   def logit_params(self) -> tuple[jax.Array, jax.Array]:
     """(temperature, bias): temperature = exp(t'); bias is 0 for the softmax loss."""
@@ -79,7 +89,6 @@ class TwoTower(nn.Module):
 
   def __call__(self, images: jax.Array, tokens: jax.Array, mask: jax.Array, *,
                train: bool = False):
-    zimg = self.embed_images(images, train=train)
-    ztxt = self.embed_texts(tokens, mask, train=train)
+    zimg, ztxt = self.embed_pairs(images, tokens, mask, train=train)
     t, b = self.logit_params()
     return zimg, ztxt, t, b

@@ -31,7 +31,8 @@ class ViT(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               rows: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     b, h, w, c = images.shape
     p = cfg.patch_size
@@ -62,10 +63,10 @@ class ViT(nn.Module):
                        (1, 1, cfg.width), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.width)), x], axis=1)
 
-    x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
+    x = layers.Dropout(cfg.dropout)(x, deterministic=not train, rows=rows)
     x = layers.Encoder(cfg.depth, cfg.num_heads, cfg.mlp_dim, causal=False, dropout=cfg.dropout,
                        remat=cfg.remat, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name='encoder')(x, deterministic=not train)
+                       name='encoder')(x, deterministic=not train, rows=rows)
     if cfg.pool == 'map':
       return layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype,
                             name='map_head')(x)

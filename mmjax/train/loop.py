@@ -70,7 +70,9 @@ def get_tokenizer(config, workdir: pathlib.Path):
         f'{config.model.text.vocab_size}; raise config.model.text.vocab_size.')
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(tok.to_str())
+    tmp = saved.with_suffix('.tmp')  # Other processes may be reading `saved` right now.
+    tmp.write_text(tok.to_str())
+    tmp.replace(saved)
   return tok
 
 
@@ -127,7 +129,8 @@ def compile_step(run: Run, state, rng):
   batch_spec = {'image': jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sh),
                 'tokens': jax.ShapeDtypeStruct((b, L), jnp.int32, sharding=batch_sh),
                 'mask': jax.ShapeDtypeStruct((b, L), jnp.int32, sharding=batch_sh)}
-  jitted = step_lib.jit_train_step(run.state_shardings, batch_sh, repl)
+  jitted = step_lib.jit_train_step(run.state_shardings, batch_sh, repl,
+                                   step_lib.make_options(run.config, run.mesh))
   with mesh_lib.activate(run.mesh, run.axis_rules):
     compiled = jitted.lower(state, batch_spec, rng).compile()
   flops = step_flops(compiled)

@@ -8,7 +8,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh
 
@@ -16,10 +15,7 @@ from mmjax.config import ModelConfig
 from mmjax.parallel import mesh as mesh_lib
 
 
-class TrainState(train_state.TrainState):
-  """Flax TrainState plus the loss the step optimises (static)."""
-
-  loss_kind: str = struct.field(pytree_node=False, default='sigmoid')
+TrainState = train_state.TrainState
 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -31,8 +27,7 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1) -> tuple[jax.Array, jax.Array
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation):
   def init(rng):
     variables = model.init({'params': rng}, *dummy_inputs(model.config))
-    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                             loss_kind=model.config.loss)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx)
   return init
 
 

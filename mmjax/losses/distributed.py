@@ -1,0 +1,193 @@
+"""Contrastive losses over a batch sharded across devices, without the global logits matrix.
+
+Each device holds b = B / D rows of both towers' embeddings (D = devices on the batch axes).
+
+- `ring` (sigmoid): text blocks travel around a ring of devices with `ppermute`; at each of the
+  D - 1 hops a device adds the loss of its images against the visiting block. The send of the
+  next block is issued before the current block is used, so XLA can overlap the transfer with
+  the [b, b] matmul. The backward pass (a custom VJP) runs the ring again: each visiting block
+  carries its gradient accumulator with it, and a last hop brings every accumulator home. Per
+  device the loss holds O(b^2 + b*d) memory, never O(B*b).
+- `all_gather` (both losses): every device gathers the other tower ([B, d]) and computes the loss
+  of its own rows ("local loss", open_clip's `local_loss=True`); autodiff turns the gather into
+  a reduce-scatter, so gradients equal the full-batch ones. O(b*B) logits per device, which
+  InfoNCE needs for its row/column normalisers anyway.
+- `dense`: the single-device form on the global arrays; XLA decides the layout (the reference).
+
+All three return the same value as `contrastive.sigmoid_loss` / `softmax_loss` on the whole batch,
+and the same gradients for the embeddings, the temperature and the bias (tests/test_distributed).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mmjax.losses import contrastive
+
+BATCH_AXES = ('data', 'fsdp')
+IMPLS = ('auto', 'dense', 'all_gather', 'ring')
+
+LossFn = Callable[..., jax.Array]
+
+
+def _vary(x: jax.Array, axis) -> jax.Array:
+  """A device-invariant value (temperature, bias) typed as per-device, for use with shard data."""
+  return lax.pcast(x, axis, to='varying')
+
+
+def _sigmoid_block(zimg, t, b, ztxt, groups_img, groups_txt, diagonal: bool):
+  """Summed sigmoid NLL of local images vs one text block (positives on the diagonal iff local)."""
+  logits = t * (zimg @ ztxt.T) + b
+  if diagonal:
+    pos = jnp.eye(zimg.shape[0], dtype=bool)
+    nll = -jax.nn.log_sigmoid(jnp.where(pos, logits, -logits))
+  else:
+    pos = jnp.zeros(logits.shape, bool)
+    nll = jax.nn.softplus(logits)  # -log sigmoid(-x)
+  keep = contrastive.duplicate_mask(groups_img, groups_txt, pos)
+  return jnp.sum(nll if keep is None else jnp.where(keep, nll, 0.0))
+
+
+def _ring_sigmoid_sum(axis, n_dev: int):
+  """Per-device sum of the sigmoid NLL of its images vs all texts, text blocks on a ring."""
+  perm = [(j, (j - 1) % n_dev) for j in range(n_dev)]  # device i receives from i + 1
+
+  def pass_on(tree):
+    return jax.tree.map(lambda x: lax.ppermute(x, axis, perm), tree)
+
+  @jax.custom_vjp
+  def ring(zimg, ztxt, t, b, groups):
+    return _fwd(zimg, ztxt, t, b, groups)[0]
+
+  def _fwd(zimg, ztxt, t, b, groups):
+    local = (ztxt, groups)
+    visiting = pass_on(local)
+    total = _sigmoid_block(zimg, t, b, ztxt, groups, groups, diagonal=True)
+
+    def hop(_, carry):
+      block, total = carry
+      nxt = pass_on(block)  # in flight while this block is used
+      return nxt, total + _sigmoid_block(zimg, t, b, block[0], groups, block[1], diagonal=False)
+
+    if n_dev > 2:
+      visiting, total = lax.fori_loop(0, n_dev - 2, hop, (visiting, total))
+    if n_dev > 1:
+      total = total + _sigmoid_block(zimg, t, b, visiting[0], groups, visiting[1],
+                                     diagonal=False)
+    return total, (zimg, ztxt, t, b, groups)
+
+  def _bwd(res, g):
+    zimg, ztxt, t, b, groups = res
+
+    def block_grads(block, diagonal):
+      zt, gt = block
+      _, vjp = jax.vjp(
+          lambda zi, zt_, t_, b_: _sigmoid_block(zi, t_, b_, zt_, groups, gt, diagonal),
+          zimg, zt, t, b)
+      return vjp(g)
+
+    # Hop 0: the local block (it stays; its accumulator starts the ring).
+    dzi, dzt_local, dt, db = block_grads((ztxt, groups), diagonal=True)
+    if n_dev == 1:
+      return dzi, dzt_local, dt, db, None
+    # Each visiting block travels with its gradient accumulator; after D - 1 hops the last
+    # visitor came from device i - 1, and one more hop sends every accumulator back home.
+    visiting, acc = pass_on(((ztxt, groups), dzt_local))
+
+    def hop(_, carry):
+      block, acc, dzi, dt, db = carry
+      nxt_block = pass_on(block)
+      gi, gzt, gt_, gb = block_grads(block, diagonal=False)
+      return nxt_block, pass_on(acc + gzt), dzi + gi, dt + gt_, db + gb
+
+    if n_dev > 2:
+      visiting, acc, dzi, dt, db = lax.fori_loop(0, n_dev - 2, hop, (visiting, acc, dzi, dt, db))
+    gi, gzt, gt_, gb = block_grads(visiting, diagonal=False)
+    dzt = pass_on(acc + gzt)
+    return dzi + gi, dzt, dt + gt_, db + gb, None
+
+  ring.defvjp(_fwd, _bwd)
+  return ring
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes the batch is split over (those of size > 1 are what the ring spans)."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def resolve_impl(kind: str, impl: str, mesh: Mesh | None) -> str:
+  """'auto' -> 'dense' on one batch shard, else 'ring' (sigmoid) or 'all_gather' (softmax)."""
+  if impl not in IMPLS:
+    raise ValueError(f'Unknown loss implementation {impl!r}; available: {", ".join(IMPLS)}.')
+  if impl == 'ring' and kind != 'sigmoid':
+    raise ValueError(f"loss.impl='ring' is for the sigmoid loss; loss.kind={kind!r} needs "
+                     "'all_gather' (InfoNCE normalises over whole rows and columns).")
+  if impl != 'auto':
+    return impl
+  if mesh is None or num_batch_shards(mesh) == 1:
+    return 'dense'
+  return 'ring' if kind == 'sigmoid' else 'all_gather'
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  n = 1
+  for a in batch_axes(mesh):
+    n *= mesh.shape[a]
+  return n
+
+
+def make_loss(kind: str, impl: str = 'auto', mesh: Mesh | None = None) -> LossFn:
+  """loss(zimg, ztxt, t, b, groups=None) on global [B, d] arrays sharded over the batch axes."""
+  impl = resolve_impl(kind, impl, mesh)
+  dense = contrastive.get(kind)
+  if impl == 'dense':
+    return dense
+  axes = batch_axes(mesh)
+  n_dev = num_batch_shards(mesh)
+
+  def local_loss(zimg, ztxt, t, b, groups):
+    zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
+    t, b = _vary(t, axes), _vary(b, axes)
+    n = zimg.shape[0] * n_dev
+    if impl == 'ring':
+      total = _ring_sigmoid_sum(axes, n_dev)(zimg, ztxt, t, b, groups)
+      return lax.psum(total, axes) / n
+    # all_gather: this device's rows against the whole other tower.
+    all_txt = lax.all_gather(ztxt, axes, tiled=True)
+    all_groups = None if groups is None else lax.all_gather(groups, axes, tiled=True)
+    rows = lax.axis_index(axes) * zimg.shape[0] + jnp.arange(zimg.shape[0])
+    pos = rows[:, None] == jnp.arange(n)[None, :]
+    keep = contrastive.duplicate_mask(groups, all_groups, pos)
+    if kind == 'sigmoid':
+      logits = t * (zimg @ all_txt.T) + b
+      nll = -jax.nn.log_sigmoid(jnp.where(pos, logits, -logits))
+      total = jnp.sum(nll if keep is None else jnp.where(keep, nll, 0.0))
+      return lax.psum(total, axes) / n
+    all_img = lax.all_gather(zimg, axes, tiled=True)
+
+    def cross_entropy(q, keys):  # rows of q against all keys; the positive is at `rows`.
+      logits = t * (q @ keys.T)
+      if keep is not None:
+        logits = jnp.where(keep, logits, -jnp.inf)
+      return -jnp.sum(jnp.where(pos, jax.nn.log_softmax(logits, axis=1), 0.0))
+
+    total = cross_entropy(zimg, all_txt) + cross_entropy(ztxt, all_img)
+    return lax.psum(total, axes) / (2 * n)
+
+  spec = P(axes)
+
+  def loss(zimg, ztxt, t, b=None, groups=None):
+    b = jnp.zeros((), jnp.float32) if b is None else b
+    args, in_specs = [zimg, ztxt, t, b], [spec, spec, P(), P()]
+    if groups is not None:
+      args.append(groups)
+      in_specs.append(spec)
+    fn = lambda zi, zt, t, b, g=None: local_loss(zi, zt, t, b, g)
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=P())(*args)
+
+  return loss
