@@ -267,6 +267,7 @@ def test_checkpointed_iterator_resumes_identical_batches(tiny_config, encoder, t
   assert_same([next(fresh) for _ in range(2)], expected)
 
 
+@pytest.mark.slow
 def test_training_runs_on_ingested_records(tiny_config, tmp_path):
   """The loop end to end on a records source; its tokenizer is trained on that source."""
   from mmjax.train import loop  # pylint: disable=import-outside-toplevel

@@ -56,15 +56,8 @@ def test_mine_returns_exact_top_k_without_false_negatives():
     assert got[i].tolist() == want
 
 
-def test_filter_and_mined_negatives_reach_the_batches(tiny_config, tmp_path):
-  """End to end: ingest, export a (random) model, mine, filter, train-pipeline columns."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from mmjax import config as config_lib, embedder  # pylint: disable=import-outside-toplevel
-  from mmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  from mmjax.models import TwoTower  # pylint: disable=import-outside-toplevel
-  from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
-
+def ingest_colours(tmp_path):
+  """24 examples, 8 groups of 3; examples i and i + 20 share their image and caption."""
   rows = []
   for i in range(24):
     Image.fromarray(np.full((16, 16, 3), (i % 20) * 12, np.uint8)).save(tmp_path / f'{i}.png')
@@ -73,29 +66,59 @@ def test_filter_and_mined_negatives_reach_the_batches(tiny_config, tmp_path):
   data = tmp_path / 'data'
   prepare.main([f'--manifest={tmp_path / "m.jsonl"}', f'--out={data}', '--no_progress',
                 '--workers=1'])
-  model_config = config_lib.model_config(tiny_config)
-  params = nn.unbox(TwoTower(model_config).init(jax.random.key(0),
-                                                *dummy_inputs(model_config))['params'])
-  tok = tokenizer_lib.train_wordpiece([r['captions'][0] for r in rows], 64)
-  embedder.export(tmp_path / 'export', model_config, params, tok.to_str())
-  neg = mine_negatives.main([f'--data={data}', f'--model={tmp_path / "export"}', '--k=3',
-                             '--max_similarity=1.0', '--scores_out=scores.npy'])
-  assert neg.shape == (24, 3) and (neg >= 0).all()
-  for i in range(24):  # Never itself, its group, or its duplicate image/caption (i +- 20).
-    assert all(j // 3 != i // 3 and j % 20 != i % 20 for j in neg[i])
+  return data, [r['captions'][0] for r in rows]
+
+
+def assert_no_false_negatives(neg):
+  for i in range(len(neg)):  # Never itself, its group, or its duplicate image/caption (i +- 20).
+    assert all(j // 3 != i // 3 and j % 20 != i % 20 for j in neg[i] if j >= 0)
+
+
+def test_filter_and_mined_negatives_reach_the_batches(tiny_config, tmp_path):
+  data, captions = ingest_colours(tmp_path)
+  index = json.loads((data / 'index.json').read_text())
+  z = np.random.default_rng(0).normal(size=(24, 8))
+  z /= np.linalg.norm(z, axis=1, keepdims=True)
+  neg = mine_negatives.mine(z, z, mine_negatives.duplicate_ids(index), k=3, max_similarity=1.0)
+  assert (neg >= 0).all()
+  assert_no_false_negatives(neg)
+  np.save(data / 'negatives.npy', neg)
+  np.save(data / 'scores.npy', np.arange(24, dtype=np.float32))
   report = filter_lib.main([f'--data={data}', '--dedupe_images', f'--scores={data / "scores.npy"}',
                             '--keep_fraction=0.5'])
   assert report['exact_image_duplicates'] == 4 and report['kept'] == 10
-  assert len(sources.RecordSource(data, keep='keep.npy')) == 10
+  kept = sources.RecordSource(data, keep='keep.npy')
+  assert len(kept) == 10 and kept.keep.tolist() == list(range(10, 20))  # The best scores.
   cfg = tiny_config
   cfg.data.name, cfg.data.path = 'records', str(data)
   cfg.data.negatives, cfg.data.num_hard_negatives = 'negatives.npy', 3
-  batch = next(iter(pipeline.make_train_dataset(cfg, tok_encoder(tok))))
+  batch = next(iter(pipeline.make_train_dataset(cfg, tok_encoder(captions))))
   assert batch['neg_image_valid'].all() and batch['neg_text_valid'].all()
   with pytest.raises(FileNotFoundError, match='nope.npy'):
     sources.RecordSource(data, keep='nope.npy')
 
 
-def tok_encoder(tok):
+@pytest.mark.slow
+def test_mine_negatives_cli_with_an_exported_model(tiny_config, tmp_path):
+  """The CLI end to end with a (randomly initialised) exported model."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from mmjax import config as config_lib, embedder  # pylint: disable=import-outside-toplevel
+  from mmjax.models import TwoTower  # pylint: disable=import-outside-toplevel
+  from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
+  data, captions = ingest_colours(tmp_path)
+  model_config = config_lib.model_config(tiny_config)
+  params = nn.unbox(TwoTower(model_config).init(jax.random.key(0),
+                                                *dummy_inputs(model_config))['params'])
+  embedder.export(tmp_path / 'export', model_config, params,
+                  tok_encoder(captions).tokenizer.to_str())
+  neg = mine_negatives.main([f'--data={data}', f'--model={tmp_path / "export"}', '--k=3',
+                             '--max_similarity=1.0', '--scores_out=scores.npy'])
+  assert neg.shape == (24, 3) and (neg >= 0).all()
+  assert_no_false_negatives(neg)
+  assert np.load(data / 'scores.npy').shape == (24,)
+
+
+def tok_encoder(captions):
   from mmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  return tokenizer_lib.TextEncoder(tok, 40)
+  return tokenizer_lib.TextEncoder(tokenizer_lib.train_wordpiece(captions, 64), 40)
