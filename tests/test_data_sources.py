@@ -277,3 +277,32 @@ def test_training_runs_on_ingested_records(tiny_config, tmp_path):
   assert np.isfinite(metrics['i2t/recall@1'])
   vocab = tokenizer_lib.load(tmp_path / 'run').get_vocab()
   assert 'boat' in vocab and 'house' in vocab
+
+
+def test_duplicates_in_a_batch_are_masked_out_of_the_loss(tiny_config, encoder, tmp_path):
+  """The pipeline's `group` column into `losses.sigmoid_loss`: exactly the pairs of duplicate
+  examples (the same image and caption twice) leave the loss; everything else counts."""
+  from mmjax import losses  # pylint: disable=import-outside-toplevel
+  root = tmp_path / 'd'
+  root.mkdir()
+  rows = []
+  for i in range(16):
+    Image.fromarray(np.full((16, 16, 3), 10 * (i // 2), np.uint8)).save(root / f'{i}.png')
+    rows.append({'image': str(root / f'{i}.png'), 'captions': [f'a {WORDS[i // 2]} car']})
+  prepare.prepare(rows, [], prepare.Options(out=root / 'out'), progress=False)
+  cfg = records_config(tiny_config, root / 'out')
+  batch = take(cfg, encoder, 1)[0]
+  example = batch['image'][:, 0, 0, 0] // 10  # Which duplicate pair a row is.
+  rng = np.random.default_rng(0)
+  zimg, ztxt = (z / np.linalg.norm(z, axis=1, keepdims=True)
+                for z in rng.normal(size=(2, 16, 8)).astype(np.float32))
+  t, b = 10.0, -5.0
+  logits = t * zimg @ ztxt.T + b
+  eye = np.eye(16, dtype=bool)
+  nll = -np.log(1 / (1 + np.exp(-np.where(eye, logits, -logits))))
+  counted = eye | (example[:, None] != example[None, :])
+  assert counted.sum() == 16 * 16 - 16  # Each row has exactly one duplicate in the batch.
+  expected = (nll * counted).sum() / 16
+  got = losses.sigmoid_loss(zimg, ztxt, t, b, batch['group'])
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+  assert not np.isclose(float(losses.sigmoid_loss(zimg, ztxt, t, b)), expected)
