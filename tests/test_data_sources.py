@@ -306,3 +306,16 @@ def test_duplicates_in_a_batch_are_masked_out_of_the_loss(tiny_config, encoder, 
   got = losses.sigmoid_loss(zimg, ztxt, t, b, batch['group'])
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
   assert not np.isclose(float(losses.sigmoid_loss(zimg, ztxt, t, b)), expected)
+
+
+def test_copies_of_one_image_stay_one_group_under_augmentation(tiny_config, encoder, tmp_path):
+  root = tmp_path / 'd'
+  root.mkdir()
+  rows = []
+  for i in range(16):  # i and i + 8: the same image file content, different captions.
+    Image.fromarray(np.full((24, 24, 3), 12 * (i % 8), np.uint8)).save(root / f'{i}.png')
+    rows.append({'image': str(root / f'{i}.png'), 'captions': [f'{WORDS[i % 10]} {i}']})
+  prepare.prepare(rows, [], prepare.Options(out=root / 'out'), progress=False)
+  batch = take(records_config(tiny_config, root / 'out', augment='light'), encoder, 1)[0]
+  values, counts = np.unique(batch['group'], return_counts=True)
+  assert len(values) == 8 and (counts == 2).all()

@@ -95,7 +95,10 @@ class Preprocess(grain.transforms.RandomMap):
         out['image'] = self._image(element['image'], aug_rng)
       except Exception:  # pylint: disable=broad-except  # PIL raises many types on bad files
         return {'ok': False}
-      out['image_key'] = np.int64(records.hash31(b'i:' + out['image'].tobytes()))
+      # The stored image, not the augmented crop: two copies stay duplicates under augmentation.
+      raw = element['image']
+      raw = raw if isinstance(raw, (bytes, bytearray)) else np.ascontiguousarray(raw).tobytes()
+      out['image_key'] = np.int64(records.hash31(b'i:' + raw))
     if self.num_negatives:
       out.update(self._negatives(element, aug_rng))
     return out
