@@ -95,7 +95,8 @@ def test_click_pairs_feed_weight_and_negative_columns(tiny_config, encoder, tmp_
 
 
 def test_documents_become_adjacent_pairs_and_packed_documents(tmp_path, encoder):
-  docs = [{'id': 'd0', 'segments': [{'text': 'a page about cars'}, {'image': png(tmp_path / 'a.png', 10)},
+  docs = [{'id': 'd0', 'segments': [{'text': 'a page about cars'},
+                                    {'image': png(tmp_path / 'a.png', 10)},
                                     {'text': 'red car'}, {'image': png(tmp_path / 'b.png', 20)}]},
           {'id': 'd1', 'segments': [{'image': 'a.png'}]}]
   jsonl(tmp_path / 'docs.jsonl', docs)
@@ -117,4 +118,5 @@ def test_documents_become_adjacent_pairs_and_packed_documents(tmp_path, encoder)
   assert packed['doc_image_valid'].tolist() == [1, 1]
   assert packed['doc_images'][0, 0, 0, 0] == 10 and packed['doc_images'][1, 0, 0, 0] == 20
   n = int(packed['doc_mask'].sum())
-  assert n == sum(n_text) + 4 + 1 and packed['doc_tokens'][n - 1] == encoder.tokenizer.token_to_id('[EOS]')
+  assert n == sum(n_text) + 4 + 1
+  assert packed['doc_tokens'][n - 1] == encoder.tokenizer.token_to_id('[EOS]')

@@ -29,7 +29,8 @@ def ingest(root: pathlib.Path, n: int, *, captions_per=3, group_every=0, text=Fa
   rows = []
   for i in range(n):
     row = {'id': f'{root.name}{i}',
-           'captions': [f'a {WORDS[i % 10]} {WORDS[(i // 10 + j) % 10]}' for j in range(captions_per)]}
+           'captions': [f'a {WORDS[i % 10]} {WORDS[(i // 10 + j) % 10]}'
+                        for j in range(captions_per)]}
     if text:
       row['query'] = f'what is {WORDS[i % 10]} {i}'
     else:
@@ -45,7 +46,8 @@ def ingest(root: pathlib.Path, n: int, *, captions_per=3, group_every=0, text=Fa
     import shutil  # pylint: disable=import-outside-toplevel
     from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
     from mmjax.data import sources  # pylint: disable=import-outside-toplevel
-    exs = [records.decode(sources.RecordSource(out)._source[i]) for i in range(n)]  # pylint: disable=protected-access
+    src = sources.RecordSource(out)._source  # pylint: disable=protected-access
+    exs = [records.decode(src[i]) for i in range(n)]
     shutil.rmtree(out)
     out.mkdir()
     w = array_record_module.ArrayRecordWriter(str(out / 'x.array_record'), 'group_size:1')
@@ -123,7 +125,8 @@ def test_corrupt_images_are_skipped_and_counted_then_the_run_fails(tiny_config, 
   batches = take(cfg, encoder, 6)  # ~2 epochs: every bad example met at least once.
   assert sum(len(b['tokens']) for b in batches) == 96
   cfg.data.max_skip_fraction = 0.01
-  with pytest.raises(transforms.CorruptDataError, match=r'could not be decoded .*max_skip_fraction'):
+  with pytest.raises(transforms.CorruptDataError,
+                     match=r'could not be decoded .*max_skip_fraction'):
     take(cfg, encoder, 20)
 
 
@@ -131,7 +134,8 @@ def test_mixture_proportions_and_single_source_sub_batches(tiny_config, encoder,
   a, b = ingest(tmp_path / 'a', 30), ingest(tmp_path / 'b', 30)
   tiny_config.data.mixture = (dict(name='records', path=str(a), weight=3.0),
                               dict(name='records', path=str(b), weight=1.0))
-  counts = collections.Counter(np.concatenate([x['source'] for x in take(tiny_config, encoder, 25)]))
+  batches = take(tiny_config, encoder, 25)
+  counts = collections.Counter(np.concatenate([x['source'] for x in batches]))
   assert abs(counts[0] / 400 - 0.75) < 0.03
   tiny_config.data.sub_batches = 4
   batches = take(tiny_config, encoder, 25)
@@ -142,7 +146,8 @@ def test_mixture_proportions_and_single_source_sub_batches(tiny_config, encoder,
 
 def test_mixture_order_is_deterministic_resumable_and_process_sharded(tiny_config, encoder,
                                                                       tmp_path):
-  tiny_config.data.mixture = (dict(name='records', path=str(ingest(tmp_path / 'a', 40)), weight=2.0),
+  tiny_config.data.mixture = (dict(name='records', path=str(ingest(tmp_path / 'a', 40)),
+                                   weight=2.0),
                               dict(name='demo', weight=1.0))
   first = take(tiny_config, encoder, 3)
   assert_same(first, take(tiny_config, encoder, 3))
@@ -170,7 +175,8 @@ def test_every_caption_is_sampled_across_epochs(tiny_config, encoder, tmp_path):
 
 
 def test_text_pairs_and_inline_hard_negatives(tiny_config, encoder, tmp_path):
-  out = ingest(tmp_path / 't', 20, text=True, extra=lambda i: {'neg_texts': ['a library'] * (i % 3)})
+  out = ingest(tmp_path / 't', 20, text=True,
+               extra=lambda i: {'neg_texts': ['a library'] * (i % 3)})
   cfg = records_config(tiny_config, out, num_hard_negatives=2)
   batch = take(cfg, encoder, 1)[0]
   spec = pipeline.batch_spec(cfg, text_pairs=True)

@@ -58,7 +58,8 @@ def test_corrupt_inputs_are_reported_and_skipped_nothing_lost(tmp_path):
   assert meta['num_examples'] == 20 and meta['num_skipped'] == 7
   skipped = json.loads((out / 'report.json').read_text())['skipped']
   reasons = {s.get('id', s.get('line')): s['reason'].split(':')[0] for s in skipped}
-  assert reasons == {'trunc': 'corrupt image', 'text': 'corrupt image', 'missing': 'unreadable image',
+  assert reasons == {'trunc': 'corrupt image', 'text': 'corrupt image',
+                     'missing': 'unreadable image',
                      'empty': 'bad captions', 'notstr': 'bad captions', 'neither':
                      'row has neither `image` nor `query`', 6: 'bad JSON'}
   got = read_all(out)
@@ -188,7 +189,8 @@ def test_sigkilled_ingestion_resumes_to_the_uninterrupted_result(tmp_path):
 
 def test_real_digits_through_the_training_pipeline(tmp_path, tiny_config):
   """Real data end to end: groups join exactly the rows whose captions (digit names) match."""
-  from mmjax.data import pipeline, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from mmjax.data import pipeline, tokenizer as tokenizer_lib
   root = digits_folder(tmp_path / 'digits', 48)
   prepare.main([f'--image_dir={root}', f'--out={tmp_path / "out"}', '--no_progress', '--workers=1'])
   tiny_config.data.name, tiny_config.data.path = 'records', str(tmp_path / 'out')

@@ -1,7 +1,8 @@
 r"""Click logs and interleaved documents -> ingestion manifests (JSONL for `mmjax.data.prepare`).
 
   python -m mmjax.data.convert clicks --log=clicks.jsonl --items=items.jsonl --out=pairs.jsonl
-  python -m mmjax.data.convert documents --docs=docs.jsonl --out=pairs.jsonl [--documents_out=d.jsonl]
+  python -m mmjax.data.convert documents --docs=docs.jsonl --out=pairs.jsonl \
+      [--documents_out=d.jsonl]
 
 Click logs: one row per shown result — `query`, `item_id`, `position` (1 = top), `clicked`
 (bool), optional `impression` (rows of one result page; default: the query). Items: `item_id`
@@ -76,7 +77,8 @@ def clicks_to_pairs(log: list[dict[str, Any]], items: list[dict[str, Any]], *,
   by_id = {str(it['item_id']): it for it in items}
   missing = sorted({str(r['item_id']) for r in log} - set(by_id))
   if missing:
-    raise ValueError(f'{len(missing)} logged item ids are not in the items file, e.g. {missing[:5]}')
+    raise ValueError(f'{len(missing)} logged item ids are not in the items file, '
+                     f'e.g. {missing[:5]}')
   prop = propensities(log, propensity, eta)
   weight: dict[tuple[str, str], float] = collections.defaultdict(float)
   shown_in: dict[str, list[str]] = collections.defaultdict(list)  # impression -> items
