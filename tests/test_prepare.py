@@ -129,17 +129,20 @@ def digits_folder(root: pathlib.Path, n: int) -> pathlib.Path:
     Image.fromarray(np.stack([im] * 3, -1)).resize((32, 32)).save(root / f'd{i:04d}.png')
     label = int(targets[i])
     (root / f'd{i:04d}.txt').write_text(f'A handwritten digit {words[label]}.\n'
-                                        f'fr.utf8=Un chiffre manuscrit.\n')
+                                        f'fr.utf8=Un chiffre manuscrit.\n'
+                                        'ca@valencia.utf8=Un xifra.\npt_BR.utf8=Um digito.\n')
   return root
 
 
 def test_real_digits_image_folder(tmp_path):
   root = digits_folder(tmp_path / 'digits', 60)
   write_png(root / 'orphan.png', 0)  # No side file: reported.
+  write_png(root / 'd0001_mirror.png', 0)  # Tux Paint's mirrored variant: d0001.txt.
   meta = prepare.main([f'--image_dir={root}', f'--out={tmp_path / "out"}', '--no_progress',
                        '--examples_per_shard=16', '--workers=1'])
-  assert meta['num_examples'] == 60 and meta['skipped_by_reason'] == {'no caption side file': 1}
+  assert meta['num_examples'] == 61 and meta['skipped_by_reason'] == {'no caption side file': 1}
   got = read_all(tmp_path / 'out')
+  assert got[2]['id'] == 'd0001_mirror.png' and got[2]['captions'] == got[1]['captions']
   assert got[0]['captions'] == ['A handwritten digit zero.']  # Translations dropped.
   assert records.decode_image(got[0]['image']).shape == (32, 32, 3)
 
@@ -153,7 +156,10 @@ def test_real_tuxpaint_stamps(tmp_path):
   meta = prepare.main([f'--image_dir={TUXPAINT}', f'--out={tmp_path}', '--no_progress',
                        '--max_image_size=64', '--examples_per_shard=200', '--workers=2'])
   assert meta['num_examples'] > 700  # 796 PNGs, ~950 captions (DATA.md).
-  assert records.decode_image(read_all(tmp_path)[0]['image']).shape[2] == 3
+  got = read_all(tmp_path)
+  assert records.decode_image(got[0]['image']).shape[2] == 3
+  # English lines only: every `xx.utf8=`, `pt_BR.utf8=`, `ca@valencia.utf8=` translation dropped.
+  assert not [c for g in got for c in g['captions'] if '.utf8=' in c]
 
 
 def test_sigkilled_ingestion_resumes_to_the_uninterrupted_result(tmp_path):

@@ -8,7 +8,9 @@ Inputs (see docs/data.md for worked examples):
   folder) or `query` (text-text pairs); `captions` (list; in CSV '|'-separated) or `caption`;
   optional `id`, `label`, `group`, `weight`, `neg_images` (paths), `neg_texts`.
 - A folder of images with caption side files (`name.png` + `name.txt`, Tux Paint's layout): the
-  non-empty lines of the side file that are not `xx.utf8=` translations are the captions.
+  non-empty lines of the side file that are not `xx.utf8=` translations are the captions
+  (`name_mirror.png` without a side file of its own uses `name.txt`). Only files PIL decodes are
+  scanned (png, jpg, jpeg, webp, bmp, gif): SVG stamps are not images here.
 
 Output in `--out`: `<name>-SSSSS-of-NNNNN.array_record` shards of `mmjax.data.records`,
 `metadata.json` (counts, feature spec, source hash), `report.json` (every skipped row with its
@@ -43,7 +45,8 @@ from PIL import Image
 from mmjax.data import records
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif')
-_TRANSLATION = re.compile(r'^[A-Za-z_]+(\.[\w-]+)?=')  # Tux Paint: `fr.utf8=Un lori.`
+# Tux Paint translations: `fr.utf8=Un lori.`, `pt_BR.utf8=...`, `ca@valencia.utf8=...`.
+_TRANSLATION = re.compile(r'^[A-Za-z]+([_@][A-Za-z]+)*(\.[\w-]+)?=')
 LIST_FIELDS = ('captions', 'neg_images', 'neg_texts')
 
 
@@ -104,6 +107,8 @@ def scan_image_dir(root: pathlib.Path) -> tuple[list[dict[str, Any]], list[dict[
   rows, problems = [], []
   for path in sorted(p for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS):
     side = path.with_suffix('.txt')
+    if not side.is_file() and path.stem.endswith('_mirror'):  # Tux Paint's mirrored variant.
+      side = path.with_name(path.stem[:-len('_mirror')] + '.txt')
     rel = str(path.relative_to(root))
     if not side.is_file():
       problems.append({'id': rel, 'reason': 'no caption side file'})
