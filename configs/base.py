@@ -80,7 +80,29 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Data ------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'demo'  # Training source: 'demo' (procedural scenes shipped with mmjax).
+  # Training source: 'demo' (procedural scenes shipped with mmjax) | 'records' (shards written by
+  # `python -m mmjax.data.prepare`) | 'tfds' (a TFDS dataset in ArrayRecord format). docs/data.md.
+  c.data.name = 'demo'
+  c.data.path = ''  # records: the `prepare --out` directory; tfds: the TFDS data_dir ('' default).
+  c.data.tfds_name = ''  # tfds: the dataset name (e.g. 'coco_captions', 'my_set:1.0.0').
+  c.data.split = 'train'  # tfds: the split (slicing such as 'train[:90%]' allowed).
+  c.data.image_key = 'image'  # tfds: '/'-separated path of the image feature.
+  c.data.captions_key = 'captions'  # tfds: path of the caption text(s), e.g. 'captions/text'.
+  c.data.group_key = ''  # tfds: path of a duplicate-group id ('' none), e.g. 'image/id'.
+  c.data.keep = ''  # records: a keep file of `python -m mmjax.data.filter` ('' = every example).
+  c.data.negatives = ''  # records: a negatives file of `python -m mmjax.data.mine_negatives`.
+  # Weighted mixture; when non-empty it replaces the single source above. A tuple of dicts with
+  # the fields above (name, path, tfds_name, split, image_key, captions_key, group_key, keep,
+  # negatives) plus `weight`, e.g. (dict(name='records', path='data/a', weight=3.0),
+  # dict(name='demo', weight=1.0)).
+  c.data.mixture = ()
+  # 0: rows of all sources interleaved in each batch; k: each batch is k single-source
+  # sub-batches of batch_size/k rows (harder in-batch negatives).
+  c.data.sub_batches = 0
+  c.data.augment = 'none'  # 'none' | 'light' (random crop >= 80% and +-10% brightness/contrast).
+  c.data.num_hard_negatives = 0  # K: columns neg_image/neg_tokens [B, K, ...] when > 0.
+  # The run fails with a clear message when more than this fraction of images cannot be decoded.
+  c.data.max_skip_fraction = 0.01
   c.data.num_train_examples = 200_000  # Size of one epoch of the demo source (scenes are rendered on the fly).
   c.data.num_workers = 0  # Grain worker processes (0: decode in the main process).
   c.data.worker_buffer_size = 2  # Batches each worker prepares ahead.

@@ -84,7 +84,8 @@ HEADS = ('linear', 'mlp', 'none')
 DTYPES = ('float32', 'bfloat16', 'float16')
 POSEMBS = ('learn', 'sincos2d')
 SCHEDULES = ('cosine', 'constant')
-DATASETS = ('demo',)
+DATASETS = ('demo', 'records', 'tfds')
+AUGMENTS = ('none', 'light')
 LOSS_IMPLS = ('auto', 'dense', 'all_gather', 'ring')
 CPU_COLLECTIVES = ('gloo', 'mpi')
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -195,6 +196,39 @@ def _positive(name: str, value) -> None:
   _require(value > 0, f'config.{name}={value!r} must be > 0.')
 
 
+SOURCE_FIELDS = ('name', 'path', 'tfds_name', 'split', 'image_key', 'captions_key', 'group_key',
+                 'keep', 'negatives', 'weight')
+
+
+def _validate_data(config) -> None:
+  """The `data` block: sources (single or mixture), sub-batches, transforms (docs/data.md)."""
+  data = config.data
+  _one_of('data.augment', data.augment, AUGMENTS)
+  _require(data.num_hard_negatives >= 0,
+           f'config.data.num_hard_negatives={data.num_hard_negatives} must be >= 0.')
+  _require(0.0 <= data.max_skip_fraction <= 1.0,
+           f'config.data.max_skip_fraction={data.max_skip_fraction} must be in [0, 1].')
+  _require(data.sub_batches >= 0, f'config.data.sub_batches={data.sub_batches} must be >= 0.')
+  _require(not data.sub_batches or config.batch_size % data.sub_batches == 0,
+           f'config.data.sub_batches={data.sub_batches} does not divide '
+           f'config.batch_size={config.batch_size}.')
+  sources = [(f'data.mixture[{i}]', dict(m)) for i, m in enumerate(data.mixture)] or [
+      ('data', {k: data[k] for k in SOURCE_FIELDS if k in data})]
+  for where, src in sources:
+    unknown = set(src) - set(SOURCE_FIELDS)
+    _require(not unknown, f'config.{where} has unknown field(s) {sorted(unknown)}; known: '
+             f'{", ".join(SOURCE_FIELDS)}.')
+    name = src.get('name', 'demo')
+    _require(name in DATASETS, f'config.{where}.name={name!r} is not one of '
+             f'{", ".join(map(repr, DATASETS))}.')
+    _require(name != 'records' or src.get('path'),
+             f"config.{where}.path is empty: a 'records' source needs the directory written by "
+             '`python -m mmjax.data.prepare --out=...`.')
+    _require(name != 'tfds' or src.get('tfds_name'),
+             f"config.{where}.tfds_name is empty: a 'tfds' source needs a dataset name.")
+    _require(src.get('weight', 1.0) > 0, f'config.{where}.weight={src.get("weight")} must be > 0.')
+
+
 def validate_schema(config: ml_collections.ConfigDict) -> None:
   """Keys and types only (no JAX backend needed): runs before `jax.distributed` start-up."""
   _check_schema(config, base_config())
@@ -232,6 +266,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _one_of('model.dtype', config.model.dtype, DTYPES)
   _one_of('model.param_dtype', config.model.param_dtype, DTYPES)
   _one_of('data.name', config.data.name, DATASETS)
+  _validate_data(config)
 
   img = config.model.image
   _one_of('model.image.pool', img.pool, IMAGE_POOLS)

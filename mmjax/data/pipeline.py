@@ -1,11 +1,16 @@
-"""Grain input pipelines: random-access source -> global seeded shuffle -> per-process shard ->
-transforms -> batches of this process's rows.
+"""Grain input pipelines: random-access sources -> global seeded shuffle -> per-process shard ->
+transforms -> weighted mixture -> batches of this process's rows.
 
-The order of examples is a pure function of (seed, step): the shuffle is global (the same
-permutation in every process), each process then takes every `process_count`-th element, so the
-union of all processes' batch k is the same set of examples whatever the number of processes.
-The iterator's state goes into every checkpoint, so a resumed run sees exactly the batches an
-uninterrupted one would.
+The order of examples is a pure function of (seed, step): each source's shuffle is global (the
+same permutation in every process), each process then takes every `process_count`-th element, so
+the union of all processes' batch k is the same set of examples whatever the number of processes.
+Mixtures interleave the per-source streams deterministically in proportion to their weights
+(`grain.MapDataset.mix`); with `config.data.sub_batches = k` each batch is instead k
+single-source sub-batches (harder in-batch negatives). The iterator's state goes into every
+checkpoint, so a resumed run sees exactly the batches an uninterrupted one would.
+
+Batch columns (B = batch_size / process_count rows, S = image size, L = max_len, K =
+num_hard_negatives): see `batch_spec`.
 """
 
 from __future__ import annotations
@@ -13,32 +18,53 @@ from __future__ import annotations
 from typing import Any
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 
-from mmjax.data import demo
+from mmjax.data import demo, sources as sources_lib, transforms
 from mmjax.data.tokenizer import TextEncoder
 
-
-class SampleCaptionAndEncode(grain.transforms.RandomMap):
-  """Picks one of the example's captions (seeded per element) and tokenizes it."""
-
-  def __init__(self, encoder: TextEncoder):
-    self.encoder = encoder
-
-  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    captions = element['captions']
-    caption = captions[int(rng.integers(len(captions)))]
-    tokens, mask = self.encoder.encode_one(caption)
-    return {'image': element['image'], 'tokens': tokens, 'mask': mask}
+# What the train step reads; 'group' masks duplicates out of the loss (losses.contrastive).
+TRAIN_COLUMNS = ('image', 'tokens', 'mask', 'group')
 
 
-def make_source(config) -> Any:
-  """The training source named by `config.data.name`."""
-  if config.data.name == 'demo':
-    return demo.DemoScenes(split='train', num_examples=config.data.num_train_examples,
+def batch_spec(config, *, text_pairs: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{column: (shape, dtype)} of one global batch (divide B by the process count for local)."""
+  b, s = config.batch_size, config.model.image.image_size
+  L, k = config.model.text.max_len, config.data.num_hard_negatives
+  spec = {'tokens': ((b, L), np.int32), 'mask': ((b, L), np.int32),
+          'group': ((b,), np.int32), 'weight': ((b,), np.float32), 'source': ((b,), np.int32)}
+  if text_pairs:
+    spec |= {'query_tokens': ((b, L), np.int32), 'query_mask': ((b, L), np.int32)}
+  else:
+    spec['image'] = ((b, s, s, 3), np.uint8)
+  if k:
+    spec |= {'neg_tokens': ((b, k, L), np.int32), 'neg_mask': ((b, k, L), np.int32),
+             'neg_text_valid': ((b, k), np.int32)}
+    if not text_pairs:
+      spec |= {'neg_image': ((b, k, s, s, 3), np.uint8), 'neg_image_valid': ((b, k), np.int32)}
+  return spec
+
+
+def make_sources(config) -> tuple[list[sources_lib.SourceSpec], list[Any]]:
+  specs = sources_lib.specs_from_config(config.data)
+  srcs = [sources_lib.make(s, num_demo_examples=config.data.num_train_examples,
                            image_size=config.model.image.image_size, seed=config.seed)
-  raise ValueError(f'Unknown config.data.name={config.data.name!r}.')
+          for s in specs]
+  return specs, srcs
+
+
+def caption_corpus(config, limit: int = 50_000):
+  """Captions to train the run's tokenizer on: the demo corpus, or the configured sources'."""
+  specs, srcs = make_sources(config)
+  if all(s.name == 'demo' for s in specs):
+    return demo.caption_corpus(num_scenes=2000, seed=config.seed)
+  return sources_lib.caption_corpus(srcs, limit)
+
+
+def _concat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """[k, B/k, ...] single-source sub-batches -> [B, ...]."""
+  return {name: x.reshape((-1,) + x.shape[2:]) for name, x in batch.items()}
 
 
 def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
@@ -48,21 +74,50 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
                      f'{process_count} processes.')
   local_batch = config.batch_size // process_count
-  ds = grain.MapDataset.source(make_source(config)).seed(config.seed)
-  ds = ds.shuffle().repeat(None)  # A new permutation every epoch.
-  # Seeded by the global position (lazily, before the per-process slice), so every example gets
-  # the same caption whatever the number of processes.
-  ds = ds.random_map(SampleCaptionAndEncode(encoder))
-  ds = ds[process_index::process_count]
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.read_threads,
-                                            prefetch_buffer_size=2 * local_batch))
-  it = it.batch(local_batch, drop_remainder=True)
-  if config.data.num_workers > 0:
+  data = config.data
+  sub = data.sub_batches
+  if sub and local_batch % sub:
+    raise ValueError(f'config.data.sub_batches={sub} does not divide the {local_batch} rows per '
+                     'process.')
+  specs, srcs = make_sources(config)
+  kinds = {sources_lib.is_text_pairs(s) for s in srcs}
+  if len(kinds) > 1:
+    raise ValueError('config.data.mixture mixes image-text and text-text sources; their batches '
+                     'have different columns. Train them in separate runs or towers.')
+  text_pairs = kinds.pop()
+  read = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=2 * local_batch)
+  streams = []
+  for i, (spec, src) in enumerate(zip(specs, srcs)):
+    if len(src) == 0:
+      raise ValueError(f'Data source {i} ({spec.name} {spec.path or spec.tfds_name}) is empty.')
+    ds = grain.MapDataset.source(src).seed(int(np.random.SeedSequence([config.seed, i])
+                                               .generate_state(1)[0]))
+    ds = ds.shuffle().repeat(None)  # A new permutation every epoch.
+    # Transforms are lazy and seeded by the global index, so they are the same in every process
+    # whatever the process count; only the rows this process keeps below are computed.
+    ds = ds.random_map(transforms.Preprocess(
+        encoder, image_size=config.model.image.image_size, augment=data.augment,
+        num_negatives=data.num_hard_negatives, source_index=i, text_pairs=text_pairs))
+    streams.append(ds)
+  weights = [s.weight for s in specs]
+  if sub:
+    parts = [transforms.SkipCorrupt(ds[process_index::process_count].to_iter_dataset(read),
+                                    data.max_skip_fraction)
+             .batch(local_batch // sub, drop_remainder=True) for ds in streams]
+    it = grain.IterDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
+    it = it.batch(sub, drop_remainder=True).map(_concat)
+  else:
+    # Mix first, then shard: the processes' batch k together hold the one-process batch k.
+    ds = grain.MapDataset.mix(streams, weights) if len(streams) > 1 else streams[0]
+    ds = ds[process_index::process_count]
+    it = transforms.SkipCorrupt(ds.to_iter_dataset(read), data.max_skip_fraction)
+    it = it.batch(local_batch, drop_remainder=True)
+  it = it.map(transforms.assign_groups)
+  if data.num_workers > 0:
     # Grain's worker processes read absl flags; outside `absl.app` (notebooks, tests) nothing
     # parsed them yet.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=config.data.num_workers,
-        per_worker_buffer_size=config.data.worker_buffer_size))
+        num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
   return it

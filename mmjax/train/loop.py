@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 
 from mmjax import config as config_lib
-from mmjax.data import demo, pipeline, tokenizer as tokenizer_lib
+from mmjax.data import pipeline, tokenizer as tokenizer_lib
 from mmjax.embedder import Embedder, export
 from mmjax.eval.retrieval import RetrievalEvaluator, format_table
 from mmjax.models import TwoTower
@@ -62,7 +62,7 @@ def get_tokenizer(config, workdir: pathlib.Path):
   if config.tokenizer.path:
     tok = tokenizer_lib.load(config.tokenizer.path)
   else:
-    tok = tokenizer_lib.train_wordpiece(demo.caption_corpus(num_scenes=2000, seed=config.seed),
+    tok = tokenizer_lib.train_wordpiece(pipeline.caption_corpus(config),
                                         config.tokenizer.vocab_size)
   if tok.get_vocab_size() > config.model.text.vocab_size:
     raise config_lib.ConfigError(
@@ -125,11 +125,9 @@ def compile_step(run: Run, state, rng):
   """The jitted, lowered and compiled train step; logs its FLOPs and memory analysis."""
   batch_sh = mesh_lib.batch_sharding(run.mesh)
   repl = mesh_lib.replicated(run.mesh)
-  cfg = run.model_config
-  b, s, L = run.config.batch_size, cfg.image.image_size, cfg.text.max_len
-  batch_spec = {'image': jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=batch_sh),
-                'tokens': jax.ShapeDtypeStruct((b, L), jnp.int32, sharding=batch_sh),
-                'mask': jax.ShapeDtypeStruct((b, L), jnp.int32, sharding=batch_sh)}
+  spec = pipeline.batch_spec(run.config)
+  batch_spec = {k: jax.ShapeDtypeStruct(*spec[k], sharding=batch_sh)
+                for k in pipeline.TRAIN_COLUMNS}
   jitted = step_lib.jit_train_step(run.state_shardings, batch_sh, repl,
                                    step_lib.make_options(run.config, run.mesh))
   with mesh_lib.activate(run.mesh, run.axis_rules):
@@ -200,7 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   step = start
   try:
     while step < config.total_steps:
-      batch = mesh_lib.global_batch(next(data_iter), run.mesh)
+      local = next(data_iter)
+      batch = mesh_lib.global_batch({k: local[k] for k in pipeline.TRAIN_COLUMNS}, run.mesh)
       state, metrics = compiled(state, batch, rng)
       step += 1
       steps_since_log += 1

@@ -1,0 +1,198 @@
+"""Per-element transforms and the per-batch `group` column.
+
+`Preprocess` (seeded per element, so a caption is re-sampled every epoch and a resumed run draws
+the same one): decode, resize/crop, light augmentation, caption sampling, normalisation and
+tokenisation with truncation. A corrupt image does not raise: the element is marked and
+`SkipCorrupt` drops it, counting, and fails the run with a clear message once the skipped
+fraction passes `max_skip_fraction`.
+
+`assign_groups` turns each row's duplicate keys into one int32 `group` column: rows that share a
+group id, a normalised caption or an image are in one group (transitively), every other row gets
+its own value. Values are stable hashes, not positions, so equal keys in different processes'
+shards of a global batch get equal values too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from mmjax.data import records
+from mmjax.data.tokenizer import TextEncoder
+
+AUGMENTS = ('none', 'light')
+KEY_COLUMNS = ('group_key', 'caption_key', 'image_key')
+
+
+class CorruptDataError(RuntimeError):
+  """Too many elements of the input could not be decoded."""
+
+
+def resize_crop(image: np.ndarray, size: int, rng: np.random.Generator | None,
+                min_scale: float = 0.8) -> np.ndarray:
+  """Square crop resized to `size`: centred (rng None) or a random crop of >= min_scale of the
+  shorter side. Never flips: captions say 'left' and 'right'."""
+  h, w = image.shape[:2]
+  side = min(h, w)
+  if rng is not None:
+    side = max(1, int(round(side * rng.uniform(min_scale, 1.0))))
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+  else:
+    top, left = (h - side) // 2, (w - side) // 2
+  crop = image[top:top + side, left:left + side]
+  if crop.shape[:2] != (size, size):
+    crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR))
+  return crop
+
+
+def light_colour_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """+-10% brightness and contrast: small enough to keep colour words true."""
+  x = image.astype(np.float32)
+  mean = x.mean()
+  x = (x - mean) * rng.uniform(0.9, 1.1) + mean * rng.uniform(0.9, 1.1)
+  return np.clip(x, 0, 255).astype(np.uint8)
+
+
+class Preprocess(grain.transforms.RandomMap):
+  """Common element layout -> fixed-shape arrays (see `pipeline.batch_spec`)."""
+
+  def __init__(self, encoder: TextEncoder, *, image_size: int, augment: str = 'none',
+               num_negatives: int = 0, source_index: int = 0, text_pairs: bool = False):
+    self.encoder, self.image_size, self.augment = encoder, image_size, augment
+    self.num_negatives, self.source_index, self.text_pairs = num_negatives, source_index, text_pairs
+
+  def _image(self, image: Any, rng: np.random.Generator | None) -> np.ndarray:
+    if isinstance(image, (bytes, bytearray)):
+      image = records.decode_image(image)
+    image = np.asarray(image, np.uint8)
+    if image.ndim == 2:
+      image = np.stack([image] * 3, -1)
+    if image.ndim != 3 or image.shape[2] != 3:
+      raise ValueError(f'image of shape {image.shape}')
+    image = resize_crop(image, self.image_size, rng)
+    return light_colour_jitter(image, rng) if rng is not None else image
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    captions = element['captions']
+    caption = records.normalise_caption(captions[int(rng.integers(len(captions)))])
+    tokens, mask = self.encoder.encode_one(caption)
+    out: dict[str, Any] = {
+        'tokens': tokens, 'mask': mask, 'weight': np.float32(element['weight']),
+        'source': np.int32(self.source_index), 'ok': True,
+        'group_key': np.int64(records.hash31('g:' + element['group']) if element['group'] else -1),
+        'caption_key': np.int64(records.hash31('c:' + records.caption_key(caption))),
+    }
+    aug_rng = rng if self.augment == 'light' else None
+    if self.text_pairs:
+      out['query_tokens'], out['query_mask'] = self.encoder.encode_one(
+          records.normalise_caption(element['query']))
+      out['image_key'] = np.int64(records.hash31('q:' + records.caption_key(element['query'])))
+    else:
+      try:
+        out['image'] = self._image(element['image'], aug_rng)
+      except Exception:  # pylint: disable=broad-except  # PIL raises many types on bad files
+        return {'ok': False}
+      # The stored image, not the augmented crop: two copies stay duplicates under augmentation.
+      raw = element['image']
+      raw = raw if isinstance(raw, (bytes, bytearray)) else np.ascontiguousarray(raw).tobytes()
+      out['image_key'] = np.int64(records.hash31(b'i:' + raw))
+    if self.num_negatives:
+      out.update(self._negatives(element, aug_rng))
+    return out
+
+  def _negatives(self, element: dict[str, Any], rng) -> dict[str, np.ndarray]:
+    k, s, L = self.num_negatives, self.image_size, self.encoder.max_len
+    texts = element['neg_texts'][:k]
+    ids, mask = self.encoder(texts) if texts else (np.zeros((0, L), np.int32),) * 2
+    out = {'neg_tokens': np.zeros((k, L), np.int32), 'neg_mask': np.zeros((k, L), np.int32),
+           'neg_text_valid': np.zeros((k,), np.int32)}
+    out['neg_tokens'][:len(texts)], out['neg_mask'][:len(texts)] = ids, mask
+    out['neg_text_valid'][:len(texts)] = 1
+    if not self.text_pairs:
+      out['neg_image'] = np.zeros((k, s, s, 3), np.uint8)
+      out['neg_image_valid'] = np.zeros((k,), np.int32)
+      n = 0
+      for image in element['neg_images']:
+        if n == k:
+          break
+        try:
+          out['neg_image'][n] = self._image(image, rng)
+        except Exception:  # pylint: disable=broad-except  # a bad negative is just left out
+          continue
+        out['neg_image_valid'][n] = 1
+        n += 1
+    return out
+
+
+class _SkipCorruptIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, max_fraction: float, min_seen: int):
+    super().__init__(parent)
+    self.max_fraction, self.min_seen = max_fraction, min_seen
+    self.seen = self.skipped = 0
+
+  def __next__(self):
+    while True:
+      element = next(self._parent)
+      self.seen += 1
+      if element['ok']:
+        element.pop('ok')
+        return element
+      self.skipped += 1
+      if self.seen >= self.min_seen and self.skipped > self.max_fraction * self.seen:
+        raise CorruptDataError(
+            f'{self.skipped} of {self.seen} images read so far could not be decoded '
+            f'({self.skipped / self.seen:.1%} > config.data.max_skip_fraction='
+            f'{self.max_fraction}). Check the data (run `python -m mmjax.data.prepare`, which '
+            'reports each bad file) or raise the threshold.')
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'seen': self.seen, 'skipped': self.skipped}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self.seen, self.skipped = state['seen'], state['skipped']
+
+
+class SkipCorrupt(grain.IterDataset):
+  """Drops elements `Preprocess` could not decode; fails past `max_fraction` of those seen."""
+
+  def __init__(self, parent: grain.IterDataset, max_fraction: float, min_seen: int = 100):
+    super().__init__(parent)
+    self.max_fraction, self.min_seen = max_fraction, min_seen
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _SkipCorruptIterator(self._parent.__iter__(), self.max_fraction, self.min_seen)
+
+
+def assign_groups(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Replaces the key columns with `group` int32 [B] (connected components over equal keys)."""
+  b = len(batch['caption_key'])
+  parent = list(range(b))
+
+  def find(i):
+    while parent[i] != i:
+      parent[i] = parent[parent[i]]
+      i = parent[i]
+    return i
+
+  for name in KEY_COLUMNS:
+    first: dict[int, int] = {}
+    for i, key in enumerate(batch[name].tolist()):
+      if key < 0:
+        continue
+      if key in first:
+        parent[find(i)] = find(first[key])
+      else:
+        first[key] = i
+  # A component's value: the smallest caption hash in it (the same in every process).
+  value: dict[int, int] = {}
+  for i, key in enumerate(batch['caption_key'].tolist()):
+    r = find(i)
+    value[r] = min(value.get(r, key), key)
+  out = {k: v for k, v in batch.items() if k not in KEY_COLUMNS}
+  out['group'] = np.array([value[find(i)] for i in range(b)], np.int32)
+  return out
