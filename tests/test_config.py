@@ -346,3 +346,27 @@ def test_weight_decay_shrinks_kernels_only():
   np.testing.assert_allclose(new['ln']['scale'], 1.0)
   np.testing.assert_allclose(new['ln']['bias'], 1.0)
   np.testing.assert_allclose(new['t_prime'], 1.0)
+
+
+@pytest.mark.parametrize('overrides,expected', [
+    ({'batch_size': 32, 'micro_batches': 3},
+     'config.micro_batches=3 does not divide the 4 pairs each batch shard holds (batch_size=32 / '
+     '8 shards = data=8 x fsdp=1)'),
+    ({'batch_size': 32, 'micro_batches': 0}, 'config.micro_batches=0 must be > 0'),
+    ({'loss.kind': 'softmax', 'loss.impl': 'ring'}, "config.loss.impl='ring' needs"),
+    ({'loss.impl': 'chunked'}, "config.loss.impl='chunked' is not one of"),
+    ({'distributed.coordinator_address': 'localhost'}, "must be 'host:port', '' or 'auto'"),
+    ({'distributed.coordinator_address': 'h:1', 'distributed.num_processes': 2,
+      'distributed.process_id': 2}, 'config.distributed.process_id=2 must be in [0, '),
+    ({'distributed.cpu_collectives': 'nccl'}, "config.distributed.cpu_collectives='nccl'"),
+])
+def test_large_batch_and_multihost_settings_are_checked(overrides, expected, tiny_config):
+  with pytest.raises(config_lib.ConfigError) as info:
+    validate(with_values(tiny_config, overrides), num_devices=8, num_processes=1)
+  assert expected in str(info.value)
+
+
+def test_micro_batches_that_divide_are_accepted(tiny_config):
+  validate(with_values(tiny_config, {'batch_size': 32, 'micro_batches': 4}), num_devices=8)
+  validate(with_values(tiny_config, {'batch_size': 32, 'micro_batches': 2, 'mesh.tensor': 2}),
+           num_devices=8)  # 4 batch shards of 8 rows.
