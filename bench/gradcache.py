@@ -16,16 +16,9 @@ r"""GradCache: the largest global batch that fits a per-device memory cap, and i
 
 from __future__ import annotations
 
-import datetime
-import os
-import sys
 import time
 
-_DEVICES = next((int(a.split('=', 1)[1]) for a in sys.argv if a.startswith('--devices=')), 8)
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           f' --xla_force_host_platform_device_count={_DEVICES}')
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import simulated_devices  # noqa: F401  (before jax: sets --devices)
 
 # pylint: disable=wrong-import-position
 import jax  # noqa: E402
@@ -39,7 +32,6 @@ from mmjax.parallel import mesh as mesh_lib  # noqa: E402
 from mmjax.train import optim, state as state_lib, step as step_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('devices', 8, 'Simulated CPU devices.')
 flags.DEFINE_integer('memory_cap_mib', 512, 'Per-device memory cap (MiB).')
 flags.DEFINE_integer('micro_rows', 16, 'GradCache micro-batch rows per device.')
 flags.DEFINE_integer('max_batch', 16384, 'Largest global batch tried.')
@@ -130,17 +122,9 @@ def main(argv):
       f'**{t_cached / t_plain:.2f}x** (median of {FLAGS.timed_steps})']
   print('\n'.join(lines + summary))
   if FLAGS.append:
-    info = tsb.machine_info()
-    now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-    block = [f'\n## gradcache: {tsb.config_name()} on {n_shards} batch shards ({now})\n',
-             f'- commit: `{tsb.git_revision()}`',
-             f'- machine: {info["cpu"]}; jax {info["jax"]}; memory from XLA memory analysis '
-             '(arguments + outputs + temp - aliased, per device), compiled only', *summary, '',
-             *lines]
-    path = tsb.REPO / 'BENCHMARKS.md'
-    with path.open('a') as f:
-      f.write('\n'.join(block) + '\n')
-    print(f'appended to {path}')
+    tsb.append_result(f'gradcache: {tsb.config_name()} on {n_shards} batch shards',
+                      ['- memory: XLA memory analysis (arguments + outputs + temp - aliased, per '
+                       'device), compiled only', *summary], lines)
 
 
 if __name__ == '__main__':

@@ -28,7 +28,6 @@ sys.path.insert(0, str(REPO / 'bench'))
 import train_step as tsb  # noqa: E402  pylint: disable=wrong-import-position
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import datetime  # noqa: E402
 import os  # noqa: E402
 
 import jax  # noqa: E402
@@ -111,17 +110,9 @@ def main(argv):
   text = tsb.table(rows)
   print(text)
   if FLAGS.append:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-    info = tsb.machine_info()
-    block = [f'\n## input_pipeline: {tsb.config_name()} ({now})\n',
-             f'- commit: `{tsb.git_revision()}`',
-             f'- machine: {info["cpu"]}; jax {info["jax"]}; XLA_FLAGS: `{info["XLA_FLAGS"]}`']
-    if FLAGS.note:
-      block.append(f'- note: {FLAGS.note}')
-    block += ['', '| metric | value |', '|---|---|']
-    block += [f'| {k} | {v} |' for k, v in rows]
-    with open(FLAGS.benchmarks_file, 'a', encoding='utf-8') as f:
-      f.write('\n'.join(block) + '\n')
+    tsb.append_result(f'input_pipeline: {tsb.config_name()}',
+                      [f'- note: {FLAGS.note}'] if FLAGS.note else [],
+                      ['| metric | value |', '|---|---|'] + [f'| {k} | {v} |' for k, v in rows])
 
 
 if __name__ == '__main__':

@@ -19,16 +19,7 @@ appended to BENCHMARKS.md.
 
 from __future__ import annotations
 
-import datetime
-import os
-import sys
-
-# The device count must be set before JAX starts (train_step below imports it).
-_DEVICES = next((int(a.split('=', 1)[1]) for a in sys.argv if a.startswith('--devices=')), 8)
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           f' --xla_force_host_platform_device_count={_DEVICES}')
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import simulated_devices  # noqa: F401  (before jax: sets --devices)
 
 # pylint: disable=wrong-import-position
 import jax  # noqa: E402
@@ -41,7 +32,6 @@ from mmjax.losses import distributed  # noqa: E402
 from mmjax.parallel import mesh as mesh_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('devices', 8, 'Simulated CPU devices (the batch is split over all).')
 flags.DEFINE_list('batches', ['4096', '8192', '16384', '32768', '65536'], 'Global batch sizes.')
 flags.DEFINE_integer('embed_dim', 512, 'Embedding dimension.')
 
@@ -83,16 +73,9 @@ def main(argv):
   print('\nPer-device temp memory (MiB) of loss + gradient, '
         f'{n_dev} devices, d={FLAGS.embed_dim}:\n' + '\n'.join(lines))
   if FLAGS.append:
-    info = tsb.machine_info()
-    now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-    block = [f'\n## loss_memory: {n_dev} devices, d={FLAGS.embed_dim} ({now})\n',
-             f'- commit: `{tsb.git_revision()}`',
-             f'- machine: {info["cpu"]}; jax {info["jax"]}; compiled only (XLA memory analysis, '
-             'per-device temp bytes of loss + gradient, MiB)', '', *lines]
-    path = tsb.REPO / 'BENCHMARKS.md'
-    with path.open('a') as f:
-      f.write('\n'.join(block) + '\n')
-    print(f'appended to {path}')
+    tsb.append_result(f'loss_memory: {n_dev} devices, d={FLAGS.embed_dim}',
+                      ['- compiled only: XLA memory analysis, per-device temp bytes of loss + '
+                       'gradient, MiB'], lines)
 
 
 if __name__ == '__main__':

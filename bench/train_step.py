@@ -350,22 +350,26 @@ def main(argv):
           'wall times and MFU are pessimistic; the per-CPU-second MFU is the steadier figure.')
 
   if FLAGS.append and jax.process_index() == 0:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-    block = [f'\n## train_step: {rows_out[0][1].strip()} ({now})\n',
-             f'- commit: `{git_revision()}`',
-             f'- machine: {info["cpu"]}; jax {info["jax"]}; XLA_FLAGS: `{info["XLA_FLAGS"]}`',
-             f'- note: {FLAGS.note}' if FLAGS.note else None,
-             '', '| metric | value |', '|---|---|']
-    block = [x for x in block if x is not None]
-    block += [f'| {k} | {v} |' for k, v in rows_out[1:]]
-    block.append(f'| step times (s) | {", ".join(f"{t:.3f}" for t in times)} |')
-    block.append(f'| step CPU times (s) | {", ".join(f"{t:.3f}" for t in cpu_times)} |')
-    path = pathlib.Path(FLAGS.benchmarks_file)
-    if not path.exists():
-      path.write_text(BENCHMARKS_HEADER)
-    with path.open('a') as f:
-      f.write('\n'.join(block) + '\n')
-    print(f'  appended to {path}')
+    body = ['| metric | value |', '|---|---|'] + [f'| {k} | {v} |' for k, v in rows_out[1:]]
+    body.append(f'| step times (s) | {", ".join(f"{t:.3f}" for t in times)} |')
+    body.append(f'| step CPU times (s) | {", ".join(f"{t:.3f}" for t in cpu_times)} |')
+    append_result(f'train_step: {rows_out[0][1].strip()}',
+                  [f'- note: {FLAGS.note}'] if FLAGS.note else [], body)
+
+
+def append_result(title: str, details: list[str], body: list[str]) -> None:
+  """Appends a '## title (date)' block with commit and machine lines to FLAGS.benchmarks_file."""
+  info = machine_info()
+  now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+  block = [f'\n## {title} ({now})\n', f'- commit: `{git_revision()}`',
+           f'- machine: {info["cpu"]}; jax {info["jax"]}; XLA_FLAGS: `{info["XLA_FLAGS"]}`',
+           *details, '', *body]
+  path = pathlib.Path(FLAGS.benchmarks_file)
+  if not path.exists():
+    path.write_text(BENCHMARKS_HEADER)
+  with path.open('a') as f:
+    f.write('\n'.join(block) + '\n')
+  print(f'appended to {path}')
 
 
 BENCHMARKS_HEADER = """\
