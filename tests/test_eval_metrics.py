@@ -152,3 +152,17 @@ def test_bad_inputs_are_refused():
     metrics.from_scores(np.zeros((2, 3)), np.zeros((2, 3)))
   with pytest.raises(ValueError, match='1-based'):
     metrics.from_ranks(np.array([0, 1]))
+
+
+def test_indexed_retrieval_matches_dense():
+  """The ScaNN path of the evaluator gives the dense path's metrics when the index is exact."""
+  from mmjax.eval import retrieval  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  zimg = rng.normal(size=(300, 16)).astype(np.float32)
+  ztxt = (zimg + 0.8 * rng.normal(size=zimg.shape)).astype(np.float32)
+  names = ('recall@1', 'recall@10', 'ndcg@10', 'mrr')
+  dense = retrieval.retrieval_metrics(zimg, ztxt, names=names)
+  indexed = retrieval.indexed_retrieval_metrics(zimg, ztxt, names, depth=300,
+                                                index_overrides={'reorder': 300})
+  assert indexed.pop('i2t/index_recall@10') == indexed.pop('t2i/index_recall@10') == 1.0
+  assert indexed == pytest.approx(dense)

@@ -38,6 +38,10 @@ def test_exact_search_bad_input():
     ex.search(np.zeros((2, 3)), 1)
   with pytest.raises(ValueError, match='k=5'):
     ex.search(np.zeros((2, 4)), 5)
+  # k larger than a block and than a shard's rows.
+  _, ids = ex.search(np.eye(4, dtype=np.float32)[::-1], 4)
+  np.testing.assert_array_equal(ids[:, 0], [3, 2, 1, 0])
+  assert sorted(ids[0]) == [0, 1, 2, 3]
   with pytest.raises(ValueError, match='metric'):
     ExactSearch(np.eye(4), metric='cosine')
 

@@ -69,9 +69,8 @@ class ExactSearch:
     queries = np.asarray(queries, np.float32)
     if queries.ndim != 2 or queries.shape[1] != self.dim:
       raise ValueError(f'queries must be [Q, {self.dim}], got shape {queries.shape}.')
-    if not 1 <= k <= min(self.size, self.block_size):
-      raise ValueError(f'k={k} must be in [1, {min(self.size, self.block_size)}] '
-                       f'(corpus of {self.size}, block of {self.block_size}).')
+    if not 1 <= k <= self.size:
+      raise ValueError(f'k={k} must be in [1, corpus size {self.size}].')
     fn = self._compiled(k)
     b = self.query_batch
     scores, ids = [], []
@@ -93,17 +92,18 @@ def _sharded_top_k(queries, corpus, half_norms, *, mesh, axes, k, block, n):
   def local(q, c, hn):
     shard = jax.lax.axis_index(axes)
     rows = c.shape[0]
+    kl = min(k, rows)  # Each shard's own top-k (a shard may hold fewer than k rows).
     blocks = c.reshape(rows // block, block, c.shape[1])
     hn = hn.reshape(rows // block, block)
-    init = (jnp.full((q.shape[0], k), -jnp.inf, jnp.float32),
-            jnp.zeros((q.shape[0], k), jnp.int32))
+    init = (jnp.full((q.shape[0], kl), -jnp.inf, jnp.float32),
+            jnp.zeros((q.shape[0], kl), jnp.int32))
 
     def scan_block(best, i):
       ids = shard * rows + i * block + jnp.arange(block, dtype=jnp.int32)
       s = jnp.dot(q, blocks[i].T, preferred_element_type=jnp.float32) - hn[i]
       s = jnp.where(ids < n, s, -jnp.inf)  # Padding rows never win.
-      top_s, top_j = jax.lax.top_k(s, k)
-      return _merge(best, (top_s, ids[top_j]), k), None
+      top_s, top_j = jax.lax.top_k(s, min(kl, block))
+      return _merge(best, (top_s, ids[top_j]), kl), None
 
     best, _ = jax.lax.scan(scan_block, init, jnp.arange(rows // block))
     all_s = jax.lax.all_gather(best[0], axes, axis=1, tiled=True)  # [Q, shards * k]
