@@ -162,7 +162,10 @@ def test_indexed_retrieval_matches_dense():
   ztxt = (zimg + 0.8 * rng.normal(size=zimg.shape)).astype(np.float32)
   names = ('recall@1', 'recall@10', 'ndcg@10', 'mrr')
   dense = retrieval.retrieval_metrics(zimg, ztxt, names=names)
-  indexed = retrieval.indexed_retrieval_metrics(zimg, ztxt, names, depth=300,
-                                                index_overrides={'reorder': 300})
+  # Under the training mesh (as in the loop): the exact reference uses its own mesh inside it.
+  from mmjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  with mesh_lib.activate(mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}), ()):
+    indexed = retrieval.indexed_retrieval_metrics(zimg, ztxt, names, depth=300,
+                                                  index_overrides={'reorder': 300})
   assert indexed.pop('i2t/index_recall@10') == indexed.pop('t2i/index_recall@10') == 1.0
   assert indexed == pytest.approx(dense)

@@ -78,7 +78,8 @@ class ExactSearch:
       q = queries[start:start + b]
       valid = len(q)
       q = np.concatenate([q, np.zeros((b - valid, self.dim), np.float32)]) if valid < b else q
-      s, i = fn(jnp.asarray(q), self._corpus, self._half_norms)
+      with jax.set_mesh(self.mesh):  # Our mesh, whatever mesh the caller has made current.
+        s, i = fn(jnp.asarray(q), self._corpus, self._half_norms)
       scores.append(np.asarray(s)[:valid])
       ids.append(np.asarray(i)[:valid])
     scores = np.concatenate(scores) if scores else np.zeros((0, k), np.float32)
