@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mmjax.index import (CorruptIndexError, ExactSearch, IndexMismatchError, ScannIndex,
-                         default_params, recall_at_k)
+                         default_params, model_fingerprint, recall_at_k)
 
 
 def clustered(n, dim, seed=0, clusters=50):
@@ -119,3 +119,13 @@ def test_damaged_index_is_refused(built, tmp_path, damage):
     match = 'holds no index.json'
   with pytest.raises(CorruptIndexError, match=match):
     ScannIndex.load(d)
+
+
+def test_model_fingerprint_changes_with_any_parameter():
+  params = {'a': np.ones((2, 3), np.float32), 'b': {'c': np.zeros(4, np.float32)}}
+  fp = model_fingerprint(params)
+  assert fp == model_fingerprint({'a': np.ones((2, 3), np.float32),
+                                  'b': {'c': np.zeros(4, np.float32)}}) and len(fp) == 16
+  params['b']['c'][1] = 1e-6
+  assert model_fingerprint(params) != fp
+  assert model_fingerprint({'a': np.ones((3, 2), np.float32), 'b': {'c': np.zeros(4)}}) != fp

@@ -83,6 +83,19 @@ def _sha256(path: pathlib.Path) -> str:
   return h.hexdigest()
 
 
+def model_fingerprint(params: Any) -> str:
+  """A model version for `model_version`: SHA-256 (first 16 hex digits) over the parameter
+  tree's paths, shapes, dtypes and values, so any retrained or different model differs."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    value = np.asarray(jax.device_get(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}:{value.shape}:{value.dtype};'.encode())
+    h.update(np.ascontiguousarray(value).tobytes())
+  return h.hexdigest()[:16]
+
+
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
   """Fraction of the exact top-k ids that the approximate top-k found (order ignored)."""
   k = exact_ids.shape[1]
