@@ -298,7 +298,8 @@ def run_report(config, workdir, out_dir=None) -> dict[str, float]:
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags, logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax restores log every step at INFO.
   run_report(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out or None)
 
 
