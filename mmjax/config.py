@@ -205,7 +205,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   try:
     specs.validate(config)
     specs.resolved({'type': 'retrieval', 'metrics': config.eval.metrics,
-                    'index_min_corpus': config.eval.index_min_corpus})
+                    'index_min_corpus': config.eval.index_min_corpus,
+                    **{k: config.eval[k] for k in specs.INDEX_FIELDS}})
   except specs.SpecError as e:
     raise ConfigError(str(e) if str(e).startswith('config.') else f'config.eval: {e}') from e
 

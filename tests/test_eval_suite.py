@@ -23,6 +23,7 @@ from mmjax.train import loop
     ({'type': 'robustness', 'severities': (0, 6)}, 'severities'),
     ({'type': 'retrieval', 'every_steps': -1}, 'every_steps=-1'),
     ({'type': 'retrieval', 'num_scenes': 'many'}, 'num_scenes'),
+    ({'type': 'retrieval', 'index_reorder': -1}, 'index_reorder=-1 must be >= 0'),
 ])
 def test_bad_evaluator_config_is_refused(tiny_config, entry, match):
   tiny_config.evals.x = entry
@@ -49,15 +50,19 @@ def eval_config(config):
   config.evals.robust = specs.spec('robustness', num_scenes=12, corruptions=('blur', 'jpeg'),
                                    text_perturbations=('typos', 'attribute_swap'),
                                    severities=(1, 5))
+  # A corpus above index_min_corpus: searched with ScaNN, parameters overridden by the config.
+  config.evals.ann = specs.spec('retrieval', num_scenes=24, index_min_corpus=20,
+                                index_reorder=24, metrics=('recall@1', 'mrr'))
   return config
 
 
 def test_suite_cadence(tiny_config):
   suite = evaluators.build_suite(eval_config(tiny_config))
-  assert [e.name for e in suite.evaluators] == ['', 'probe', 'robust', 'zs']
+  every = ['', 'ann', 'probe', 'robust', 'zs']
+  assert [e.name for e in suite.evaluators] == every
   assert [e.name for e in suite.select(1).evaluators] == ['zs']
-  assert [e.name for e in suite.select(2).evaluators] == ['', 'probe', 'robust', 'zs']
-  assert [e.name for e in suite.select(3, last=True).evaluators] == ['', 'probe', 'robust', 'zs']
+  assert [e.name for e in suite.select(2).evaluators] == every
+  assert [e.name for e in suite.select(3, last=True).evaluators] == every
   assert [e.name for e in suite.select(3).evaluators] == ['zs']  # Every step.
   assert not evaluators.Suite([])
 
@@ -75,11 +80,14 @@ def test_every_evaluator_on_an_initialised_model(tiny_config, tmp_path):
   for key in ('i2t/recall@1', 'i2t/ndcg@5', 't2i/map', 'zs/top1', 'zs/top5', 'zs/mean_per_class',
               'zs/per_class/star', 'probe/top1', 'probe/per_class/red',
               'robust/blur/s5/i2t/recall@1', 'robust/attribute_swap/s1/t2i/recall@1_rel',
-              'robust/jpeg/mean_rel', 'robust/compositionality/colour'):
+              'robust/jpeg/mean_rel', 'robust/compositionality/colour', 'ann/i2t/recall@1',
+              'ann/t2i/mrr', 'ann/i2t/index_recall@10'):
     assert key in m, key
     # An untrained model may have a clean recall of 0, and then no relative value (nan).
     assert 0.0 <= m[key] <= 20.0 or (key.endswith('_rel') and math.isnan(m[key])), (key, m[key])
   assert 'i2t/recall@5' not in m  # Only the configured metrics.
+  assert m['ann/i2t/index_recall@10'] == 1.0  # Reordering the whole corpus: exact.
+  assert suite.evaluators[1].evaluator.index_overrides == {'reorder': 24}
 
 
 @pytest.fixture(scope='module')

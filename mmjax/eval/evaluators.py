@@ -77,7 +77,8 @@ def _select(out: dict[str, float], wanted) -> dict[str, float]:
 def retrieval_evaluator(spec: dict[str, Any], image_size: int) -> RetrievalEvaluator:
   return RetrievalEvaluator.demo_validation(spec['num_scenes'], image_size, spec['seed'],
                                             names=spec['metrics'],
-                                            index_min_corpus=spec['index_min_corpus'])
+                                            index_min_corpus=spec['index_min_corpus'],
+                                            index_overrides=specs_lib.index_overrides(spec))
 
 
 def make(spec: dict[str, Any], image_size: int) -> Callable[[Embedder], dict[str, float]]:
@@ -145,7 +146,8 @@ def build_suite(config) -> Suite:
   default_every = config.eval.every_steps
   primary = specs_lib.resolved({'type': 'retrieval', 'num_scenes': config.eval.num_scenes,
                                 'seed': config.eval.seed, 'metrics': config.eval.metrics,
-                                'index_min_corpus': config.eval.index_min_corpus})
+                                'index_min_corpus': config.eval.index_min_corpus,
+                                **{k: config.eval[k] for k in specs_lib.INDEX_FIELDS}})
   evaluators = [Named('', default_every, primary, size)]
   evals = config.get('evals', None) or {}
   for name in sorted(evals.keys()):

@@ -70,7 +70,8 @@ def indexed_retrieval_metrics(zimg: np.ndarray, ztxt: np.ndarray, names: Sequenc
   depth = max(depth, metrics_lib.max_k(names))
   out = {}
   for direction, queries, corpus, q_labels, c_labels in (
-      ('i2t', zimg, ztxt, image_labels, text_labels), ('t2i', ztxt, zimg, text_labels, image_labels)):
+      ('i2t', zimg, ztxt, image_labels, text_labels),
+      ('t2i', ztxt, zimg, text_labels, image_labels)):
     k = min(depth, len(corpus))
     index = ScannIndex.build(corpus, k=k, overrides=index_overrides, recall_queries=queries)
     _, ids = index.search(queries, k)

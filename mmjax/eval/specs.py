@@ -20,8 +20,11 @@ TEXT_PERTURBATIONS = ('typos', 'word_drop', 'shuffle', 'attribute_swap')
 COMMON = {'type': '', 'every_steps': 0}
 DEFAULTS: dict[str, dict[str, Any]] = {
     # Image-text retrieval on demo validation scenes (half in one-attribute near-duplicate pairs).
+    # Corpora of index_min_corpus items or more are searched with a ScaNN index; its
+    # num_leaves / num_leaves_to_search / reorder come from the corpus size where 0.
     'retrieval': {'dataset': 'demo_validation', 'num_scenes': 1000, 'seed': 1234,
-                  'metrics': RETRIEVAL_METRICS, 'index_min_corpus': 100_000},
+                  'metrics': RETRIEVAL_METRICS, 'index_min_corpus': 100_000,
+                  'index_num_leaves': 0, 'index_num_leaves_to_search': 0, 'index_reorder': 0},
     # Zero-shot classification of one-object demo scenes by `attribute` (shape | colour); empty
     # templates use mmjax.eval.classification.DEMO_TEMPLATES[attribute].
     'zero_shot': {'dataset': 'demo_single_objects', 'attribute': 'shape', 'num_images': 400,
@@ -40,6 +43,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 DATASETS = {'retrieval': ('demo_validation',), 'robustness': ('demo_validation',),
             'zero_shot': ('demo_single_objects',), 'linear_probe': ('demo_single_objects',)}
 ATTRIBUTES = ('shape', 'colour')
+INDEX_FIELDS = ('index_num_leaves', 'index_num_leaves_to_search', 'index_reorder')
+
+
+def index_overrides(spec: dict[str, Any]) -> dict[str, int]:
+  """The ScaNN parameters a retrieval spec sets (non-zero index_* fields), for
+  `ScannIndex.build(overrides=...)`."""
+  return {key[len('index_'):]: spec[key] for key in INDEX_FIELDS if spec.get(key)}
 
 
 class SpecError(ValueError):
@@ -97,6 +107,9 @@ def _check_values(s: dict[str, Any]) -> None:
   for key in ('num_scenes', 'num_images', 'num_test', 'shots', 'index_min_corpus'):
     if key in s and s[key] < 1:
       raise SpecError(f'{key}={s[key]} must be >= 1.')
+  for key in INDEX_FIELDS:
+    if key in s and s[key] < 0:
+      raise SpecError(f'{key}={s[key]} must be >= 0 (0: derived from the corpus size).')
   if s['type'] in ('retrieval', 'robustness'):
     try:
       metrics_lib.parse(s['metrics'])
