@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -21,7 +20,6 @@ from mmjax.eval import classification as cls_lib
 from mmjax.eval import specs as specs_lib
 from mmjax.eval.retrieval import RetrievalEvaluator, format_table
 
-log = logging.getLogger(__name__)
 
 
 class ZeroShotEvaluator:

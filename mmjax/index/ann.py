@@ -35,15 +35,15 @@ FORMAT = 'mmjax.scann_index.v1'
 META_FILE = 'index.json'
 
 
-class IndexError_(ValueError):  # noqa: N801 - the builtin IndexError means something else.
+class IndexRefusedError(ValueError):
   """An index that must not be searched: wrong model/dimension, or damaged files."""
 
 
-class IndexMismatchError(IndexError_):
+class IndexMismatchError(IndexRefusedError):
   """The index was built for another model version, dimension or metric."""
 
 
-class CorruptIndexError(IndexError_):
+class CorruptIndexError(IndexRefusedError):
   """An index file is missing, truncated or altered (checksum or size mismatch)."""
 
 
