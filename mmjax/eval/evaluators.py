@@ -122,6 +122,10 @@ class Suite:
     return self.primary.chance_recall_at_1
 
   @property
+  def images(self):
+    return self.primary.images
+
+  @property
   def captions(self) -> list[str]:
     return self.primary.captions
 
