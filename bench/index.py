@@ -26,15 +26,16 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / 'bench'):
+  if str(path) not in sys.path:
+    sys.path.insert(0, str(path))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from bench.provenance import cpu_model, git_revision, loadavg  # noqa: E402
+import train_step as tsb  # noqa: E402  (provenance helpers; --append, --note, --benchmarks_file)
 from mmjax.index import ExactSearch, ScannIndex, default_params, recall_at_k  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -54,9 +55,6 @@ flags.DEFINE_list('reorder', ['100', '250'], 'ScaNN reorder sweep.')
 flags.DEFINE_string('export', '', 'An exported demo model (DIR/export) for the real corpus.')
 flags.DEFINE_integer('real_n', 50_000, 'Demo scenes embedded as the real corpus.')
 flags.DEFINE_integer('seed', 0, 'Data seed.')
-flags.DEFINE_bool('append', True, 'Append a result block to BENCHMARKS.md.')
-flags.DEFINE_string('note', '', 'Free text stored with the result.')
-flags.DEFINE_string('benchmarks_file', str(REPO / 'BENCHMARKS.md'), 'Where --append writes.')
 
 
 def timed(fn, repeats):
@@ -203,7 +201,7 @@ def main(argv):
   del argv
   k = FLAGS.k
   rows, summaries, meta_lines = [], [], []
-  load_before = loadavg()
+  load_before = tsb._loadavg()  # pylint: disable=protected-access
   t_start = time.perf_counter()
   corpora = []
   if FLAGS.n:
@@ -229,10 +227,10 @@ def main(argv):
   now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
   block = '\n'.join([
       '', f'## index: ScaNN vs exact vs faiss ({now})', '',
-      f'- commit: `{git_revision()}`',
-      f'- machine: {cpu_model()} ({os.cpu_count()} cores); {FLAGS.threads} threads for every '
+      f'- commit: `{tsb.git_revision()}`',
+      f'- machine: {tsb.cpu_model()} ({os.cpu_count()} cores); {FLAGS.threads} threads for every '
       f'method; jax {jax.__version__} ({jax.device_count()} x {jax.devices()[0].platform}); '
-      f'load average {load_before} -> {loadavg()}',
+      f'load average {load_before} -> {tsb._loadavg()}',  # pylint: disable=protected-access
       f'- command: `python bench/index.py {" ".join(sys.argv[1:])}`',
       f'- queries: {FLAGS.queries} per corpus, batch throughput (best of {FLAGS.repeats}); '
       f'whole run {time.perf_counter() - t_start:.0f} s',

@@ -21,6 +21,8 @@ import contextlib
 import datetime
 import os
 import pathlib
+import platform
+import subprocess
 import sys
 import time
 
@@ -28,7 +30,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-from bench.provenance import cpu_model, git_revision, loadavg  # noqa: E402
 from mmjax import config as config_lib  # noqa: E402
 
 config_lib.ensure_configs_importable()
@@ -152,6 +153,27 @@ def matmul_peak(n: int, runs: int) -> tuple[float, float]:
 # Provenance.
 
 
+def git_revision() -> str:
+  try:
+    rev = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO,
+                           check=True, capture_output=True, text=True).stdout.strip()
+    return rev + ('-dirty' if dirty else '')
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def cpu_model() -> str:
+  try:
+    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, str]:
   dev = jax.devices()[0]
   return {
@@ -185,6 +207,13 @@ def _si(x: float | None, unit: str) -> str:
     if abs(x) >= scale:
       return f'{x / scale:.3g} {prefix}{unit}'
   return f'{x:.3g} {unit}'
+
+
+def _loadavg() -> str:
+  try:
+    return '/'.join(f'{x:.1f}' for x in os.getloadavg())
+  except OSError:
+    return 'n/a'
 
 
 def _mib(x: int | None) -> str:
@@ -243,14 +272,14 @@ def main(argv):
   peak_before, peak_cpu_before = matmul_peak(FLAGS.matmul_n, FLAGS.matmul_runs)
   for i in range(FLAGS.warmup_steps):
     run_step(i)
-  load_before = loadavg()
+  load_before = _loadavg()
   times, cpu_times = [], []
   for i in range(FLAGS.steps):
     t0, c0 = time.perf_counter(), time.process_time()
     metrics = run_step(i)
     times.append(time.perf_counter() - t0)
     cpu_times.append(time.process_time() - c0)
-  load_after = loadavg()
+  load_after = _loadavg()
   loss = float(metrics['loss'])
 
   if FLAGS.profile_dir:
