@@ -157,5 +157,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.num_scenes = 1000  # Validation scenes (half of them in one-attribute near-duplicate pairs).
   c.eval.batch_size = 256  # Embedding batch (padded for the last partial batch).
   c.eval.seed = 1234  # Which validation scenes are drawn.
+  # Metrics of this validation retrieval eval: recall|precision|ndcg@K, map, mrr, median_rank.
+  c.eval.metrics = ('recall@1', 'recall@5', 'recall@10', 'mrr', 'median_rank')
+  c.eval.index_min_corpus = 100_000  # Corpora this large or larger are searched with ScaNN.
+  # ScaNN index parameters; 0 derives them from the corpus size (mmjax.index.default_params).
+  c.eval.index_num_leaves = 0
+  c.eval.index_num_leaves_to_search = 0
+  c.eval.index_reorder = 0
+  # More evaluators, by name: each is `mmjax.eval.specs.spec(type, **fields)` with type
+  # 'retrieval' | 'zero_shot' | 'linear_probe' | 'robustness', its own every_steps (0: the
+  # eval.every_steps above), dataset and metrics (docs/eval.md lists every field). Their results
+  # go to metrics.jsonl / TensorBoard as eval/<name>/... and to eval.json as <name>/....
+  c.evals = ml_collections.ConfigDict()
 
   return c

@@ -6,6 +6,7 @@ Run:
 """
 
 from configs import base
+from mmjax.eval import specs
 
 
 def get_config():
@@ -41,4 +42,10 @@ def get_config():
   c.checkpoint.every_steps = 100
   c.eval.every_steps = 200
   c.eval.num_scenes = 1000
+  # Zero-shot shape and colour of one-object scenes, and 10-shot ridge probes (docs/eval.md).
+  # The robustness report runs apart: python -m mmjax.eval.robustness --config=... --workdir=...
+  c.evals.zero_shot_shape = specs.spec('zero_shot', attribute='shape')
+  c.evals.zero_shot_colour = specs.spec('zero_shot', attribute='colour')
+  c.evals.probe_shape = specs.spec('linear_probe', attribute='shape', shots=10)
+  c.evals.probe_colour = specs.spec('linear_probe', attribute='colour', shots=10)
   return c

@@ -155,6 +155,8 @@ def _check_schema(config, schema, prefix: str = '') -> None:
       raise ConfigError(
           f'Unknown config key config.{name}={config[key]!r}. Known keys here: {known}.')
     value, ref = config[key], schema[key]
+    if name == 'evals':  # Free names; each entry is checked against its type by eval.specs.
+      continue
     if isinstance(ref, ml_collections.ConfigDict):
       if not isinstance(value, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f'config.{name} must be a group of fields, got {value!r}.')
@@ -241,6 +243,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   import jax  # pylint: disable=import-outside-toplevel
 
   validate_schema(config)
+  from mmjax.eval import specs  # pylint: disable=import-outside-toplevel
+  try:
+    specs.validate(config)
+    specs.resolved({'type': 'retrieval', 'metrics': config.eval.metrics,
+                    'index_min_corpus': config.eval.index_min_corpus,
+                    **{k: config.eval[k] for k in specs.INDEX_FIELDS}})
+  except specs.SpecError as e:
+    raise ConfigError(str(e) if str(e).startswith('config.') else f'config.eval: {e}') from e
 
   for name in ('batch_size', 'micro_batches', 'total_steps', 'log_every_steps', 'model.embed_dim',
                'checkpoint.every_steps', 'checkpoint.keep', 'eval.every_steps', 'eval.num_scenes',

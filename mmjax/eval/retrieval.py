@@ -1,8 +1,9 @@
-"""Image-text retrieval evaluation: Recall@K and MRR in both directions, with exact search.
+"""Image-text retrieval evaluation in both directions (i2t, t2i) on paired embeddings.
 
-Metrics are pure NumPy functions of a score matrix, so they are tested against hand-computed
-cases. Ranks are pessimistic on ties (an item tied with the true one counts as ranked above it),
-so a collapsed model that scores everything equally gets chance, not a perfect score.
+The metrics themselves live in `mmjax.eval.metrics` (pure NumPy, tested against scikit-learn and
+hand-computed cases). Ranks are pessimistic on ties (an item tied with the true one counts as
+ranked above it), so a collapsed model that scores everything equally gets chance, not a
+perfect score.
 """
 
 from __future__ import annotations
@@ -12,55 +13,100 @@ from typing import Sequence
 import numpy as np
 
 from mmjax.data import demo
+from mmjax.eval import metrics as metrics_lib
 from mmjax.embedder import Embedder
 
 DEFAULT_KS = (1, 5, 10)
+ranks_of_true = metrics_lib.ranks_of_true
 
 
-def ranks_of_true(scores: np.ndarray, true_index: np.ndarray | None = None) -> np.ndarray:
-  """1-based rank of each row's true column (the diagonal by default), ties counted against."""
-  n = scores.shape[0]
-  true_index = np.arange(n) if true_index is None else np.asarray(true_index)
-  true_scores = scores[np.arange(n), true_index][:, None]
-  above_or_tied = np.sum(scores >= true_scores, axis=1)  # Includes the true item itself.
-  return above_or_tied.astype(np.int64)
+def metric_names(ks: Sequence[int] = DEFAULT_KS) -> tuple[str, ...]:
+  return tuple(f'recall@{k}' for k in ks) + ('mrr', 'median_rank')
 
 
-def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-  out = {f'recall@{k}': float(np.mean(ranks <= k)) for k in ks}
-  out['mrr'] = float(np.mean(1.0 / ranks))
-  out['median_rank'] = float(np.median(ranks))
-  return out
+def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
+                    names: Sequence[str] | None = None) -> dict[str, float]:
+  """Metrics of 1-based ranks of the one true item per query (`metrics.from_ranks`)."""
+  return metrics_lib.from_ranks(ranks, names or metric_names(ks))
 
 
-def retrieval_metrics(zimg: np.ndarray, ztxt: np.ndarray,
-                      ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-  """Paired embeddings (row i of each is a positive pair) -> 'i2t/...' and 't2i/...' metrics."""
-  if zimg.shape != ztxt.shape:
+def retrieval_metrics(zimg: np.ndarray, ztxt: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
+                      names: Sequence[str] | None = None,
+                      relevance: np.ndarray | None = None) -> dict[str, float]:
+  """'i2t/...' and 't2i/...' metrics of image and text embeddings.
+
+  Without `relevance`, row i of each is a positive pair (one relevant item per query). With
+  `relevance` [num_images, num_texts] (graded, 0 = not relevant), any number of texts may be
+  relevant to an image and vice versa (the t2i direction uses its transpose).
+  """
+  names = names or metric_names(ks)
+  if relevance is None and zimg.shape != ztxt.shape:
     raise ValueError(f'Paired embeddings must have equal shapes, got {zimg.shape} vs {ztxt.shape}.')
   scores = zimg.astype(np.float32) @ ztxt.astype(np.float32).T
   out = {}
-  for direction, s in (('i2t', scores), ('t2i', scores.T)):
-    for name, value in ranking_metrics(ranks_of_true(s), ks).items():
-      out[f'{direction}/{name}'] = value
+  for direction, s, rel in (('i2t', scores, relevance),
+                            ('t2i', scores.T, None if relevance is None else relevance.T)):
+    values = (metrics_lib.from_ranks(ranks_of_true(s), names) if rel is None
+              else metrics_lib.from_scores(s, rel, names))
+    out.update({f'{direction}/{name}': v for name, v in values.items()})
+  return out
+
+
+def indexed_retrieval_metrics(zimg: np.ndarray, ztxt: np.ndarray, names: Sequence[str],
+                              image_labels: np.ndarray | None = None,
+                              text_labels: np.ndarray | None = None,
+                              index_overrides: dict | None = None,
+                              depth: int = 100) -> dict[str, float]:
+  """The metrics of `retrieval_metrics`, with each direction's corpus searched by a ScaNN index.
+
+  Relevance is binary: same label (row i of each is the pair when no labels are given). Metrics
+  come from the top-`depth` results (MRR@depth, median rank inf beyond depth). The index's own
+  recall@10 against exact search on the same queries is reported as '<dir>/index_recall@10'.
+  """
+  from mmjax.index import ScannIndex  # pylint: disable=import-outside-toplevel
+
+  image_labels = np.arange(len(zimg)) if image_labels is None else np.asarray(image_labels)
+  text_labels = np.arange(len(ztxt)) if text_labels is None else np.asarray(text_labels)
+  depth = max(depth, metrics_lib.max_k(names))
+  out = {}
+  for direction, queries, corpus, q_labels, c_labels in (
+      ('i2t', zimg, ztxt, image_labels, text_labels),
+      ('t2i', ztxt, zimg, text_labels, image_labels)):
+    k = min(depth, len(corpus))
+    index = ScannIndex.build(corpus, k=k, overrides=index_overrides, recall_queries=queries)
+    _, ids = index.search(queries, k)
+    values = metrics_lib.from_labels(ids, q_labels, c_labels, names)
+    out.update({f'{direction}/{name}': v for name, v in values.items()})
+    out[f'{direction}/index_recall@{min(10, k)}'] = index.meta[f'recall@{k}']
   return out
 
 
 class RetrievalEvaluator:
-  """Embeds a fixed set of paired images/captions and reports retrieval metrics."""
+  """Embeds a fixed set of paired images/captions and reports retrieval metrics.
 
-  def __init__(self, images: np.ndarray, captions: Sequence[str], ks: Sequence[int] = DEFAULT_KS):
+  Corpora of `index_min_corpus` items or more are searched with a ScaNN index (its recall
+  against exact search reported alongside); smaller ones with the exact dense score matrix.
+  """
+
+  def __init__(self, images: np.ndarray, captions: Sequence[str], ks: Sequence[int] = DEFAULT_KS,
+               names: Sequence[str] | None = None, index_min_corpus: int = 100_000,
+               index_overrides: dict | None = None):
     if len(images) != len(captions):
       raise ValueError(f'{len(images)} images but {len(captions)} captions.')
     self.images = images
     self.captions = list(captions)
     self.ks = tuple(ks)
+    self.names = tuple(names or metric_names(ks))
+    metrics_lib.parse(self.names)
+    self.index_min_corpus = index_min_corpus
+    self.index_overrides = index_overrides
 
   @classmethod
-  def demo_validation(cls, num_scenes: int, image_size: int, seed: int) -> RetrievalEvaluator:
+  def demo_validation(cls, num_scenes: int, image_size: int, seed: int,
+                      **kwargs) -> RetrievalEvaluator:
     """The demo's validation split: unique scenes, half in one-attribute near-duplicate pairs."""
     data = demo.make_eval_set(num_scenes=num_scenes, image_size=image_size, seed=seed)
-    return cls(data['images'], data['captions'])
+    return cls(data['images'], data['captions'], **kwargs)
 
   @property
   def chance_recall_at_1(self) -> float:
@@ -69,7 +115,10 @@ class RetrievalEvaluator:
   def __call__(self, embedder: Embedder) -> dict[str, float]:
     zimg = embedder.embed_images(self.images)
     ztxt = embedder.embed_texts(self.captions)
-    return retrieval_metrics(zimg, ztxt, self.ks)
+    if len(self.captions) >= self.index_min_corpus:
+      return indexed_retrieval_metrics(zimg, ztxt, self.names,
+                                       index_overrides=self.index_overrides)
+    return retrieval_metrics(zimg, ztxt, names=self.names)
 
 
 def format_table(metrics: dict[str, float], title: str = '') -> str:

@@ -25,7 +25,7 @@ import tqdm
 from mmjax import config as config_lib
 from mmjax.data import pipeline, tokenizer as tokenizer_lib
 from mmjax.embedder import Embedder, export
-from mmjax.eval.retrieval import RetrievalEvaluator, format_table
+from mmjax.eval.evaluators import Suite, build_suite, format_results
 from mmjax.models import TwoTower
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train import checkpoint as ckpt_lib
@@ -155,14 +155,14 @@ def make_embedder(run: Run, params) -> Embedder:
                   batch_size=run.config.eval.batch_size)
 
 
-def make_evaluator(config) -> RetrievalEvaluator:
-  return RetrievalEvaluator.demo_validation(config.eval.num_scenes,
-                                            config.model.image.image_size, config.eval.seed)
+def make_evaluator(config) -> Suite:
+  """config.eval (validation retrieval) + config.evals.<name> (mmjax.eval.evaluators)."""
+  return build_suite(config)
 
 
-def evaluate(run: Run, params, evaluator: RetrievalEvaluator,
+def evaluate(run: Run, params, evaluator: Suite,
              embedder: Embedder | None = None) -> dict[str, float]:
-  """Retrieval metrics of `params`; pass the same `embedder` each time to compile only once."""
+  """Eval metrics of `params`; pass the same `embedder` each time to compile only once."""
   if embedder is None:
     embedder = make_embedder(run, params)
   embedder.params = params
@@ -224,11 +224,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         bar.set_postfix(loss=f'{summary["train/loss"]:.4f}')
         pending, t_log, steps_since_log = [], time.perf_counter(), 0
 
-      if step % config.eval.every_steps == 0 or last:
-        eval_metrics = evaluate(run, state.params, evaluator, embedder)
-        writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+      due = evaluator.select(step, last)
+      if due:
+        new = evaluate(run, state.params, due, embedder)
+        eval_metrics.update(new)
+        writer.write(step, {f'eval/{k}': v for k, v in new.items()})
         bar.write(f'step {step}: ' + ', '.join(
-            f'{k}={eval_metrics[k]:.4f}' for k in ('i2t/recall@1', 't2i/recall@1', 'i2t/mrr')))
+            f'{k}={new[k]:.4f}' for k in ('i2t/recall@1', 't2i/recall@1', 'i2t/mrr') if k in new))
         t_log = time.perf_counter()  # Eval time is not training throughput.
 
       if step % config.checkpoint.every_steps == 0 or last:
@@ -245,9 +247,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             'num_eval_pairs': len(evaluator.captions)}
   if jax.process_index() == 0:
     ckpt_lib.write_json(run.workdir / 'eval.json', result)
-    print(format_table(eval_metrics, title=f'Validation retrieval at step {step} '
-                       f'({len(evaluator.captions)} pairs, chance R@1 = '
-                       f'{evaluator.chance_recall_at_1:.4f}):'))
+    print(format_results(eval_metrics, title=f'Validation retrieval at step {step} '
+                         f'({len(evaluator.captions)} pairs, chance R@1 = '
+                         f'{evaluator.chance_recall_at_1:.4f}):'))
   return result
 
 
@@ -271,7 +273,7 @@ def evaluate_checkpoint(config, workdir) -> dict:
   if jax.process_index() == 0:
     MetricWriter(run.workdir).write(step, {f'eval/{k}': v for k, v in metrics.items()})
     ckpt_lib.write_json(run.workdir / 'eval.json', result)
-    print(format_table(metrics, title=f'Validation retrieval at step {step}:'))
+    print(format_results(metrics, title=f'Validation retrieval at step {step}:'))
   return result
 
 

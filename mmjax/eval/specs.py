@@ -1,0 +1,150 @@
+"""Evaluator specs: the fields of each `config.evals.<name>` entry, their defaults and checks.
+
+Kept free of JAX imports so config files can build specs (`spec('zero_shot', attribute='colour')`)
+cheaply. Every spec has `type` and `every_steps` (0: `config.eval.every_steps`); the other fields
+depend on the type and are listed, with defaults, in `DEFAULTS`. The evaluators themselves live
+in `mmjax.eval.evaluators`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+RETRIEVAL_METRICS = ('recall@1', 'recall@5', 'recall@10', 'mrr', 'median_rank')
+CLASSIFICATION_METRICS = ('top1', 'top5', 'mean_per_class', 'per_class')
+CORRUPTIONS = ('gaussian_noise', 'blur', 'jpeg', 'brightness', 'contrast', 'rotation', 'crop')
+TEXT_PERTURBATIONS = ('typos', 'word_drop', 'shuffle', 'attribute_swap')
+
+COMMON = {'type': '', 'every_steps': 0}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    # Image-text retrieval on demo validation scenes (half in one-attribute near-duplicate pairs).
+    # Corpora of index_min_corpus items or more are searched with a ScaNN index; its
+    # num_leaves / num_leaves_to_search / reorder come from the corpus size where 0.
+    'retrieval': {'dataset': 'demo_validation', 'num_scenes': 1000, 'seed': 1234,
+                  'metrics': RETRIEVAL_METRICS, 'index_min_corpus': 100_000,
+                  'index_num_leaves': 0, 'index_num_leaves_to_search': 0, 'index_reorder': 0},
+    # Zero-shot classification of one-object demo scenes by `attribute` (shape | colour); empty
+    # templates use mmjax.eval.classification.DEMO_TEMPLATES[attribute].
+    'zero_shot': {'dataset': 'demo_single_objects', 'attribute': 'shape', 'num_images': 400,
+                  'seed': 4321, 'templates': (), 'metrics': CLASSIFICATION_METRICS},
+    # Few-shot linear probe (closed-form ridge) on frozen image embeddings of the same task:
+    # `shots` training images per class, tested on `num_test` others.
+    'linear_probe': {'dataset': 'demo_single_objects', 'attribute': 'shape', 'shots': 10,
+                     'num_test': 400, 'l2': 1e-2, 'seed': 4322,
+                     'metrics': CLASSIFICATION_METRICS},
+    # Retrieval under image corruptions and caption perturbations at severities 1..5, plus the
+    # compositionality check (true caption vs two attributes swapped).
+    'robustness': {'dataset': 'demo_validation', 'num_scenes': 200, 'seed': 1234,
+                   'metrics': ('recall@1', 'recall@5'), 'corruptions': CORRUPTIONS,
+                   'text_perturbations': TEXT_PERTURBATIONS, 'severities': (1, 2, 3, 4, 5)},
+}
+DATASETS = {'retrieval': ('demo_validation',), 'robustness': ('demo_validation',),
+            'zero_shot': ('demo_single_objects',), 'linear_probe': ('demo_single_objects',)}
+ATTRIBUTES = ('shape', 'colour')
+INDEX_FIELDS = ('index_num_leaves', 'index_num_leaves_to_search', 'index_reorder')
+
+
+def index_overrides(spec: dict[str, Any]) -> dict[str, int]:
+  """The ScaNN parameters a retrieval spec sets (non-zero index_* fields), for
+  `ScannIndex.build(overrides=...)`."""
+  return {key[len('index_'):]: spec[key] for key in INDEX_FIELDS if spec.get(key)}
+
+
+class SpecError(ValueError):
+  """A `config.evals.<name>` entry that cannot run (turned into a ConfigError by validate)."""
+
+
+def spec(type_: str, **fields) -> ml_collections.ConfigDict:
+  """A complete spec of `type_` (every field present, so `--config.evals.X.field=` works)."""
+  if type_ not in DEFAULTS:
+    raise SpecError(f'Unknown evaluator type {type_!r}; known: {", ".join(DEFAULTS)}.')
+  d = {**COMMON, 'type': type_, **DEFAULTS[type_]}
+  unknown = set(fields) - set(d)
+  if unknown:
+    raise SpecError(f'Unknown fields {sorted(unknown)} for an evaluator of type {type_!r}; '
+                    f'known: {sorted(d)}.')
+  d.update(fields)
+  return ml_collections.ConfigDict(d)
+
+
+def resolved(entry) -> dict[str, Any]:
+  """The entry with defaults filled in and every field checked; raises SpecError."""
+  entry = dict(entry)
+  type_ = entry.get('type')
+  if type_ not in DEFAULTS:
+    raise SpecError(f'type={type_!r} is not one of {", ".join(map(repr, DEFAULTS))}.')
+  out = {**COMMON, **DEFAULTS[type_]}
+  for key, value in entry.items():
+    if key not in out:
+      raise SpecError(f'unknown field {key}={value!r} for type {type_!r}; known: '
+                      f'{", ".join(sorted(out))}.')
+    ref = out[key]
+    if isinstance(ref, tuple):
+      if not isinstance(value, (tuple, list)):
+        raise SpecError(f'{key}={value!r} must be a list/tuple.')
+      value = tuple(value)
+    elif isinstance(ref, float):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f'{key}={value!r} must be a number.')
+    elif not isinstance(value, type(ref)) or isinstance(value, bool) != isinstance(ref, bool):
+      raise SpecError(f'{key}={value!r} has type {type(value).__name__}, expected '
+                      f'{type(ref).__name__}.')
+    out[key] = value
+  _check_values(out)
+  return out
+
+
+def _check_values(s: dict[str, Any]) -> None:
+  from mmjax.eval import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+
+  if s['every_steps'] < 0:
+    raise SpecError(f'every_steps={s["every_steps"]} must be >= 0 (0: config.eval.every_steps).')
+  if s['dataset'] not in DATASETS[s['type']]:
+    raise SpecError(f'dataset={s["dataset"]!r} is not one of {DATASETS[s["type"]]} for type '
+                    f'{s["type"]!r}.')
+  for key in ('num_scenes', 'num_images', 'num_test', 'shots', 'index_min_corpus'):
+    if key in s and s[key] < 1:
+      raise SpecError(f'{key}={s[key]} must be >= 1.')
+  for key in INDEX_FIELDS:
+    if key in s and s[key] < 0:
+      raise SpecError(f'{key}={s[key]} must be >= 0 (0: derived from the corpus size).')
+  if s['type'] in ('retrieval', 'robustness'):
+    try:
+      metrics_lib.parse(s['metrics'])
+    except ValueError as e:
+      raise SpecError(f'metrics={s["metrics"]!r}: {e}') from e
+  else:
+    bad = [m for m in s['metrics'] if m not in CLASSIFICATION_METRICS]
+    if bad:
+      raise SpecError(f'metrics {bad} are not among {CLASSIFICATION_METRICS}.')
+    if s['attribute'] not in ATTRIBUTES:
+      raise SpecError(f'attribute={s["attribute"]!r} is not one of {ATTRIBUTES}.')
+  if s['type'] == 'zero_shot' and any('{}' not in t for t in s['templates']):
+    raise SpecError(f'templates={s["templates"]!r}: each must hold "{{}}" for the class name.')
+  if s['type'] == 'linear_probe' and s['l2'] < 0:
+    raise SpecError(f'l2={s["l2"]} must be >= 0.')
+  if s['type'] == 'robustness':
+    for key, allowed in (('corruptions', CORRUPTIONS), ('text_perturbations', TEXT_PERTURBATIONS)):
+      bad = [x for x in s[key] if x not in allowed]
+      if bad:
+        raise SpecError(f'{key}: unknown {bad}; known: {allowed}.')
+    if not s['severities'] or any(not 1 <= v <= 5 for v in s['severities']):
+      raise SpecError(f'severities={s["severities"]!r} must be a non-empty subset of 1..5.')
+
+
+def validate(config) -> None:
+  """Checks every `config.evals.<name>`; raises SpecError naming the entry."""
+  evals = config.get('evals', None) or {}
+  for name in evals.keys():
+    if not name.isidentifier():
+      raise SpecError(f'config.evals.{name}: evaluator names must be identifiers.')
+    entry = evals[name]
+    if not isinstance(entry, (dict, ml_collections.ConfigDict)):
+      raise SpecError(f'config.evals.{name}={entry!r} must be a group of fields (use '
+                      'mmjax.eval.specs.spec(type, ...)).')
+    try:
+      resolved(entry)
+    except SpecError as e:
+      raise SpecError(f'config.evals.{name}: {e}') from e

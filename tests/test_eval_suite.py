@@ -1,0 +1,148 @@
+"""Evaluators as config (config.evals.<name>): validation, cadence, every evaluator on a real
+(initialised) model; slow: a training run with evaluators, --mode=eval and the robustness report
+(JSON + PNG) on the tiny config."""
+
+import json
+import math
+
+import pytest
+
+from mmjax import config as config_lib
+from mmjax.eval import evaluators, robustness, specs
+from mmjax.train import loop
+
+
+@pytest.mark.parametrize('entry,match', [
+    ({'type': 'bogus'}, "config.evals.x: type='bogus' is not one of"),
+    ({'type': 'zero_shot', 'colour': 'red'}, 'config.evals.x: unknown field colour'),
+    ({'type': 'retrieval', 'metrics': ('recall@0',)}, 'Unknown metric'),
+    ({'type': 'zero_shot', 'attribute': 'size'}, "attribute='size'"),
+    ({'type': 'zero_shot', 'templates': ('no slot',)}, 'templates'),
+    ({'type': 'linear_probe', 'shots': 0}, 'shots=0 must be >= 1'),
+    ({'type': 'robustness', 'corruptions': ('fog',)}, "unknown \\['fog'\\]"),
+    ({'type': 'robustness', 'severities': (0, 6)}, 'severities'),
+    ({'type': 'retrieval', 'every_steps': -1}, 'every_steps=-1'),
+    ({'type': 'retrieval', 'num_scenes': 'many'}, 'num_scenes'),
+    ({'type': 'retrieval', 'index_reorder': -1}, 'index_reorder=-1 must be >= 0'),
+])
+def test_bad_evaluator_config_is_refused(tiny_config, entry, match):
+  tiny_config.evals.x = entry
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(tiny_config)
+
+
+def test_bad_primary_metrics_and_spec_helper(tiny_config):
+  tiny_config.eval.metrics = ('recall@1', 'auc')
+  with pytest.raises(config_lib.ConfigError, match="config.eval: .*Unknown metric 'auc'"):
+    config_lib.validate(tiny_config)
+  s = specs.spec('zero_shot', attribute='colour')
+  assert s.type == 'zero_shot' and s.num_images == specs.DEFAULTS['zero_shot']['num_images']
+  with pytest.raises(specs.SpecError, match='Unknown fields'):
+    specs.spec('zero_shot', shots=3)
+
+
+def eval_config(config):
+  config.eval.every_steps = 2
+  config.eval.num_scenes = 16
+  config.eval.metrics = ('recall@1', 'ndcg@5', 'map')
+  config.evals.zs = specs.spec('zero_shot', num_images=20, every_steps=1)
+  config.evals.probe = specs.spec('linear_probe', attribute='colour', shots=2, num_test=20)
+  config.evals.robust = specs.spec('robustness', num_scenes=12, corruptions=('blur', 'jpeg'),
+                                   text_perturbations=('typos', 'attribute_swap'),
+                                   severities=(1, 5))
+  # A corpus above index_min_corpus: searched with ScaNN, parameters overridden by the config.
+  config.evals.ann = specs.spec('retrieval', num_scenes=24, index_min_corpus=20,
+                                index_reorder=24, metrics=('recall@1', 'mrr'))
+  return config
+
+
+def test_suite_cadence(tiny_config):
+  suite = evaluators.build_suite(eval_config(tiny_config))
+  every = ['', 'ann', 'probe', 'robust', 'zs']
+  assert [e.name for e in suite.evaluators] == every
+  assert [e.name for e in suite.select(1).evaluators] == ['zs']
+  assert [e.name for e in suite.select(2).evaluators] == every
+  assert [e.name for e in suite.select(3, last=True).evaluators] == every
+  assert [e.name for e in suite.select(3).evaluators] == ['zs']  # Every step.
+  assert not evaluators.Suite([])
+
+
+def test_every_evaluator_on_an_initialised_model(tiny_config, tmp_path):
+  """All evaluator types run through the real Embedder on the 8-device mesh."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
+  config = eval_config(tiny_config)
+  run = loop.setup(config, tmp_path)
+  params = nn.unbox(run.model.init(jax.random.key(0), *dummy_inputs(run.model_config))['params'])
+  suite = evaluators.build_suite(config)
+  m = loop.evaluate(run, params, suite)
+  for key in ('i2t/recall@1', 'i2t/ndcg@5', 't2i/map', 'zs/top1', 'zs/top5', 'zs/mean_per_class',
+              'zs/per_class/star', 'probe/top1', 'probe/per_class/red',
+              'robust/blur/s5/i2t/recall@1', 'robust/attribute_swap/s1/t2i/recall@1_rel',
+              'robust/jpeg/mean_rel', 'robust/compositionality/colour', 'ann/i2t/recall@1',
+              'ann/t2i/mrr', 'ann/i2t/index_recall@10'):
+    assert key in m, key
+    # An untrained model may have a clean recall of 0, and then no relative value (nan).
+    assert 0.0 <= m[key] <= 20.0 or (key.endswith('_rel') and math.isnan(m[key])), (key, m[key])
+  assert 'i2t/recall@5' not in m  # Only the configured metrics.
+  assert m['ann/i2t/index_recall@10'] == 1.0  # Reordering the whole corpus: exact.
+  assert suite.evaluators[1].evaluator.index_overrides == {'reorder': 24}
+
+
+@pytest.fixture(scope='module')
+def suite_run(tmp_path_factory):
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  config = eval_config(tiny.get_config())
+  config.total_steps = 2
+  config.checkpoint.every_steps = 2
+  workdir = tmp_path_factory.mktemp('suite')
+  result = loop.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+@pytest.mark.slow
+def test_evaluators_run_on_their_cadence_in_training(suite_run):
+  _, workdir, result = suite_run
+  lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  evals = {l['step']: l for l in lines if any(k.startswith('eval/') for k in l)}
+  assert 'eval/zs/top1' in evals[1] and 'eval/i2t/recall@1' not in evals[1]
+  for key in ('eval/zs/top1', 'eval/i2t/ndcg@5', 'eval/t2i/map', 'eval/probe/mean_per_class',
+              'eval/probe/per_class/red', 'eval/robust/blur/s5/i2t/recall@1',
+              'eval/robust/attribute_swap/s1/t2i/recall@1_rel',
+              'eval/robust/compositionality/colour'):
+    assert key in evals[2], key
+  for key in ('zs/top1', 'zs/top5', 'i2t/recall@1', 'probe/top1', 'robust/jpeg/mean_rel'):
+    assert 0.0 <= result[key] <= 10.0, key
+  on_disk = json.loads((workdir / 'eval.json').read_text())
+  assert on_disk['zs/top1'] == result['zs/top1']
+
+
+@pytest.mark.slow
+def test_mode_eval_runs_every_evaluator(suite_run):
+  config, workdir, result = suite_run
+  (workdir / 'eval.json').unlink()
+  again = loop.evaluate_checkpoint(config, workdir)
+  assert again['step'] == 2
+  for key in ('i2t/recall@1', 'zs/top1', 'probe/top1', 'robust/clean/t2i/recall@1'):
+    assert again[key] == pytest.approx(result[key]), key
+  assert json.loads((workdir / 'eval.json').read_text())['zs/top1'] == again['zs/top1']
+
+
+@pytest.mark.slow
+def test_robustness_report_writes_json_and_png(suite_run, capsys):
+  config, workdir, _ = suite_run
+  results = robustness.run_report(config, workdir)
+  out = workdir / 'robustness'
+  assert (out / 'robustness.png').read_bytes()[:4] == b'\x89PNG'
+  saved = json.loads((out / 'robustness.json').read_text())
+  assert saved['step'] == 2 and saved['spec']['num_scenes'] == 12
+  assert saved['results'] == pytest.approx(results)
+  printed = capsys.readouterr().out
+  assert 'blur' in printed and 'compositionality/colour' in printed
+
+
+def test_format_results_lists_named_evaluators():
+  text = evaluators.format_results({'i2t/recall@1': 0.5, 't2i/recall@1': 0.25, 'zs/top1': 0.75,
+                                    'zs/per_class/red': 1.0}, title='T')
+  assert text.splitlines()[0] == 'T' and 'zs: top1=0.7500' in text and 'per_class' not in text
