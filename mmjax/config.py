@@ -34,6 +34,13 @@ class TransformerConfig:
   mlp_dim: int = 1024
   dropout: float = 0.0
   remat: bool = False
+  # Architecture options of released checkpoints (docs/pretrained.md); the defaults are mmjax's.
+  norm: str = 'pre'  # 'pre' | 'post' (BERT) layer norm placement.
+  act: str = 'gelu_tanh'  # MLP activation: 'gelu_tanh' | 'gelu' | 'quick_gelu' | 'relu'.
+  ln_eps: float = 1e-6
+  embed_ln: bool = False  # LayerNorm on the embeddings before the blocks (BERT, CLIP vision).
+  final_ln: bool = True  # LayerNorm after the last block.
+  locked: bool = False  # LiT: no gradient through the tower, its parameters frozen.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +49,8 @@ class ViTConfig(TransformerConfig):
   patch_size: int = 8
   posemb: str = 'learn'
   pool: str = 'gap'
+  patch_bias: bool = True
+  posemb_cls: bool = False  # The learned position embedding also covers the CLS token (CLIP).
 
   @property
   def num_patches(self) -> int:
@@ -54,6 +63,13 @@ class TextConfig(TransformerConfig):
   vocab_size: int = 32_000
   causal: bool = True
   pool: str = 'last'
+  num_positions: int = 0  # Rows of the position embedding; 0: max_len.
+  type_vocab_size: int = 0  # BERT token-type embeddings (type 0 is added); 0: none.
+  attend_padding: bool = False  # Ignore the mask in attention and pooling (SigLIP pads to max_len).
+
+  @property
+  def positions(self) -> int:
+    return self.num_positions or self.max_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +83,12 @@ class ModelConfig:
   bias_init: float | None = -10.0
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  image_head: str = ''  # Per-tower head kind; '' uses `head`.
+  text_head: str = ''
+  head_bias: bool = True  # CLIP's projections have no bias.
+
+  def tower_head(self, tower: str) -> str:
+    return (self.image_head if tower == 'image' else self.text_head) or self.head
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -85,6 +107,8 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 POSEMBS = ('learn', 'sincos2d')
 SCHEDULES = ('cosine', 'constant')
 DATASETS = ('demo',)
+NORMS = ('pre', 'post')
+ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu', 'relu')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
@@ -109,6 +133,9 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       bias_init=float(config.loss.bias_init) if config.loss.kind == 'sigmoid' else None,
       dtype=m.dtype,
       param_dtype=m.param_dtype,
+      image_head=m.image_head,
+      text_head=m.text_head,
+      head_bias=m.head_bias,
   )
 
 
@@ -231,6 +258,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
              f'config.model.{tower}.width={cfg.width} is not a multiple of '
              f'config.model.{tower}.num_heads={cfg.num_heads}.')
     _require(0.0 <= cfg.dropout < 1.0, f'config.model.{tower}.dropout={cfg.dropout} must be in [0, 1).')
+    _one_of(f'model.{tower}.norm', cfg.norm, NORMS)
+    _one_of(f'model.{tower}.act', cfg.act, ACTIVATIONS)
+    _positive(f'model.{tower}.ln_eps', cfg.ln_eps)
+  _one_of('model.image_head', config.model.image_head, ('',) + HEADS)
+  _one_of('model.text_head', config.model.text_head, ('',) + HEADS)
+  _validate_transfer(config)
   _positive('model.image.patch_size', img.patch_size)
   _require(img.image_size % img.patch_size == 0,
            f'config.model.image.image_size={img.image_size} is not a multiple of '
@@ -239,6 +272,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   txt = config.model.text
   _one_of('model.text.pool', txt.pool, TEXT_POOLS)
   _require(txt.max_len >= 2, f'config.model.text.max_len={txt.max_len} must be >= 2 (text + EOS).')
+  _require(txt.num_positions == 0 or txt.num_positions >= txt.max_len,
+           f'config.model.text.num_positions={txt.num_positions} must be 0 or >= '
+           f'config.model.text.max_len={txt.max_len}.')
+  _require(txt.type_vocab_size >= 0,
+           f'config.model.text.type_vocab_size={txt.type_vocab_size} must be >= 0.')
   _positive('model.text.vocab_size', txt.vocab_size)
   if not config.tokenizer.path:
     _require(config.tokenizer.vocab_size <= txt.vocab_size,
@@ -266,6 +304,28 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _require(config.batch_size % num_processes == 0,
            f'config.batch_size={config.batch_size} is not divisible by the {num_processes} '
            'processes.')
+
+
+def _validate_transfer(config) -> None:
+  """config.init and the optimizer's frozen / lr_multipliers regexes (docs/pretrained.md)."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  for tower in ('image', 'text'):
+    spec = config.init[tower]
+    _require(not spec or spec.startswith('hf:'),
+             f"config.init.{tower}={spec!r} must be '' or 'hf:DIR' (a Hugging Face checkpoint "
+             "directory; 'hf:pkg:MODULE/sub/dir' for one inside an installed package).")
+  patterns = [('optimizer.frozen', config.optimizer.frozen)] if config.optimizer.frozen else []
+  for entry in config.optimizer.lr_multipliers:
+    _require(isinstance(entry, (tuple, list)) and len(entry) == 2
+             and isinstance(entry[1], (int, float)) and entry[1] >= 0,
+             f'config.optimizer.lr_multipliers entry {entry!r} must be (regex, multiplier >= 0).')
+    patterns.append(('optimizer.lr_multipliers', entry[0]))
+  for name, pattern in patterns:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f'config.{name}: {pattern!r} is not a valid regex ({e}).') from e
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:

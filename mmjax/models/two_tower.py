@@ -24,6 +24,7 @@ class ProjectionHead(nn.Module):
   embed_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -33,12 +34,18 @@ class ProjectionHead(nn.Module):
       return x
     def dense(features, axes, name):
       return layers.DenseND((features,), axes, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name=name)
+                            use_bias=self.use_bias, name=name)
 
     if self.kind == 'mlp':
       x = nn.gelu(dense(x.shape[-1], ('embed', 'mlp'), 'hidden')(x), approximate=True)
       return dense(self.embed_dim, ('mlp', 'embed'), 'out')(x)
     return dense(self.embed_dim, ('embed', None), 'out')(x)
+
+
+def _locked(features: jax.Array, locked: bool) -> jax.Array:
+  """A locked tower (LiT) runs in eval mode and passes no gradient: autodiff then emits none of
+  its backward pass."""
+  return jax.lax.stop_gradient(features) if locked else features
 
 
 def normalize_images(images: jax.Array, dtype) -> jax.Array:
@@ -58,8 +65,10 @@ class TwoTower(nn.Module):
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     self.img = ViT(cfg.image, dtype, pdtype)
     self.txt = TextTransformer(cfg.text, dtype, pdtype)
-    self.img_head = ProjectionHead(cfg.head, cfg.embed_dim, dtype, pdtype)
-    self.txt_head = ProjectionHead(cfg.head, cfg.embed_dim, dtype, pdtype)
+    self.img_head = ProjectionHead(cfg.tower_head('image'), cfg.embed_dim, dtype, pdtype,
+                                   cfg.head_bias)
+    self.txt_head = ProjectionHead(cfg.tower_head('text'), cfg.embed_dim, dtype, pdtype,
+                                   cfg.head_bias)
     self.t_prime = self.param('t_prime', nn.initializers.constant(cfg.temperature_init), (),
                               jnp.float32)
     if cfg.bias_init is not None:
@@ -67,10 +76,13 @@ class TwoTower(nn.Module):
 
   def embed_images(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     x = normalize_images(images, jnp.dtype(self.config.dtype))
-    return l2_normalize(self.img_head(self.img(x, train=train)))
+    locked = self.config.image.locked
+    return l2_normalize(self.img_head(_locked(self.img(x, train=train and not locked), locked)))
 
   def embed_texts(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
-    return l2_normalize(self.txt_head(self.txt(tokens, mask, train=train)))
+    locked = self.config.text.locked
+    return l2_normalize(self.txt_head(_locked(self.txt(tokens, mask, train=train and not locked),
+                                              locked)))
 
   def logit_params(self) -> tuple[jax.Array, jax.Array]:
     """(temperature, bias): temperature = exp(t'); bias is 0 for the softmax loss."""
