@@ -278,7 +278,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _require(txt.type_vocab_size >= 0,
            f'config.model.text.type_vocab_size={txt.type_vocab_size} must be >= 0.')
   _positive('model.text.vocab_size', txt.vocab_size)
-  if not config.tokenizer.path:
+  if not config.tokenizer.path and not config.init.text:  # Else the tokenizer is loaded.
     _require(config.tokenizer.vocab_size <= txt.vocab_size,
              f'config.tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds '
              f'config.model.text.vocab_size={txt.vocab_size}.')
