@@ -159,11 +159,11 @@ def lit_config(bert_dir) -> ml_collections.ConfigDict:
   return c
 
 
-def test_architecture_mismatch_lists_fields(bert_dir, tmp_path):
+def test_architecture_mismatch_lists_fields(bert_dir):
   c = lit_config(bert_dir)
   c.model.text.update(depth=1, act='gelu_tanh')
   with pytest.raises(config_lib.ConfigError) as e:
-    loop.init_or_restore(loop.setup(c, tmp_path), None)
+    transfer.load_init(c, config_lib.model_config(c))
   msg = str(e.value)
   assert 'is a different architecture than config.model.text; set:' in msg
   assert "--config.model.text.depth=2 (run has 1)" in msg
