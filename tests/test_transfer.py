@@ -189,3 +189,16 @@ def test_lit_run_starts_from_checkpoint_and_keeps_it_locked(bert_dir, tmp_path):
   assert json.loads((tmp_path / 'eval.json').read_text())['step'] == 2
   meta = ckpt_lib.shape_signature(state.params)
   assert any(k.startswith("['txt']['type_embedding']") or 'type_embedding' in k for k in meta)
+
+
+def test_describe_gives_the_overrides_that_match(bert_dir):
+  lines = transfer.describe(bert_dir).splitlines()
+  assert "--config.model.text.norm='post'" in lines and '--config.model.text.depth=2' in lines
+  c = tiny_model_config()
+  for line in lines:
+    key, value = line[len('--config.model.text.'):].split('=', 1)
+    c.model.text[key] = eval(value)  # pylint: disable=eval-used
+  c.init.text = f'hf:{bert_dir}'
+  c.model.text_head, c.model.embed_dim = 'none', 32
+  assert set(transfer.load_init(c, config_lib.model_config(c))) == {
+      k for k in transfer.traverse_util.flatten_dict(hf.load(bert_dir).params, sep='/')}
