@@ -62,13 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.text.pool = 'last'  # 'last' (EOS token, by mask) | 'first' | 'mean' | 'map'.
   c.model.text.dropout = 0.0
   c.model.text.remat = False
-  # Architecture options of released checkpoints (docs/pretrained.md); defaults are mmjax's own.
-  c.model.text.norm = 'pre'  # LayerNorm placement: 'pre' | 'post' (BERT).
-  c.model.text.act = 'gelu_tanh'  # MLP activation: 'gelu_tanh' | 'gelu' (exact) | 'quick_gelu' | 'relu'.
-  c.model.text.ln_eps = 1e-6  # LayerNorm epsilon (BERT 1e-12, CLIP 1e-5).
-  c.model.text.embed_ln = False  # LayerNorm on the embeddings before the blocks (BERT, CLIP vision).
-  c.model.text.final_ln = True  # LayerNorm after the last block (False for post-LN stacks).
-  c.model.text.locked = False  # LiT: frozen, run in eval mode, no gradient computed through it.
+  # The architecture options of model.image, the same defaults.
+  c.model.text.norm, c.model.text.act, c.model.text.ln_eps = 'pre', 'gelu_tanh', 1e-6
+  c.model.text.embed_ln, c.model.text.final_ln, c.model.text.locked = False, True, False
   c.model.text.num_positions = 0  # Position-embedding rows (BERT: 512); 0 means max_len.
   c.model.text.type_vocab_size = 0  # BERT token-type embedding rows (type 0 is used); 0: none.
   # Attend to (and pool over) padding too: SigLIP pads to max_len and reads the last position.
