@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.image.locked = False  # LiT: frozen, run in eval mode, no gradient computed through it.
   c.model.image.patch_bias = True  # Bias on the patch embedding (CLIP has none).
   c.model.image.posemb_cls = False  # The learned position embedding covers the CLS token (CLIP).
+  # uint8 pixels -> (x/255 - mean)/std per RGB channel (CLIP's statistics); () maps to [-1, 1].
+  c.model.image.pixel_mean = ()
+  c.model.image.pixel_std = ()
 
   c.model.text = ml_collections.ConfigDict()
   c.model.text.max_len = 32  # Tokens per caption, EOS included; longer captions are truncated.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import pathlib
 import sys
@@ -51,6 +52,8 @@ class ViTConfig(TransformerConfig):
   pool: str = 'gap'
   patch_bias: bool = True
   posemb_cls: bool = False  # The learned position embedding also covers the CLS token (CLIP).
+  pixel_mean: tuple[float, ...] = ()  # uint8 pixels -> (x/255 - mean)/std; () maps to [-1, 1].
+  pixel_std: tuple[float, ...] = ()
 
   @property
   def num_patches(self) -> int:
@@ -91,12 +94,14 @@ class ModelConfig:
     return (self.image_head if tower == 'image' else self.text_head) or self.head
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """JSON-shaped (tuples as lists), so it compares equal to a saved checkpoint's meta."""
+    return json.loads(json.dumps(dataclasses.asdict(self)))
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     d = dict(d)
-    return cls(image=ViTConfig(**d.pop('image')), text=TextConfig(**d.pop('text')), **d)
+    image = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop('image').items()}
+    return cls(image=ViTConfig(**image), text=TextConfig(**d.pop('text')), **d)
 
 
 IMAGE_POOLS = ('cls', 'gap', 'map')
@@ -124,7 +129,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if t_init is None:
     t_init = default_temperature_init(config.loss.kind)
   return ModelConfig(
-      image=ViTConfig(**m.image.to_dict()),
+      image=ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in m.image.to_dict().items()}),
       text=TextConfig(**m.text.to_dict()),
       embed_dim=m.embed_dim,
       head=m.head,
@@ -265,6 +271,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _one_of('model.text_head', config.model.text_head, ('',) + HEADS)
   _validate_transfer(config)
   _positive('model.image.patch_size', img.patch_size)
+  _require(len(img.pixel_mean) == len(img.pixel_std) and len(img.pixel_mean) in (0, 3)
+           and all(s > 0 for s in img.pixel_std),
+           f'config.model.image.pixel_mean={img.pixel_mean} / pixel_std={img.pixel_std} must be '
+           'both empty or both 3 values (per RGB channel), std > 0.')
   _require(img.image_size % img.patch_size == 0,
            f'config.model.image.image_size={img.image_size} is not a multiple of '
            f'config.model.image.patch_size={img.patch_size}.')

@@ -193,3 +193,30 @@ def test_resolve_dir_forms():
   assert hf.resolve_dir('pkg:mmjax/hf') == pathlib.Path(hf.__file__).parent
   with pytest.raises(FileNotFoundError, match="package 'no_such_pkg' is not installed"):
     hf.resolve_dir('pkg:no_such_pkg/model')
+
+
+def test_clip_uint8_images_use_clip_pixel_statistics():
+  ckpt = hf.load(FIXTURES / 'clip')
+  cfg = ckpt.model_config()
+  assert cfg.image.pixel_mean == hf.convert.CLIP_MEAN
+  u8 = np.random.default_rng(0).integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+  f = (u8 / 255.0 - np.array(hf.convert.CLIP_MEAN)) / np.array(hf.convert.CLIP_STD)
+  embed = jax.jit(lambda p, x: TwoTower(cfg).apply(p, x, method=TwoTower.embed_images))
+  np.testing.assert_allclose(np.asarray(embed({'params': ckpt.params}, u8)),
+                             np.asarray(embed({'params': ckpt.params}, f.astype(np.float32))),
+                             atol=1e-5)
+  # The model config survives the JSON of checkpoint meta / export (tuples come back as lists).
+  from mmjax.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from mmjax.train.checkpoint import compare_meta  # pylint: disable=import-outside-toplevel
+  saved = json.loads(json.dumps({'model': cfg.to_dict()}))
+  assert compare_meta(saved, {'model': cfg.to_dict()}) == []
+  assert ModelConfig.from_dict(saved['model']) == cfg
+
+
+def test_text_encoder_pads_with_the_tokenizers_own_pad_id():
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  from mmjax.data import demo  # pylint: disable=import-outside-toplevel
+  tok = tokenizer_lib.train_wordpiece(demo.caption_corpus(num_scenes=50, seed=0), 64)
+  tok.enable_padding(pad_id=5, pad_token='[UNK]')
+  ids, mask = tokenizer_lib.TextEncoder(Tokenizer.from_str(tok.to_str()), 20)(['a red star.'])
+  assert (ids[0][mask[0] == 0] == 5).all() and mask[0].sum() < 20

@@ -124,13 +124,19 @@ def bert_configs(c: dict) -> tuple[None, TextConfig, dict[str, Any]]:
   return None, text, dict(embed_dim=text.width, head='none')
 
 
+# OpenAI CLIP's pixel statistics (its image processor's defaults). SigLIP's (0.5, 0.5) is
+# mmjax's own [-1, 1] mapping.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 def clip_configs(c: dict) -> tuple[ViTConfig, TextConfig, dict[str, Any]]:
   t = {**_CLIP_TEXT, **c.get('text_config', {})}
   v = {**_CLIP_VISION, **c.get('vision_config', {})}
   _channels(v)
   image = ViTConfig(**_encoder_fields(v, 'vision_config'), image_size=v['image_size'],
                     patch_size=v['patch_size'], posemb='learn', pool='cls', posemb_cls=True,
-                    patch_bias=False, embed_ln=True)
+                    patch_bias=False, embed_ln=True, pixel_mean=CLIP_MEAN, pixel_std=CLIP_STD)
   text = TextConfig(**_encoder_fields(t, 'text_config'), max_len=t['max_position_embeddings'],
                     num_positions=t['max_position_embeddings'],
                     vocab_size=t['vocab_size'], causal=True, pool='last')

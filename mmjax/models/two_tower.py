@@ -48,9 +48,13 @@ def _locked(features: jax.Array, locked: bool) -> jax.Array:
   return jax.lax.stop_gradient(features) if locked else features
 
 
-def normalize_images(images: jax.Array, dtype) -> jax.Array:
-  """uint8 [0, 255] -> [-1, 1]; float inputs are taken as already normalised."""
+def normalize_images(images: jax.Array, dtype, mean=(), std=()) -> jax.Array:
+  """uint8 [0, 255] -> [-1, 1], or (x / 255 - mean) / std per channel when `mean`/`std` are
+  given (CLIP's statistics); float inputs are taken as already normalised."""
   if images.dtype == jnp.uint8:
+    if mean:
+      x = images.astype(dtype) / 255.0
+      return (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
     return images.astype(dtype) * (2.0 / 255.0) - 1.0
   return images.astype(dtype)
 
@@ -75,7 +79,9 @@ class TwoTower(nn.Module):
       self.bias = self.param('bias', nn.initializers.constant(cfg.bias_init), (), jnp.float32)
 
   def embed_images(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    x = normalize_images(images, jnp.dtype(self.config.dtype))
+    img = self.config.image
+    x = normalize_images(images, jnp.dtype(self.config.dtype), tuple(img.pixel_mean),
+                         tuple(img.pixel_std))
     locked = self.config.image.locked
     return l2_normalize(self.img_head(_locked(self.img(x, train=train and not locked), locked)))
 
