@@ -43,9 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.image.remat = False  # Recompute each block's activations in the backward pass.
   # Architecture options of released checkpoints (docs/pretrained.md); defaults are mmjax's own.
   c.model.image.norm = 'pre'  # LayerNorm placement: 'pre' | 'post' (BERT).
-  c.model.image.act = 'gelu_tanh'  # MLP activation: 'gelu_tanh' | 'gelu' (exact) | 'quick_gelu' | 'relu'.
+  c.model.image.act = 'gelu_tanh'  # MLP activation: 'gelu_tanh' | 'gelu' | 'quick_gelu' | 'relu'.
   c.model.image.ln_eps = 1e-6  # LayerNorm epsilon (BERT 1e-12, CLIP 1e-5).
-  c.model.image.embed_ln = False  # LayerNorm on the embeddings before the blocks (BERT, CLIP vision).
+  c.model.image.embed_ln = False  # LayerNorm on the embeddings before the blocks (CLIP vision).
   c.model.image.final_ln = True  # LayerNorm after the last block (False for post-LN stacks).
   c.model.image.locked = False  # LiT: frozen, run in eval mode, no gradient computed through it.
   c.model.image.patch_bias = True  # Bias on the patch embedding (CLIP has none).

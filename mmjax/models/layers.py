@@ -184,7 +184,8 @@ class EncoderBlock(nn.Module):
     return x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
 
   def _post_ln(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
-    h = Attention(self.num_heads, self.causal, self.dtype, self.param_dtype, name='attn')(x, mask=mask)
+    h = Attention(self.num_heads, self.causal, self.dtype, self.param_dtype, name='attn')(
+        x, mask=mask)
     x = layer_norm(self.dtype, self.param_dtype, 'ln1', self.ln_eps)(
         x + nn.Dropout(self.dropout)(h, deterministic=deterministic))
     h = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.act, name='mlp')(
