@@ -211,6 +211,13 @@ def test_clip_uint8_images_use_clip_pixel_statistics():
   saved = json.loads(json.dumps({'model': cfg.to_dict()}))
   assert compare_meta(saved, {'model': cfg.to_dict()}) == []
   assert ModelConfig.from_dict(saved['model']) == cfg
+  # A checkpoint older than a model field is the same model while the run keeps the default.
+  old = json.loads(json.dumps({'model': ModelConfig(image=cfg.image, text=cfg.text).to_dict()}))
+  del old['model']['text']['attend_padding'], old['model']['image']['pixel_mean']
+  current = {'model': ModelConfig(image=cfg.image, text=cfg.text).to_dict()}
+  assert compare_meta(old, current) == [
+      'model.image.pixel_mean: checkpoint \'<missing>\' vs config '
+      f'{list(hf.convert.CLIP_MEAN)!r}']
 
 
 def test_text_encoder_pads_with_the_tokenizers_own_pad_id():
