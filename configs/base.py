@@ -28,6 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head = 'linear'  # Projection head of both towers: 'linear' | 'mlp' | 'none'.
   c.model.dtype = 'float32'  # Compute dtype of the towers ('bfloat16' on TPU/GPU).
   c.model.param_dtype = 'float32'  # Storage dtype of the parameters and optimizer state.
+  # Per-tower projection head ('' = `head`), e.g. SigLIP: image 'none' (MAP head output), text
+  # 'linear'; head_bias=False for CLIP's bias-free projections.
+  c.model.image_head = ''
+  c.model.text_head = ''
+  c.model.head_bias = True
 
   c.model.image = ml_collections.ConfigDict()
   c.model.image.image_size = 64  # Square input resolution in pixels.
@@ -40,6 +45,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.image.pool = 'gap'  # Pooling: 'cls' | 'gap' (mean over patches) | 'map' (attention).
   c.model.image.dropout = 0.0  # Dropout rate inside the blocks (train mode only).
   c.model.image.remat = False  # Recompute each block's activations in the backward pass.
+  # Architecture options of released checkpoints (docs/pretrained.md); defaults are mmjax's own.
+  c.model.image.norm = 'pre'  # LayerNorm placement: 'pre' | 'post' (BERT).
+  c.model.image.act = 'gelu_tanh'  # MLP activation: 'gelu_tanh' | 'gelu' | 'quick_gelu' | 'relu'.
+  c.model.image.ln_eps = 1e-6  # LayerNorm epsilon (BERT 1e-12, CLIP 1e-5).
+  c.model.image.embed_ln = False  # LayerNorm on the embeddings before the blocks (CLIP vision).
+  c.model.image.final_ln = True  # LayerNorm after the last block (False for post-LN stacks).
+  c.model.image.locked = False  # LiT: frozen, run in eval mode, no gradient computed through it.
+  c.model.image.patch_bias = True  # Bias on the patch embedding (CLIP has none).
+  c.model.image.posemb_cls = False  # The learned position embedding covers the CLS token (CLIP).
+  # uint8 pixels -> (x/255 - mean)/std per RGB channel (CLIP's statistics); () maps to [-1, 1].
+  c.model.image.pixel_mean = ()
+  c.model.image.pixel_std = ()
 
   c.model.text = ml_collections.ConfigDict()
   c.model.text.max_len = 32  # Tokens per caption, EOS included; longer captions are truncated.
@@ -52,6 +69,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.text.pool = 'last'  # 'last' (EOS token, by mask) | 'first' | 'mean' | 'map'.
   c.model.text.dropout = 0.0
   c.model.text.remat = False
+  # The architecture options of model.image, the same defaults.
+  c.model.text.norm, c.model.text.act, c.model.text.ln_eps = 'pre', 'gelu_tanh', 1e-6
+  c.model.text.embed_ln, c.model.text.final_ln, c.model.text.locked = False, True, False
+  c.model.text.num_positions = 0  # Position-embedding rows (BERT: 512); 0 means max_len.
+  c.model.text.type_vocab_size = 0  # BERT token-type embedding rows (type 0 is used); 0: none.
+  # Attend to (and pool over) padding too: SigLIP pads to max_len and reads the last position.
+  c.model.text.attend_padding = False
 
   # --- Loss ------------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
@@ -77,6 +101,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
   c.optimizer.grad_clip_norm = 1.0  # Global-norm gradient clipping; 0 disables it.
+  # Parameters whose path ('txt/encoder/block0/attn/query/kernel') matches this regex (re.search)
+  # are frozen: no update, no optimizer state. '' freezes nothing. Locked towers are added.
+  c.optimizer.frozen = ''
+  # (regex, multiplier) pairs: the learning rate of matching parameters is scaled (first match
+  # wins), e.g. (('txt/.*', 0.1),).
+  c.optimizer.lr_multipliers = ()
 
   # --- Data ------------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
@@ -107,6 +137,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # Grain worker processes (0: decode in the main process).
   c.data.worker_buffer_size = 2  # Batches each worker prepares ahead.
   c.data.read_threads = 2  # Threads reading/transforming elements per process.
+
+  # --- Transfer (docs/pretrained.md) -----------------------------------------------------------
+  # Start a tower from a released checkpoint: 'hf:DIR' (config.json + model.safetensors) or
+  # 'hf:pkg:MODULE/sub/dir' inside an installed package. The tower's config must match the
+  # checkpoint (the error lists the fields to set). '' initialises it randomly.
+  c.init = ml_collections.ConfigDict()
+  c.init.image = ''
+  c.init.text = ''
 
   # --- Tokenizer -------------------------------------------------------------------------------
   c.tokenizer = ml_collections.ConfigDict()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import pathlib
 import sys
@@ -34,6 +35,13 @@ class TransformerConfig:
   mlp_dim: int = 1024
   dropout: float = 0.0
   remat: bool = False
+  # Architecture options of released checkpoints (docs/pretrained.md); the defaults are mmjax's.
+  norm: str = 'pre'  # 'pre' | 'post' (BERT) layer norm placement.
+  act: str = 'gelu_tanh'  # MLP activation: 'gelu_tanh' | 'gelu' | 'quick_gelu' | 'relu'.
+  ln_eps: float = 1e-6
+  embed_ln: bool = False  # LayerNorm on the embeddings before the blocks (BERT, CLIP vision).
+  final_ln: bool = True  # LayerNorm after the last block.
+  locked: bool = False  # LiT: no gradient through the tower, its parameters frozen.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +50,10 @@ class ViTConfig(TransformerConfig):
   patch_size: int = 8
   posemb: str = 'learn'
   pool: str = 'gap'
+  patch_bias: bool = True
+  posemb_cls: bool = False  # The learned position embedding also covers the CLS token (CLIP).
+  pixel_mean: tuple[float, ...] = ()  # uint8 pixels -> (x/255 - mean)/std; () maps to [-1, 1].
+  pixel_std: tuple[float, ...] = ()
 
   @property
   def num_patches(self) -> int:
@@ -54,6 +66,13 @@ class TextConfig(TransformerConfig):
   vocab_size: int = 32_000
   causal: bool = True
   pool: str = 'last'
+  num_positions: int = 0  # Rows of the position embedding; 0: max_len.
+  type_vocab_size: int = 0  # BERT token-type embeddings (type 0 is added); 0: none.
+  attend_padding: bool = False  # Ignore the mask in attention and pooling (SigLIP pads to max_len).
+
+  @property
+  def positions(self) -> int:
+    return self.num_positions or self.max_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +86,22 @@ class ModelConfig:
   bias_init: float | None = -10.0
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  image_head: str = ''  # Per-tower head kind; '' uses `head`.
+  text_head: str = ''
+  head_bias: bool = True  # CLIP's projections have no bias.
+
+  def tower_head(self, tower: str) -> str:
+    return (self.image_head if tower == 'image' else self.text_head) or self.head
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """JSON-shaped (tuples as lists), so it compares equal to a saved checkpoint's meta."""
+    return json.loads(json.dumps(dataclasses.asdict(self)))
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     d = dict(d)
-    return cls(image=ViTConfig(**d.pop('image')), text=TextConfig(**d.pop('text')), **d)
+    image = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop('image').items()}
+    return cls(image=ViTConfig(**image), text=TextConfig(**d.pop('text')), **d)
 
 
 IMAGE_POOLS = ('cls', 'gap', 'map')
@@ -88,6 +115,8 @@ DATASETS = ('demo', 'records', 'tfds')
 AUGMENTS = ('none', 'light')
 LOSS_IMPLS = ('auto', 'dense', 'all_gather', 'ring')
 CPU_COLLECTIVES = ('gloo', 'mpi')
+NORMS = ('pre', 'post')
+ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu', 'relu')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
@@ -103,7 +132,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if t_init is None:
     t_init = default_temperature_init(config.loss.kind)
   return ModelConfig(
-      image=ViTConfig(**m.image.to_dict()),
+      image=ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in m.image.to_dict().items()}),
       text=TextConfig(**m.text.to_dict()),
       embed_dim=m.embed_dim,
       head=m.head,
@@ -112,6 +142,9 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       bias_init=float(config.loss.bias_init) if config.loss.kind == 'sigmoid' else None,
       dtype=m.dtype,
       param_dtype=m.param_dtype,
+      image_head=m.image_head,
+      text_head=m.text_head,
+      head_bias=m.head_bias,
   )
 
 
@@ -288,7 +321,17 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
              f'config.model.{tower}.width={cfg.width} is not a multiple of '
              f'config.model.{tower}.num_heads={cfg.num_heads}.')
     _require(0.0 <= cfg.dropout < 1.0, f'config.model.{tower}.dropout={cfg.dropout} must be in [0, 1).')
+    _one_of(f'model.{tower}.norm', cfg.norm, NORMS)
+    _one_of(f'model.{tower}.act', cfg.act, ACTIVATIONS)
+    _positive(f'model.{tower}.ln_eps', cfg.ln_eps)
+  _one_of('model.image_head', config.model.image_head, ('',) + HEADS)
+  _one_of('model.text_head', config.model.text_head, ('',) + HEADS)
+  _validate_transfer(config)
   _positive('model.image.patch_size', img.patch_size)
+  _require(len(img.pixel_mean) == len(img.pixel_std) and len(img.pixel_mean) in (0, 3)
+           and all(s > 0 for s in img.pixel_std),
+           f'config.model.image.pixel_mean={img.pixel_mean} / pixel_std={img.pixel_std} must be '
+           'both empty or both 3 values (per RGB channel), std > 0.')
   _require(img.image_size % img.patch_size == 0,
            f'config.model.image.image_size={img.image_size} is not a multiple of '
            f'config.model.image.patch_size={img.patch_size}.')
@@ -296,8 +339,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   txt = config.model.text
   _one_of('model.text.pool', txt.pool, TEXT_POOLS)
   _require(txt.max_len >= 2, f'config.model.text.max_len={txt.max_len} must be >= 2 (text + EOS).')
+  _require(txt.num_positions == 0 or txt.num_positions >= txt.max_len,
+           f'config.model.text.num_positions={txt.num_positions} must be 0 or >= '
+           f'config.model.text.max_len={txt.max_len}.')
+  _require(txt.type_vocab_size >= 0,
+           f'config.model.text.type_vocab_size={txt.type_vocab_size} must be >= 0.')
   _positive('model.text.vocab_size', txt.vocab_size)
-  if not config.tokenizer.path:
+  if not config.tokenizer.path and not config.init.text:  # Else the tokenizer is loaded.
     _require(config.tokenizer.vocab_size <= txt.vocab_size,
              f'config.tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds '
              f'config.model.text.vocab_size={txt.vocab_size}.')
@@ -343,6 +391,28 @@ def _validate_distributed(d) -> None:
   _require(0 <= d.process_id < d.num_processes,
            f'config.distributed.process_id={d.process_id} must be in [0, '
            f'config.distributed.num_processes={d.num_processes}).')
+
+
+def _validate_transfer(config) -> None:
+  """config.init and the optimizer's frozen / lr_multipliers regexes (docs/pretrained.md)."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  for tower in ('image', 'text'):
+    spec = config.init[tower]
+    _require(not spec or spec.startswith('hf:'),
+             f"config.init.{tower}={spec!r} must be '' or 'hf:DIR' (a Hugging Face checkpoint "
+             "directory; 'hf:pkg:MODULE/sub/dir' for one inside an installed package).")
+  patterns = [('optimizer.frozen', config.optimizer.frozen)] if config.optimizer.frozen else []
+  for entry in config.optimizer.lr_multipliers:
+    _require(isinstance(entry, (tuple, list)) and len(entry) == 2
+             and isinstance(entry[1], (int, float)) and entry[1] >= 0,
+             f'config.optimizer.lr_multipliers entry {entry!r} must be (regex, multiplier >= 0).')
+    patterns.append(('optimizer.lr_multipliers', entry[0]))
+  for name, pattern in patterns:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f'config.{name}: {pattern!r} is not a valid regex ({e}).') from e
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:

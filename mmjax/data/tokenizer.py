@@ -57,7 +57,9 @@ class TextEncoder:
   def __init__(self, tokenizer: Tokenizer, max_len: int):
     self.tokenizer = tokenizer
     self.max_len = max_len
-    self.pad_id = tokenizer.token_to_id(PAD) or 0
+    # The tokenizer's own padding id when it has one (SigLIP's '</s>'=1), else [PAD], else 0.
+    own = (tokenizer.padding or {}).get('pad_id')
+    self.pad_id = own if own is not None else tokenizer.token_to_id(PAD) or 0
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_len)
 

@@ -24,9 +24,10 @@ def dense_init(axes: tuple[str, ...], init=DEFAULT_KERNEL_INIT):
   return nn.with_logical_partitioning(init, axes)
 
 
-def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None,
+               eps: float = 1e-6) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
 
@@ -53,13 +54,27 @@ class Dropout(nn.Module):
     return jnp.where(masks, x / keep, 0).astype(x.dtype)
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """CLIP's sigmoid approximation of GELU."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Released checkpoints differ here: 'gelu_tanh' (SigLIP, mmjax's default), exact 'gelu' (BERT),
+# 'quick_gelu' (OpenAI CLIP).
+ACTIVATIONS = {'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
+               'gelu': lambda x: nn.gelu(x, approximate=False),
+               'quick_gelu': quick_gelu,
+               'relu': nn.relu}
+
+
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> Dense."""
+  """Dense -> activation (GELU by default) -> Dense."""
 
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  act: str = 'gelu_tanh'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool,
@@ -67,7 +82,7 @@ class MlpBlock(nn.Module):
     d = x.shape[-1]
     h = DenseND((self.mlp_dim,), ('embed', 'mlp'), dtype=self.dtype, param_dtype=self.param_dtype,
                 name='fc1')(x)
-    h = nn.gelu(h, approximate=True)
+    h = ACTIVATIONS[self.act](h)
     h = Dropout(self.dropout)(h, deterministic=deterministic, rows=rows)
     return DenseND((d,), ('mlp', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype,
                    name='fc2')(h)
@@ -115,6 +130,7 @@ class DenseND(nn.Module):
   in_dims: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,9 +140,11 @@ class DenseND(nn.Module):
                                           out_axis=tuple(range(n_in, n_in + n_out)))
     kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
                         in_shape + tuple(self.features), self.param_dtype)
+    y = matmul_nd(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+    if not self.use_bias:
+      return y
     bias = self.param('bias', nn.with_logical_partitioning(
         nn.initializers.zeros, self.kernel_axes[n_in:]), tuple(self.features), self.param_dtype)
-    y = matmul_nd(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
     return y + bias.astype(self.dtype)
 
 
@@ -160,7 +178,10 @@ class Attention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  norm='post' is the BERT block instead: LN(x + Attn(x)), then LN(x + MLP(x)) (same parameters).
+  """
 
   num_heads: int
   mlp_dim: int
@@ -168,22 +189,38 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm: str = 'pre'
+  act: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool,
                rows: jax.Array | None = None) -> jax.Array:
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    h = layer_norm(self.dtype, self.param_dtype, 'ln1')(x)
+    if self.norm == 'post':
+      return self._post_ln(x, mask, deterministic, rows)
+    h = layer_norm(self.dtype, self.param_dtype, 'ln1', self.ln_eps)(x)
     h = Attention(self.num_heads, self.causal, self.dtype, self.param_dtype, name='attn')(h, mask=mask)
     x = x + Dropout(self.dropout)(h, deterministic=deterministic, rows=rows)
-    h = layer_norm(self.dtype, self.param_dtype, 'ln2')(x)
-    h = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name='mlp')(
+    h = layer_norm(self.dtype, self.param_dtype, 'ln2', self.ln_eps)(x)
+    h = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.act, name='mlp')(
         h, deterministic=deterministic, rows=rows)
     return x + Dropout(self.dropout)(h, deterministic=deterministic, rows=rows)
 
+  def _post_ln(self, x: jax.Array, mask: jax.Array | None, deterministic: bool,
+               rows: jax.Array | None) -> jax.Array:
+    h = Attention(self.num_heads, self.causal, self.dtype, self.param_dtype, name='attn')(
+        x, mask=mask)
+    x = layer_norm(self.dtype, self.param_dtype, 'ln1', self.ln_eps)(
+        x + Dropout(self.dropout)(h, deterministic=deterministic, rows=rows))
+    h = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, self.act, name='mlp')(
+        x, deterministic=deterministic, rows=rows)
+    return layer_norm(self.dtype, self.param_dtype, 'ln2', self.ln_eps)(
+        x + Dropout(self.dropout)(h, deterministic=deterministic, rows=rows))
+
 
 class Encoder(nn.Module):
-  """A stack of `depth` encoder blocks and a final LayerNorm."""
+  """A stack of `depth` encoder blocks and a final LayerNorm (none for post-LN stacks: BERT)."""
 
   depth: int
   num_heads: int
@@ -193,6 +230,10 @@ class Encoder(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm: str = 'pre'
+  act: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
+  final_ln: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
@@ -200,8 +241,11 @@ class Encoder(nn.Module):
     block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.causal, self.dropout, self.dtype,
-                self.param_dtype, name=f'block{i}')(x, mask, deterministic, rows)
-    return layer_norm(self.dtype, self.param_dtype, 'ln_final')(x)
+                self.param_dtype, self.norm, self.act, self.ln_eps, name=f'block{i}')(
+                    x, mask, deterministic, rows)
+    if not self.final_ln:
+      return x
+    return layer_norm(self.dtype, self.param_dtype, 'ln_final', self.ln_eps)(x)
 
 
 class MAPHead(nn.Module):
@@ -211,6 +255,8 @@ class MAPHead(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  act: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -220,7 +266,7 @@ class MAPHead(nn.Module):
     probe = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, d))
     h = Attention(self.num_heads, False, self.dtype, self.param_dtype, name='attn')(
         probe, x, mask=mask)
-    y = layer_norm(self.dtype, self.param_dtype, 'ln')(h)
-    h = h + MlpBlock(self.mlp_dim, 0.0, self.dtype, self.param_dtype, name='mlp')(
+    y = layer_norm(self.dtype, self.param_dtype, 'ln', self.ln_eps)(h)
+    h = h + MlpBlock(self.mlp_dim, 0.0, self.dtype, self.param_dtype, self.act, name='mlp')(
         y, deterministic=True)
     return h[:, 0]

@@ -34,15 +34,24 @@ class TextTransformer(nn.Module):
     x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
     pos = self.param('pos_embedding', nn.with_logical_partitioning(
         nn.initializers.normal(stddev=1 / np.sqrt(cfg.width)), (None, None, 'embed')),
-                     (1, cfg.max_len, cfg.width), self.param_dtype)
+                     (1, cfg.positions, cfg.width), self.param_dtype)
     x = x + pos[:, :tokens.shape[1]].astype(self.dtype)
+    if cfg.type_vocab_size:
+      # BERT's segment embedding; single-segment inputs are all type 0.
+      types = self.param('type_embedding', nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=0.02), (None, 'embed')),
+                         (cfg.type_vocab_size, cfg.width), self.param_dtype)
+      x = x + types[0].astype(self.dtype)
+    if cfg.embed_ln:
+      x = layers.layer_norm(self.dtype, self.param_dtype, 'embed_ln', cfg.ln_eps)(x)
     x = layers.Dropout(cfg.dropout)(x, deterministic=not train, rows=rows)
-    mask = mask.astype(bool)
+    mask = jnp.ones(tokens.shape, bool) if cfg.attend_padding else mask.astype(bool)
     x = layers.Encoder(cfg.depth, cfg.num_heads, cfg.mlp_dim, causal=cfg.causal,
                        dropout=cfg.dropout, remat=cfg.remat, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name='encoder')(
+                       param_dtype=self.param_dtype, norm=cfg.norm, act=cfg.act,
+                       ln_eps=cfg.ln_eps, final_ln=cfg.final_ln, name='encoder')(
                            x, mask, deterministic=not train, rows=rows)
     if cfg.pool == 'map':
-      return layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype,
-                            name='map_head')(x, mask)
+      return layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype, cfg.act,
+                            cfg.ln_eps, name='map_head')(x, mask)
     return poolers.POOLERS[cfg.pool](x, mask)

@@ -24,6 +24,7 @@ class ProjectionHead(nn.Module):
   embed_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -33,7 +34,7 @@ class ProjectionHead(nn.Module):
       return x
     def dense(features, axes, name):
       return layers.DenseND((features,), axes, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name=name)
+                            use_bias=self.use_bias, name=name)
 
     if self.kind == 'mlp':
       x = nn.gelu(dense(x.shape[-1], ('embed', 'mlp'), 'hidden')(x), approximate=True)
@@ -41,9 +42,19 @@ class ProjectionHead(nn.Module):
     return dense(self.embed_dim, ('embed', None), 'out')(x)
 
 
-def normalize_images(images: jax.Array, dtype) -> jax.Array:
-  """uint8 [0, 255] -> [-1, 1]; float inputs are taken as already normalised."""
+def _locked(features: jax.Array, locked: bool) -> jax.Array:
+  """A locked tower (LiT) runs in eval mode and passes no gradient: autodiff then emits none of
+  its backward pass."""
+  return jax.lax.stop_gradient(features) if locked else features
+
+
+def normalize_images(images: jax.Array, dtype, mean=(), std=()) -> jax.Array:
+  """uint8 [0, 255] -> [-1, 1], or (x / 255 - mean) / std per channel when `mean`/`std` are
+  given (CLIP's statistics); float inputs are taken as already normalised."""
   if images.dtype == jnp.uint8:
+    if mean:
+      x = images.astype(dtype) / 255.0
+      return (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
     return images.astype(dtype) * (2.0 / 255.0) - 1.0
   return images.astype(dtype)
 
@@ -58,8 +69,10 @@ class TwoTower(nn.Module):
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     self.img = ViT(cfg.image, dtype, pdtype)
     self.txt = TextTransformer(cfg.text, dtype, pdtype)
-    self.img_head = ProjectionHead(cfg.head, cfg.embed_dim, dtype, pdtype)
-    self.txt_head = ProjectionHead(cfg.head, cfg.embed_dim, dtype, pdtype)
+    self.img_head = ProjectionHead(cfg.tower_head('image'), cfg.embed_dim, dtype, pdtype,
+                                   cfg.head_bias)
+    self.txt_head = ProjectionHead(cfg.tower_head('text'), cfg.embed_dim, dtype, pdtype,
+                                   cfg.head_bias)
     self.t_prime = self.param('t_prime', nn.initializers.constant(cfg.temperature_init), (),
                               jnp.float32)
     if cfg.bias_init is not None:
@@ -69,12 +82,18 @@ class TwoTower(nn.Module):
   # layers.Dropout); only a call that sees part of the batch (a GradCache micro-batch) passes them.
   def embed_images(self, images: jax.Array, *, train: bool = False,
                    rows: jax.Array | None = None) -> jax.Array:
-    x = normalize_images(images, jnp.dtype(self.config.dtype))
-    return l2_normalize(self.img_head(self.img(x, train=train, rows=rows)))
+    img = self.config.image
+    x = normalize_images(images, jnp.dtype(self.config.dtype), tuple(img.pixel_mean),
+                         tuple(img.pixel_std))
+    locked = self.config.image.locked
+    return l2_normalize(self.img_head(_locked(self.img(x, train=train and not locked, rows=rows),
+                                              locked)))
 
   def embed_texts(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False,
                   rows: jax.Array | None = None) -> jax.Array:
-    return l2_normalize(self.txt_head(self.txt(tokens, mask, train=train, rows=rows)))
+    locked = self.config.text.locked
+    return l2_normalize(self.txt_head(_locked(
+        self.txt(tokens, mask, train=train and not locked, rows=rows), locked)))
 
   def embed_pairs(self, images: jax.Array, tokens: jax.Array, mask: jax.Array, *,
                   train: bool = False, rows: jax.Array | None = None):

@@ -43,31 +43,40 @@ class ViT(nn.Module):
     # [p, p, C, width] so released conv weights load unchanged.
     kernel = self.param('patch_kernel', layers.dense_init((None, None, None, 'embed')),
                         (p, p, c, cfg.width), self.param_dtype)
-    bias = self.param('patch_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
-                      (cfg.width,), self.param_dtype)
     patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, gh * gw, p * p * c).astype(self.dtype)
     x = jnp.dot(patches, kernel.reshape(p * p * c, cfg.width).astype(self.dtype))
-    x = x + bias.astype(self.dtype)
+    if cfg.patch_bias:
+      bias = self.param('patch_bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, ('embed',)), (cfg.width,), self.param_dtype)
+      x = x + bias.astype(self.dtype)
 
+    # With posemb_cls (CLIP) the CLS token is prepended first and gets its own position row.
+    with_cls = cfg.pool == 'cls' and cfg.posemb_cls
     if cfg.posemb == 'learn':
       pos = self.param('pos_embedding', nn.with_logical_partitioning(
           nn.initializers.normal(stddev=1 / np.sqrt(cfg.width)), (None, None, 'embed')),
-                       (1, gh * gw, cfg.width), self.param_dtype)
+                       (1, gh * gw + with_cls, cfg.width), self.param_dtype)
     else:
       pos = jnp.asarray(sincos2d(gh, gw, cfg.width))
-    x = x + pos.astype(self.dtype)
+    if not with_cls:
+      x = x + pos.astype(self.dtype)
 
     if cfg.pool == 'cls':
       cls = self.param('cls', nn.with_logical_partitioning(nn.initializers.zeros, (None, None, 'embed')),
                        (1, 1, cfg.width), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.width)), x], axis=1)
+    if with_cls:
+      x = x + pos.astype(self.dtype)
+    if cfg.embed_ln:
+      x = layers.layer_norm(self.dtype, self.param_dtype, 'embed_ln', cfg.ln_eps)(x)
 
     x = layers.Dropout(cfg.dropout)(x, deterministic=not train, rows=rows)
     x = layers.Encoder(cfg.depth, cfg.num_heads, cfg.mlp_dim, causal=False, dropout=cfg.dropout,
                        remat=cfg.remat, dtype=self.dtype, param_dtype=self.param_dtype,
+                       norm=cfg.norm, act=cfg.act, ln_eps=cfg.ln_eps, final_ln=cfg.final_ln,
                        name='encoder')(x, deterministic=not train, rows=rows)
     if cfg.pool == 'map':
-      return layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype,
-                            name='map_head')(x)
+      return layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype, cfg.act,
+                            cfg.ln_eps, name='map_head')(x)
     return poolers.POOLERS[cfg.pool](x)

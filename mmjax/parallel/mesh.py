@@ -66,6 +66,11 @@ def replicate(x: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, axis_rules) -> Any:
   """NamedShardings for a tree of (possibly LogicallyPartitioned-boxed) abstract values."""
+  # A box around an empty subtree (optax's MaskedNode: no optimizer state for a frozen
+  # parameter) gets no sharding: unbox it so it stays empty.
+  abstract_tree = jax.tree.map(
+      lambda x: x.value if isinstance(x, nn.Partitioned) and not jax.tree.leaves(x) else x,
+      abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
 

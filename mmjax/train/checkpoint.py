@@ -12,6 +12,7 @@ A checkpoint that fails to restore (truncated, missing files) is reported, moved
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -25,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mmjax.config import ConfigError
+from mmjax.config import ConfigError, ModelConfig, TextConfig, ViTConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,32 @@ def _key_name(k) -> str:
   return str(k)
 
 
+def _model_defaults() -> dict[str, Any]:
+  """'model.text.norm' -> default, JSON-shaped: the model fields' defaults."""
+  out = {}
+  for prefix, cls in (('model.', ModelConfig), ('model.image.', ViTConfig),
+                      ('model.text.', TextConfig)):
+    for f in dataclasses.fields(cls):
+      if f.default is not dataclasses.MISSING:
+        out[prefix + f.name] = json.loads(json.dumps(f.default))
+  return out
+
+
 def compare_meta(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """Human-readable differences between a checkpoint's meta and the current run's."""
+  """Human-readable differences between a checkpoint's meta and the current run's.
+
+  A model field the checkpoint predates is no difference while the run keeps its default (the
+  model is then the same one).
+  """
   diffs = []
+  defaults = _model_defaults()
 
   def walk(a, b, prefix):
     if isinstance(a, dict) and isinstance(b, dict):
       for k in sorted(set(a) | set(b)):
         walk(a.get(k, '<missing>'), b.get(k, '<missing>'), f'{prefix}{k}.' if prefix or k else k)
+    elif a == '<missing>' and defaults.get(prefix.rstrip('.'), '<no default>') == b:
+      return
     elif a != b:
       diffs.append(f'{prefix.rstrip(".")}: checkpoint {a!r} vs config {b!r}')
 

@@ -29,7 +29,7 @@ from mmjax.eval.evaluators import Suite, build_suite, format_results
 from mmjax.models import TwoTower
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train import checkpoint as ckpt_lib
-from mmjax.train import optim, state as state_lib, step as step_lib
+from mmjax.train import optim, state as state_lib, step as step_lib, transfer
 from mmjax.train.writer import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ def get_tokenizer(config, workdir: pathlib.Path):
   saved = workdir / tokenizer_lib.TOKENIZER_FILE
   if saved.exists():
     return tokenizer_lib.load(saved)
-  if config.tokenizer.path:
-    tok = tokenizer_lib.load(config.tokenizer.path)
+  if path := transfer.tokenizer_path(config):  # config.init.text brings its tokenizer.
+    tok = tokenizer_lib.load(path)
   else:
     tok = tokenizer_lib.train_wordpiece(pipeline.caption_corpus(config),
                                         config.tokenizer.vocab_size)
@@ -83,7 +83,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run
   axis_rules = mesh_lib.rules(config)
   model_config = config_lib.model_config(config)
   model = TwoTower(model_config)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
+                                      frozen=transfer.frozen_pattern(config))
   encoder = tokenizer_lib.TextEncoder(get_tokenizer(config, workdir), config.model.text.max_len)
   abstract, shardings = state_lib.state_layout(model, tx, mesh, axis_rules,
                                                jax.random.key(config.seed))
@@ -117,6 +118,7 @@ def init_or_restore(run: Run, data_iter) -> tuple[Any, jax.Array, int]:
     return state, rng, int(step)
   init_rng, _ = jax.random.split(rng)
   state, _ = state_lib.create_train_state(run.model, run.tx, run.mesh, run.axis_rules, init_rng)
+  state = transfer.apply_init(run.config, state, run.state_shardings, run.model_config)
   # Replicated over the whole mesh (not on one local device), so every process can save it.
   return state, mesh_lib.replicate(rng, run.mesh), 0
 

