@@ -108,6 +108,7 @@ def test_resume_in_fresh_process_is_exact(trained, tmp_path):
   assert_same_params(saved_params(workdir, 4), saved_params(resumed, 4))
 
 
+@pytest.mark.slow  # ~110 s; test_resume_in_fresh_process_is_exact covers resume by default.
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
   """A run killed with SIGKILL mid-training, restarted, ends where an uninterrupted run ends."""
   steps = ['--config.total_steps=40', '--config.checkpoint.every_steps=5',

@@ -170,6 +170,7 @@ def test_architecture_mismatch_lists_fields(bert_dir):
   assert "--config.model.text.act='gelu' (run has 'gelu_tanh')" in msg
 
 
+@pytest.mark.slow  # ~90 s end to end; the pieces are tested above by default.
 def test_lit_run_starts_from_checkpoint_and_keeps_it_locked(bert_dir, tmp_path):
   c = lit_config(bert_dir)
   loop.train_and_evaluate(c, tmp_path)
