@@ -139,13 +139,14 @@ def test_dropout_is_on_in_these_tests():
 
 @pytest.mark.parametrize('kind,impl', [('sigmoid', 'ring'), ('sigmoid', 'all_gather'),
                                        ('softmax', 'all_gather')])
-def test_distributed_losses_with_duplicate_groups(kind, impl):
+def test_distributed_losses_with_duplicate_groups_and_weights(kind, impl):
   rs = np.random.RandomState(1)
   zi = rs.normal(size=(B, 16)).astype(np.float32)
   zt = rs.normal(size=(B, 16)).astype(np.float32)
   zi /= np.linalg.norm(zi, axis=1, keepdims=True)
   zt /= np.linalg.norm(zt, axis=1, keepdims=True)
   groups = rs.randint(0, 12, size=B).astype(np.int32)  # Plenty of duplicates.
+  weights = rs.uniform(0.2, 2.0, size=B).astype(np.float32)  # e.g. click propensity weights
   t, b = np.float32(4.0), np.float32(-2.0)
   mesh = _mesh((4, 2, 1))
   fn = distributed.make_loss(kind, impl, mesh)
@@ -153,9 +154,10 @@ def test_distributed_losses_with_duplicate_groups(kind, impl):
   argnums = (0, 1, 2, 3)
   with mesh_lib.activate(mesh, ()):
     sh = mesh_lib.batch_sharding(mesh)
-    got = jax.jit(jax.value_and_grad(lambda *a: fn(*a, jax.device_put(groups, sh)), argnums))(
+    g_sh, w_sh = jax.device_put(groups, sh), jax.device_put(weights, sh)
+    got = jax.jit(jax.value_and_grad(lambda *a: fn(*a, g_sh, w_sh), argnums))(
         jax.device_put(zi, sh), jax.device_put(zt, sh), t, b)
-  want = jax.value_and_grad(lambda *a: dense(*a, groups), argnums)(zi, zt, t, b)
+  want = jax.value_and_grad(lambda *a: dense(*a, groups, weights), argnums)(zi, zt, t, b)
   no_mask = dense(zi, zt, t, b)
   assert abs(float(want[0]) - float(no_mask)) > 1e-3  # The mask matters here.
   np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=RTOL)

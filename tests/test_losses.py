@@ -268,3 +268,54 @@ def test_get_rejects_unknown_loss():
   assert losses.get('softmax') is contrastive.softmax_loss
   with pytest.raises(ValueError, match='hinge'):
     losses.get('hinge')
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicate groups and example weights, against loops written from the definitions.
+
+
+def np_sigmoid_loss_masked(zi, zt, t, b, groups, weights):
+  """Pairs i != j of one group are skipped; image i's row is scaled by weights[i]."""
+  n, total = zi.shape[0], 0.0
+  for i in range(n):
+    for j in range(n):
+      if i != j and groups[i] == groups[j]:
+        continue
+      y = 1.0 if i == j else -1.0
+      total += weights[i] * _log_sigmoid(y * (t * float(np.dot(zi[i], zt[j])) + b))
+  return -total / np.sum(weights)
+
+
+def np_softmax_loss_masked(zi, zt, t, groups, weights):
+  """Duplicates leave the softmax denominators; example i's two cross-entropies get weights[i]."""
+  n, logits = zi.shape[0], t * (zi @ zt.T)
+  total = 0.0
+  for i in range(n):
+    keep = [j for j in range(n) if j == i or groups[j] != groups[i]]
+    row, col = logits[i, keep], logits[keep, i]
+    total += weights[i] * ((np.log(np.sum(np.exp(row))) - logits[i, i]) +
+                           (np.log(np.sum(np.exp(col))) - logits[i, i]))
+  return 0.5 * total / np.sum(weights)
+
+
+@pytest.mark.parametrize('kind', ['sigmoid', 'softmax'])
+def test_duplicate_groups_and_weights_match_reference(kind):
+  zi, zt = _inputs(10, seed=3)
+  t, b = 3.0, -1.5
+  groups = np.array([0, 1, 1, 2, 3, 3, 3, 4, 5, 6])
+  weights = np.random.default_rng(0).uniform(0.2, 2.0, size=10)
+  fn = losses.get(kind)
+  got = float(fn(jnp.asarray(zi, jnp.float32), jnp.asarray(zt, jnp.float32), jnp.float32(t),
+                 jnp.float32(b), jnp.asarray(groups), jnp.asarray(weights, jnp.float32)))
+  if kind == 'sigmoid':
+    want = np_sigmoid_loss_masked(zi, zt, t, b, groups, weights)
+  else:
+    want = np_softmax_loss_masked(zi, zt, t, groups, weights)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  unmasked = float(fn(jnp.asarray(zi, jnp.float32), jnp.asarray(zt, jnp.float32),
+                      jnp.float32(t), jnp.float32(b)))
+  assert abs(got - unmasked) > 1e-3
+  # Unit weights and all-distinct groups are the plain loss.
+  plain = float(fn(jnp.asarray(zi, jnp.float32), jnp.asarray(zt, jnp.float32), jnp.float32(t),
+                   jnp.float32(b), jnp.arange(10), jnp.ones(10, jnp.float32)))
+  np.testing.assert_allclose(plain, unmasked, rtol=1e-6)

@@ -24,8 +24,9 @@ from absl import flags
 from mmjax.data import demo, sources as sources_lib, transforms
 from mmjax.data.tokenizer import TextEncoder
 
-# What the train step reads; 'group' masks duplicates out of the loss (losses.contrastive).
-TRAIN_COLUMNS = ('image', 'tokens', 'mask', 'group')
+# What the train step reads: 'group' masks duplicates out of the loss, 'weight' scales each
+# example's terms (click inverse-propensity weights; 1 elsewhere); see losses.contrastive.
+TRAIN_COLUMNS = ('image', 'tokens', 'mask', 'group', 'weight')
 
 
 def batch_spec(config, *, text_pairs: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -7,6 +7,10 @@ without it; the unit tests check both, value and gradient, against a plain NumPy
 `groups` (optional, int [n]): pairs i != j with groups[i] == groups[j] are duplicates (the same
 image or caption twice in a batch); they are left out of the loss instead of being pushed apart
 as negatives.
+
+`weights` (optional, float [n]): example i's own terms (its image's row; for InfoNCE also its
+text's row) are scaled by weights[i], and the loss is normalised by sum(weights) instead of n.
+Click logs use them for inverse-propensity weighting (mmjax.data.convert).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def duplicate_mask(groups_a: jax.Array | None, groups_b: jax.Array | None,
 
 
 def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array, bias: jax.Array,
-                 groups: jax.Array | None = None) -> jax.Array:
+                 groups: jax.Array | None = None, weights: jax.Array | None = None) -> jax.Array:
   """SigLIP: every (image, text) pair is an independent binary classification.
 
   loss = -1/n * sum_ij log sigmoid(y_ij * (t * <zimg_i, ztxt_j> + b)), y_ij = +1 iff i == j.
@@ -38,11 +42,14 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array, bias:
   keep = duplicate_mask(groups, groups, eye)
   if keep is not None:
     nll = jnp.where(keep, nll, 0.0)
-  return jnp.sum(nll) / n
+  if weights is None:
+    return jnp.sum(nll) / n
+  return jnp.sum(nll * weights[:, None]) / jnp.sum(weights)
 
 
 def softmax_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array,
-                 bias: jax.Array | None = None, groups: jax.Array | None = None) -> jax.Array:
+                 bias: jax.Array | None = None, groups: jax.Array | None = None,
+                 weights: jax.Array | None = None) -> jax.Array:
   """Symmetric InfoNCE (CLIP): mean of image->text and text->image cross-entropies."""
   del bias
   zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
@@ -50,9 +57,11 @@ def softmax_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array,
   keep = duplicate_mask(groups, groups, jnp.eye(zimg.shape[0], dtype=bool))
   if keep is not None:
     logits = jnp.where(keep, logits, -jnp.inf)
-  i2t = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
-  t2i = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
-  return 0.5 * (i2t + t2i)
+  i2t = -jnp.diagonal(jax.nn.log_softmax(logits, axis=1))
+  t2i = -jnp.diagonal(jax.nn.log_softmax(logits, axis=0))
+  if weights is None:
+    return 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
+  return 0.5 * jnp.sum(weights * (i2t + t2i)) / jnp.sum(weights)
 
 
 LOSSES = {'sigmoid': sigmoid_loss, 'softmax': softmax_loss}

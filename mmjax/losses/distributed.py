@@ -40,8 +40,9 @@ def _vary(x: jax.Array, axis) -> jax.Array:
   return lax.pcast(x, axis, to='varying')
 
 
-def _sigmoid_block(zimg, t, b, ztxt, groups_img, groups_txt, diagonal: bool):
-  """Summed sigmoid NLL of local images vs one text block (positives on the diagonal iff local)."""
+def _sigmoid_block(zimg, t, b, ztxt, groups_img, groups_txt, diagonal: bool, weights=None):
+  """Summed sigmoid NLL of local images vs one text block (positives on the diagonal iff local);
+  `weights` [b] scale each image's row."""
   logits = t * (zimg @ ztxt.T) + b
   if diagonal:
     pos = jnp.eye(zimg.shape[0], dtype=bool)
@@ -50,10 +51,13 @@ def _sigmoid_block(zimg, t, b, ztxt, groups_img, groups_txt, diagonal: bool):
     pos = jnp.zeros(logits.shape, bool)
     nll = jax.nn.softplus(logits)  # -log sigmoid(-x)
   keep = contrastive.duplicate_mask(groups_img, groups_txt, pos)
-  return jnp.sum(nll if keep is None else jnp.where(keep, nll, 0.0))
+  if keep is not None:
+    nll = jnp.where(keep, nll, 0.0)
+  return jnp.sum(nll if weights is None else nll * weights[:, None])
 
 
-def _sigmoid_block_grads(zimg, t, b, ztxt, groups_img, groups_txt, diagonal: bool, g):
+def _sigmoid_block_grads(zimg, t, b, ztxt, groups_img, groups_txt, diagonal: bool, g,
+                         weights=None):
   """Gradients of g * _sigmoid_block w.r.t. (zimg, ztxt, t, b), written out so that only the
   [b, b] logits and their gradient are live (autodiff of the block keeps ~3x more)."""
   sim = zimg @ ztxt.T
@@ -68,7 +72,7 @@ def _sigmoid_block_grads(zimg, t, b, ztxt, groups_img, groups_txt, diagonal: boo
                                     pos if pos is not None else jnp.zeros(sim.shape, bool))
   if keep is not None:
     dlogits = jnp.where(keep, dlogits, 0.0)
-  dlogits = g * dlogits
+  dlogits = g * (dlogits if weights is None else dlogits * weights[:, None])
   return (t * (dlogits @ ztxt), t * (dlogits.T @ zimg), jnp.sum(dlogits * sim),
           jnp.sum(dlogits))
 
@@ -81,37 +85,39 @@ def _ring_sigmoid_sum(axis, n_dev: int):
     return jax.tree.map(lambda x: lax.ppermute(x, axis, perm), tree)
 
   @jax.custom_vjp
-  def ring(zimg, ztxt, t, b, groups):
-    return _fwd(zimg, ztxt, t, b, groups)[0]
+  def ring(zimg, ztxt, t, b, groups, weights):
+    return _fwd(zimg, ztxt, t, b, groups, weights)[0]
 
-  def _fwd(zimg, ztxt, t, b, groups):
+  def _fwd(zimg, ztxt, t, b, groups, weights):
+    def block_loss(block, diagonal):
+      return _sigmoid_block(zimg, t, b, block[0], groups, block[1], diagonal, weights)
+
     local = (ztxt, groups)
     visiting = pass_on(local)
-    total = _sigmoid_block(zimg, t, b, ztxt, groups, groups, diagonal=True)
+    total = block_loss(local, diagonal=True)
 
     def hop(_, carry):
       block, total = carry
       nxt = pass_on(block)  # in flight while this block is used
-      return nxt, total + _sigmoid_block(zimg, t, b, block[0], groups, block[1], diagonal=False)
+      return nxt, total + block_loss(block, diagonal=False)
 
     if n_dev > 2:
       visiting, total = lax.fori_loop(0, n_dev - 2, hop, (visiting, total))
     if n_dev > 1:
-      total = total + _sigmoid_block(zimg, t, b, visiting[0], groups, visiting[1],
-                                     diagonal=False)
-    return total, (zimg, ztxt, t, b, groups)
+      total = total + block_loss(visiting, diagonal=False)
+    return total, (zimg, ztxt, t, b, groups, weights)
 
   def _bwd(res, g):
-    zimg, ztxt, t, b, groups = res
+    zimg, ztxt, t, b, groups, weights = res
 
     def block_grads(block, diagonal):
       zt, gt = block
-      return _sigmoid_block_grads(zimg, t, b, zt, groups, gt, diagonal, g)
+      return _sigmoid_block_grads(zimg, t, b, zt, groups, gt, diagonal, g, weights)
 
     # Hop 0: the local block (it stays; its accumulator starts the ring).
     dzi, dzt_local, dt, db = block_grads((ztxt, groups), diagonal=True)
     if n_dev == 1:
-      return dzi, dzt_local, dt, db, None
+      return dzi, dzt_local, dt, db, None, None
     # Each visiting block travels with its gradient accumulator; after D - 1 hops the last
     # visitor came from device i - 1, and one more hop sends every accumulator back home.
     visiting, acc = pass_on(((ztxt, groups), dzt_local))
@@ -126,7 +132,7 @@ def _ring_sigmoid_sum(axis, n_dev: int):
       visiting, acc, dzi, dt, db = lax.fori_loop(0, n_dev - 2, hop, (visiting, acc, dzi, dt, db))
     gi, gzt, gt_, gb = block_grads(visiting, diagonal=False)
     dzt = pass_on(acc + gzt)
-    return dzi + gi, dzt, dt + gt_, db + gb, None
+    return dzi + gi, dzt, dt + gt_, db + gb, None, None
 
   ring.defvjp(_fwd, _bwd)
   return ring
@@ -159,7 +165,8 @@ def num_batch_shards(mesh: Mesh) -> int:
 
 
 def make_loss(kind: str, impl: str = 'auto', mesh: Mesh | None = None) -> LossFn:
-  """loss(zimg, ztxt, t, b, groups=None) on global [B, d] arrays sharded over the batch axes."""
+  """loss(zimg, ztxt, t, b, groups=None, weights=None) on global [B, d] arrays sharded over the
+  batch axes (`groups`, `weights`: [B], see `contrastive`)."""
   impl = resolve_impl(kind, impl, mesh)
   dense = contrastive.get(kind)
   if impl == 'dense':
@@ -167,13 +174,16 @@ def make_loss(kind: str, impl: str = 'auto', mesh: Mesh | None = None) -> LossFn
   axes = batch_axes(mesh)
   n_dev = num_batch_shards(mesh)
 
-  def local_loss(zimg, ztxt, t, b, groups):
+  def local_loss(zimg, ztxt, t, b, groups, weights):
     zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
     t, b = _vary(t, axes), _vary(b, axes)
     n = zimg.shape[0] * n_dev
+    # The normaliser: the number of examples, or their total weight.
+    norm = n if weights is None else lax.psum(jnp.sum(weights), axes)
+    row_w = (lambda x: x) if weights is None else (lambda x: x * weights[:, None])
     if impl == 'ring':
-      total = _ring_sigmoid_sum(axes, n_dev)(zimg, ztxt, t, b, groups)
-      return lax.psum(total, axes) / n
+      total = _ring_sigmoid_sum(axes, n_dev)(zimg, ztxt, t, b, groups, weights)
+      return lax.psum(total, axes) / norm
     # all_gather: this device's rows against the whole other tower.
     all_txt = lax.all_gather(ztxt, axes, tiled=True)
     all_groups = None if groups is None else lax.all_gather(groups, axes, tiled=True)
@@ -183,28 +193,29 @@ def make_loss(kind: str, impl: str = 'auto', mesh: Mesh | None = None) -> LossFn
     if kind == 'sigmoid':
       logits = t * (zimg @ all_txt.T) + b
       nll = -jax.nn.log_sigmoid(jnp.where(pos, logits, -logits))
-      total = jnp.sum(nll if keep is None else jnp.where(keep, nll, 0.0))
-      return lax.psum(total, axes) / n
+      total = jnp.sum(row_w(nll if keep is None else jnp.where(keep, nll, 0.0)))
+      return lax.psum(total, axes) / norm
     all_img = lax.all_gather(zimg, axes, tiled=True)
 
     def cross_entropy(q, keys):  # rows of q against all keys; the positive is at `rows`.
       logits = t * (q @ keys.T)
       if keep is not None:
         logits = jnp.where(keep, logits, -jnp.inf)
-      return -jnp.sum(jnp.where(pos, jax.nn.log_softmax(logits, axis=1), 0.0))
+      return -jnp.sum(row_w(jnp.where(pos, jax.nn.log_softmax(logits, axis=1), 0.0)))
 
     total = cross_entropy(zimg, all_txt) + cross_entropy(ztxt, all_img)
-    return lax.psum(total, axes) / (2 * n)
+    return lax.psum(total, axes) / (2 * norm)
 
   spec = P(axes)
 
-  def loss(zimg, ztxt, t, b=None, groups=None):
+  def loss(zimg, ztxt, t, b=None, groups=None, weights=None):
     b = jnp.zeros((), jnp.float32) if b is None else b
-    args, in_specs = [zimg, ztxt, t, b], [spec, spec, P(), P()]
-    if groups is not None:
-      args.append(groups)
-      in_specs.append(spec)
-    fn = lambda zi, zt, t, b, g=None: local_loss(zi, zt, t, b, g)
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=P())(*args)
+    extra = {k: v for k, v in (('groups', groups), ('weights', weights)) if v is not None}
+
+    def fn(zi, zt, t, b, extra):
+      return local_loss(zi, zt, t, b, extra.get('groups'), extra.get('weights'))
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P(), P(), {k: spec for k in extra}),
+                         out_specs=P())(zimg, ztxt, t, b, extra)
 
   return loss

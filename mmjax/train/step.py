@@ -73,7 +73,7 @@ def gradcache_loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opt
   zimg, ztxt = _from_micro(zimg, n), _from_micro(ztxt, n)
   (t, b), logit_vjp = jax.vjp(lambda p: apply_fn({'params': p}, method='logit_params'), params)
   loss, (dzimg, dztxt, dt, db) = jax.value_and_grad(opts.loss_fn, argnums=(0, 1, 2, 3))(
-      zimg, ztxt, t, b, batch.get('group'))
+      zimg, ztxt, t, b, batch.get('group'), batch.get('weight'))
 
   def accumulate(grads, xs):
     mb, gi, gt = xs
@@ -93,7 +93,8 @@ def loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opts: StepOpt
   def compute_loss(p):
     zimg, ztxt, t, b = apply_fn({'params': p}, *(batch[k] for k in PAIR_FIELDS), train=True,
                                 rngs={'dropout': rng})
-    return opts.loss_fn(zimg, ztxt, t, b, batch.get('group')), (t, b)
+    loss = opts.loss_fn(zimg, ztxt, t, b, batch.get('group'), batch.get('weight'))
+    return loss, (t, b)
 
   (loss, (t, b)), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
   return loss, grads, t, b
@@ -101,7 +102,7 @@ def loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opts: StepOpt
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
                opts: StepOptions) -> tuple[TrainState, dict[str, Any]]:
-  """One optimizer step on a global batch {'image', 'tokens', 'mask'[, 'group']}.
+  """One optimizer step on a global batch {'image', 'tokens', 'mask'[, 'group', 'weight']}.
 
   `rng` is the run's base key; the step key is fold_in(rng, step), so dropout is a pure function
   of (seed, step, example row) and a resumed run draws exactly the same masks.
