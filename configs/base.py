@@ -89,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'all_gather' (each device: its rows vs the gathered other tower, O(b*B)) | 'dense' (the
   # global [B, B] logits; the reference). b = batch_size / (data x fsdp).
   c.loss.impl = 'auto'
+  # Robust loss for noisy pairs: each step, this fraction of the batch whose image and caption
+  # agree least (lowest positive similarity = highest positive-pair loss) is left out of the loss.
+  c.loss.drop_noisy_fraction = 0.0
 
   # --- Optimizer -------------------------------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()

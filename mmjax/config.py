@@ -302,6 +302,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
   _one_of('loss.kind', config.loss.kind, LOSSES)
   _one_of('loss.impl', config.loss.impl, LOSS_IMPLS)
+  _require(0.0 <= config.loss.drop_noisy_fraction < 1.0,
+           f'config.loss.drop_noisy_fraction={config.loss.drop_noisy_fraction} must be in [0, 1).')
   _require(not (config.loss.impl == 'ring' and config.loss.kind != 'sigmoid'),
            f"config.loss.impl='ring' needs config.loss.kind='sigmoid' (got {config.loss.kind!r}); "
            "InfoNCE normalises over whole rows, use 'all_gather'.")

@@ -370,3 +370,10 @@ def test_micro_batches_that_divide_are_accepted(tiny_config):
   validate(with_values(tiny_config, {'batch_size': 32, 'micro_batches': 4}), num_devices=8)
   validate(with_values(tiny_config, {'batch_size': 32, 'micro_batches': 2, 'mesh.tensor': 2}),
            num_devices=8)  # 4 batch shards of 8 rows.
+
+
+@pytest.mark.parametrize('value', [-0.1, 1.0])
+def test_drop_noisy_fraction_range(value, tiny_config):
+  with pytest.raises(config_lib.ConfigError) as info:
+    validate(with_values(tiny_config, {'loss.drop_noisy_fraction': value}), num_devices=8)
+  assert f'config.loss.drop_noisy_fraction={value}' in str(info.value)

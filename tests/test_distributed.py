@@ -183,3 +183,25 @@ def test_ring_memory_is_per_block():
   assert temp['ring'] < 8 * b * b * 4  # a few [b, b] blocks
   assert temp['all_gather'] > b * n * 4  # at least one [b, B] block
   assert temp['all_gather'] > 3 * temp['ring']
+
+
+def test_robust_loss_drop_is_the_same_with_gradcache_and_across_devices():
+  """loss.drop_noisy_fraction ranks the whole global batch, whatever the split."""
+  config, model, params, batch, ref = _case('sigmoid')
+  config = config.copy_and_resolve_references()
+  config.loss.drop_noisy_fraction = 0.25
+
+  def run(shape, micro_batches):
+    mesh = _mesh(shape)
+    rules = mesh_lib.rules(config)
+    opts = step_lib.StepOptions(distributed.make_loss('sigmoid', 'auto', mesh), micro_batches,
+                                distributed.num_batch_shards(mesh), 0.25)
+    with mesh_lib.activate(mesh, rules):
+      fn = jax.jit(lambda p, b, r: step_lib.loss_and_grads(model.apply, p, b, r, opts)[:2])
+      loss, grads = fn(params, jax.device_put(batch, mesh_lib.batch_sharding(mesh)),
+                       jax.random.key(7))
+    return float(loss), jax.device_get(grads)
+
+  plain = run((1, 1, 1), 1)
+  assert abs(plain[0] - ref[0]) > 1e-3  # Dropping a quarter of the pairs changes the loss.
+  _assert_close(run((8, 1, 1), 2), plain)

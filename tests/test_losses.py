@@ -319,3 +319,23 @@ def test_duplicate_groups_and_weights_match_reference(kind):
   plain = float(fn(jnp.asarray(zi, jnp.float32), jnp.asarray(zt, jnp.float32), jnp.float32(t),
                    jnp.float32(b), jnp.arange(10), jnp.ones(10, jnp.float32)))
   np.testing.assert_allclose(plain, unmasked, rtol=1e-6)
+
+
+def test_drop_noisy_pairs_leaves_out_the_least_agreeing_pairs():
+  rng = np.random.default_rng(5)
+  zi = _unit_rows(rng, 8, 6)
+  zt = zi.copy()
+  zt[[2, 5]] = _unit_rows(rng, 2, 6)  # Two mislabelled pairs: image and caption disagree.
+  w = np.asarray(contrastive.drop_noisy_pairs(jnp.asarray(zi), jnp.asarray(zt), 0.25))
+  np.testing.assert_array_equal(np.where(w == 0)[0], [2, 5])
+  assert np.all(w[w != 0] == 1.0)
+  base = jnp.full((8,), 2.0).at[0].set(0.5)  # Existing (e.g. click) weights are kept.
+  w2 = np.asarray(contrastive.drop_noisy_pairs(jnp.asarray(zi), jnp.asarray(zt), 0.25, base))
+  np.testing.assert_array_equal(w2, np.where(w == 0, 0.0, np.asarray(base)))
+  assert np.all(np.asarray(contrastive.drop_noisy_pairs(zi, zt, 0.1)) == 1.0)  # 0.1 * 8 < 1
+  # The robust loss is the loss of the kept pairs' rows, and smaller than the plain one.
+  args = (jnp.asarray(zi), jnp.asarray(zt), jnp.float32(5.0), jnp.float32(-2.0))
+  robust = float(contrastive.sigmoid_loss(*args, weights=jnp.asarray(w)))
+  np.testing.assert_allclose(robust, np_sigmoid_loss_masked(zi, zt, 5.0, -2.0, np.arange(8), w),
+                             rtol=1e-5)
+  assert robust < float(contrastive.sigmoid_loss(*args))

@@ -64,6 +64,25 @@ def softmax_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array,
   return 0.5 * jnp.sum(weights * (i2t + t2i)) / jnp.sum(weights)
 
 
+def drop_noisy_pairs(zimg: jax.Array, ztxt: jax.Array, fraction: float,
+                     weights: jax.Array | None = None) -> jax.Array:
+  """Robust-loss weights: the `fraction` of the batch whose positive pair agrees least is dropped.
+
+  Ranked by the positive similarity <zimg_i, ztxt_i>. For the sigmoid loss that is exactly the
+  pairs with the highest positive-pair loss (-log sigmoid(t s_ii + b) falls as s_ii rises); for
+  InfoNCE it is the same ranking without the normaliser. Returns float [n] weights (the given
+  `weights`, or ones, with the dropped rows zeroed). The selection carries no gradient.
+  """
+  n = zimg.shape[0]
+  weights = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+  k = int(fraction * n)
+  if k == 0:
+    return weights
+  sim = jax.lax.stop_gradient(jnp.sum(zimg.astype(jnp.float32) * ztxt.astype(jnp.float32), -1))
+  dropped = jnp.zeros((n,), bool).at[jnp.argsort(sim)[:k]].set(True)
+  return jnp.where(dropped, 0.0, weights)
+
+
 LOSSES = {'sigmoid': sigmoid_loss, 'softmax': softmax_loss}
 
 

@@ -17,7 +17,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from mmjax.losses import distributed
+from mmjax.losses import contrastive, distributed
 from mmjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -31,6 +31,13 @@ class StepOptions:
   loss_fn: Callable[..., jax.Array]
   micro_batches: int = 1  # GradCache micro-batches per device (1: plain backprop).
   num_shards: int = 1  # Devices the batch is split over (data x fsdp).
+  drop_noisy_fraction: float = 0.0  # Robust loss: share of each batch left out (see below).
+
+  def weights(self, zimg, ztxt, batch: Batch):
+    """The loss's per-example weights: the batch's `weight` column, robust-loss drops applied."""
+    if not self.drop_noisy_fraction:
+      return batch.get('weight')
+    return contrastive.drop_noisy_pairs(zimg, ztxt, self.drop_noisy_fraction, batch.get('weight'))
 
 
 def _embed(apply_fn, params, micro: Batch, rng: jax.Array):
@@ -73,7 +80,7 @@ def gradcache_loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opt
   zimg, ztxt = _from_micro(zimg, n), _from_micro(ztxt, n)
   (t, b), logit_vjp = jax.vjp(lambda p: apply_fn({'params': p}, method='logit_params'), params)
   loss, (dzimg, dztxt, dt, db) = jax.value_and_grad(opts.loss_fn, argnums=(0, 1, 2, 3))(
-      zimg, ztxt, t, b, batch.get('group'), batch.get('weight'))
+      zimg, ztxt, t, b, batch.get('group'), opts.weights(zimg, ztxt, batch))
 
   def accumulate(grads, xs):
     mb, gi, gt = xs
@@ -93,7 +100,7 @@ def loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opts: StepOpt
   def compute_loss(p):
     zimg, ztxt, t, b = apply_fn({'params': p}, *(batch[k] for k in PAIR_FIELDS), train=True,
                                 rngs={'dropout': rng})
-    loss = opts.loss_fn(zimg, ztxt, t, b, batch.get('group'), batch.get('weight'))
+    loss = opts.loss_fn(zimg, ztxt, t, b, batch.get('group'), opts.weights(zimg, ztxt, batch))
     return loss, (t, b)
 
   (loss, (t, b)), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
@@ -119,7 +126,8 @@ def make_options(config, mesh) -> StepOptions:
   return StepOptions(
       loss_fn=distributed.make_loss(config.loss.kind, config.loss.impl, mesh),
       micro_batches=config.micro_batches,
-      num_shards=distributed.num_batch_shards(mesh))
+      num_shards=distributed.num_batch_shards(mesh),
+      drop_noisy_fraction=config.loss.drop_noisy_fraction)
 
 
 def jit_train_step(state_shardings, batch_sharding, replicated, opts: StepOptions):
