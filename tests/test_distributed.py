@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,14 +76,9 @@ def _case(kind):
   batch = _batch(config)
   params = jax.jit(model.init)({'params': jax.random.key(0)},
                                *(batch[k][:1] for k in step_lib.PAIR_FIELDS))['params']
-  params = jax.device_get(nn_unbox(params))
+  params = jax.device_get(nn.unbox(params))
   ref = _loss_and_grads(config, model, params, batch, _mesh((1, 1, 1)), 1, 'dense')
   return config, model, params, batch, ref
-
-
-def nn_unbox(tree):
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  return nn.unbox(tree)
 
 
 def _assert_close(got, ref):
