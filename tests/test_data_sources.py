@@ -273,6 +273,31 @@ def test_checkpointed_iterator_resumes_identical_batches(tiny_config, encoder, t
   assert_same([next(fresh) for _ in range(2)], expected)
 
 
+def test_duplicates_are_linked_across_processes(tiny_config, encoder, tmp_path):
+  """Two processes' rows that share only a group id (not a caption or image) get one `group`
+  value, the same as in the one-process batch; `gather` stands in for process_allgather."""
+  cfg = records_config(tiny_config, ingest(tmp_path / 'a', 32, captions_per=1, group_every=4))
+  cfg.batch_size = 32  # The whole dataset in one batch.
+  single = take(cfg, encoder, 1)[0]
+  shards = [take(cfg, encoder, 1, process_index=p, process_count=2)[0] for p in range(2)]
+  assert all('group' not in b and 'caption_key' in b for b in shards)  # Keys kept for linking.
+
+  def gather(tree):
+    return {k: np.stack([b[k].astype(np.int32) for b in shards]) for k in tree}
+
+  linked = [pipeline.link_duplicates(shards[p], p, gather) for p in range(2)]
+  group_of = {bytes(i): g for i, g in zip(single['image'], single['group'])}
+  across = 0
+  for p in range(2):
+    assert 'caption_key' not in linked[p]
+    for image, group in zip(linked[p]['image'], linked[p]['group']):
+      assert group == group_of[bytes(image)]
+    across += len(set(linked[p]['group']) & set(linked[1 - p]['group']))
+  assert across > 0  # Some group spans both processes' rows.
+  one = take(cfg, encoder, 1)[0]
+  assert pipeline.link_duplicates(one, 0) is one  # One process: grouped in the pipeline.
+
+
 @pytest.mark.slow
 def test_training_runs_on_ingested_records(tiny_config, tmp_path):
   """The loop end to end on a records source; its tokenizer is trained on that source."""

@@ -15,7 +15,7 @@ num_hard_negatives): see `batch_spec`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import numpy as np
@@ -68,6 +68,31 @@ def _text_pairs(srcs) -> bool:
 def is_text_pairs(config) -> bool:
   """Whether the run's sources hold text-text pairs (query, text) rather than image-text."""
   return _text_pairs(make_sources(config)[1])
+
+
+def link_duplicates(local: dict[str, np.ndarray], process_index: int,
+                    gather: Callable[[Any], Any] | None = None) -> dict[str, np.ndarray]:
+  """This process's batch with `group` computed over the *global* batch's duplicate keys.
+
+  `gather(tree)` returns every process's copy of `tree` stacked on a new leading axis, in
+  process order (default `multihost_utils.process_allgather`: 24 bytes per row). Rows of
+  different processes that share a group id, an image or a caption are then linked, as they are
+  within one process. A batch without the key columns (one process: grouped in the pipeline) is
+  returned as is.
+  """
+  if not all(k in local for k in transforms.KEY_COLUMNS):
+    return local
+  if gather is None:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    gather = multihost_utils.process_allgather
+  # Hashes are 31-bit (-1: none), so int32 carries them through JAX's default dtypes.
+  keys = gather({k: local[k].astype(np.int32) for k in transforms.KEY_COLUMNS})
+  keys = {k: np.asarray(v, np.int64) for k, v in keys.items()}
+  num_processes, rows = keys['caption_key'].shape[:2]
+  groups = transforms.assign_groups({k: v.reshape(-1) for k, v in keys.items()})['group']
+  out = {k: v for k, v in local.items() if k not in transforms.KEY_COLUMNS}
+  out['group'] = groups.reshape(num_processes, rows)[process_index]
+  return out
 
 
 def make_sources(config) -> tuple[list[sources_lib.SourceSpec], list[Any]]:
@@ -132,7 +157,10 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
     ds = ds[process_index::process_count]
     it = transforms.SkipCorrupt(ds.to_iter_dataset(read), data.max_skip_fraction)
     it = it.batch(local_batch, drop_remainder=True)
-  it = it.map(transforms.assign_groups)
+  if process_count == 1:
+    it = it.map(transforms.assign_groups)
+  # With several processes the duplicate keys stay in the batch: `link_duplicates` groups them
+  # over every process's rows before the step.
   if data.num_workers > 0:
     # Grain's worker processes read absl flags; outside `absl.app` (notebooks, tests) nothing
     # parsed them yet.

@@ -201,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   step = start
   try:
     while step < config.total_steps:
-      local = next(data_iter)
+      local = pipeline.link_duplicates(next(data_iter), jax.process_index())
       batch = mesh_lib.global_batch({k: local[k] for k in columns}, run.mesh)
       state, metrics = compiled(state, batch, rng)
       step += 1
