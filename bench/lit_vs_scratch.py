@@ -16,12 +16,11 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from provenance import REPO, cpu_model, git_revision
 RUNS = {'lit': 'configs/lit_minilm.py', 'scratch': 'configs/demo.py'}
 METRICS = ('i2t/recall@1', 't2i/recall@1', 'i2t/recall@10', 't2i/recall@10', 'i2t/mrr', 't2i/mrr')
 
@@ -49,13 +48,6 @@ def summary(workdir: pathlib.Path) -> dict:
           'pairs_per_sec': sum(r['train/pairs_per_sec'] for r in train_rows) / len(train_rows)}
 
 
-def commit() -> str:
-  rev = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
-                       text=True).stdout.strip()
-  dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD'], cwd=REPO).returncode
-  return rev + ('-dirty' if dirty else '')
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--steps', type=int, default=200)
@@ -74,8 +66,8 @@ def main() -> None:
 
   lines = [f'## lit_vs_scratch: configs/lit_minilm.py vs configs/demo.py '
            f'({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)', '',
-           f'- commit: `{commit()}`',
-           f'- machine: {platform.processor() or platform.machine()} ({os.cpu_count()} cores), '
+           f'- commit: `{git_revision()}`',
+           f'- machine: {cpu_model()} ({os.cpu_count()} cores), '
            f'load average {os.getloadavg()[0]:.1f} at the end',
            f'- budget: {args.steps} steps x batch {args.batch} for both; overrides '
            f'`{" ".join(overrides(args.steps, args.batch))}`']

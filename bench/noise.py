@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mmjax.data import demo, prepare  # noqa: E402  pylint: disable=wrong-import-position
+from provenance import cpu_model, git_revision  # noqa: E402  pylint: disable=wrong-import-position
 
 METRICS = ('i2t/recall@1', 't2i/recall@1', 'i2t/recall@10', 't2i/recall@10')
 RUNS = ('clean', 'noisy', 'dedup', 'robust_loss', 'score_filter')
@@ -109,13 +109,6 @@ def precision(data: pathlib.Path, name: str, bad: np.ndarray) -> float:
   return float(bad[dropped].mean()) if dropped.any() else float('nan')
 
 
-def commit() -> str:
-  rev = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
-                       text=True).stdout.strip()
-  dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD'], cwd=REPO).returncode
-  return rev + ('-dirty' if dirty else '')
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--n', type=int, default=6000)
@@ -161,8 +154,8 @@ def main() -> None:
   ev = {name: json.loads((root / name / 'eval.json').read_text()) for name in RUNS}
   lines = [f'## noise: remedies for mislabelled and duplicated pairs, on/off '
            f'({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)', '',
-           f'- commit: `{commit()}`',
-           f'- machine: {platform.processor() or platform.machine()} ({os.cpu_count()} cores), '
+           f'- commit: `{git_revision()}`',
+           f'- machine: {cpu_model()} ({os.cpu_count()} cores), '
            f'load average {os.getloadavg()[0]:.1f} at the end',
            f'- data: {args.n} demo scenes; {info["mislabelled"]} ({args.noise:.0%}) get another '
            f'scene\'s captions; {info["copies"]} exact copies appended '

@@ -21,8 +21,6 @@ import contextlib
 import datetime
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 
@@ -43,6 +41,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mmjax.models import TwoTower  # noqa: E402
+from provenance import cpu_model, git_revision  # noqa: E402  pylint: disable=unused-import
 from mmjax.parallel import mesh as mesh_lib  # noqa: E402
 from mmjax.train import loop, optim, state as state_lib, step as step_lib  # noqa: E402
 
@@ -151,27 +150,6 @@ def matmul_peak(n: int, runs: int) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------
 # Provenance.
-
-
-def git_revision() -> str:
-  try:
-    rev = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO,
-                           check=True, capture_output=True, text=True).stdout.strip()
-    return rev + ('-dirty' if dirty else '')
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-
-
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict[str, str]:
