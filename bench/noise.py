@@ -159,7 +159,7 @@ def main() -> None:
            f'load average {os.getloadavg()[0]:.1f} at the end',
            f'- data: {args.n} demo scenes; {info["mislabelled"]} ({args.noise:.0%}) get another '
            f'scene\'s captions; {info["copies"]} exact copies appended '
-           f'({len(info["bad"])} noisy pairs in all)',
+           f'({int(info["bad"].sum())} noisy of {len(info["bad"])} pairs)',
            f'- budget: configs/demo.py, {args.steps} steps x batch {args.batch} for every run; '
            'eval: 1000 demo validation pairs (chance R@1 0.001)']
   if args.note:
