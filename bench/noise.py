@@ -76,8 +76,11 @@ def make_data(root: pathlib.Path, n: int, noise: float, dup: float, seed: int) -
   return {'bad': bad, 'mislabelled': int(len(mislabelled)), 'copies': int(len(copies))}
 
 
+EXTRA: list[str] = []  # --override flags, passed to every run.
+
+
 def overrides(steps: int, batch: int, data: pathlib.Path, keep: str = '') -> list[str]:
-  out = [f'--config.total_steps={steps}', f'--config.batch_size={batch}',
+  out = [*EXTRA, f'--config.total_steps={steps}', f'--config.batch_size={batch}',
          f'--config.eval.every_steps={steps}', f'--config.checkpoint.every_steps={steps}',
          '--config.log_every_steps=20', '--config.data.name=records',
          f'--config.data.path={data}']
@@ -120,7 +123,10 @@ def main() -> None:
   p.add_argument('--root', default='runs/noise_bench')
   p.add_argument('--note', default='')
   p.add_argument('--noappend', action='store_true')
+  p.add_argument('--override', action='append', default=[],
+                 help='A config override for every run, e.g. --override=--config.seed=1.')
   args = p.parse_args()
+  EXTRA.extend(args.override)
   root = pathlib.Path(args.root).absolute()
   info = make_data(root / 'data', args.n, args.noise, args.dup, args.seed)
   clean, noisy = root / 'data' / 'clean', root / 'data' / 'noisy'
@@ -160,7 +166,8 @@ def main() -> None:
            f'- data: {args.n} demo scenes; {info["mislabelled"]} ({args.noise:.0%}) get another '
            f'scene\'s captions; {info["copies"]} exact copies appended '
            f'({int(info["bad"].sum())} noisy of {len(info["bad"])} pairs)',
-           f'- budget: configs/demo.py, {args.steps} steps x batch {args.batch} for every run; '
+           f'- budget: configs/demo.py {" ".join(args.override)}, {args.steps} steps x batch '
+           f'{args.batch} for every run; '
            'eval: 1000 demo validation pairs (chance R@1 0.001)']
   if args.note:
     lines.append(f'- note: {args.note}')
