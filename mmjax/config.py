@@ -75,6 +75,56 @@ class TextConfig(TransformerConfig):
     return self.num_positions or self.max_len
 
 
+# jax.checkpoint_policies a remat'ed decoder layer may use (what it keeps for the backward pass).
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'everything_saveable')
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """A Llama/Qwen2-style decoder (mmjax.models.decoder): RMSNorm, RoPE, SwiGLU, grouped-query
+  attention. Checked on construction, so an impossible shape fails before any compute."""
+
+  vocab_size: int = 32_000
+  width: int = 256  # hidden_size.
+  depth: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4  # < num_heads: grouped-query attention; 1: multi-query.
+  head_dim: int = 0  # 0: width // num_heads.
+  mlp_dim: int = 1024  # intermediate_size.
+  rope_theta: float = 10_000.0
+  rms_eps: float = 1e-6
+  max_len: int = 512  # Context length: longer inputs are refused.
+  qkv_bias: bool = False  # Qwen2: biases on q/k/v (not on the output projection).
+  scan_layers: bool = False  # nn.scan over layers: one compiled layer, parameters stacked.
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'  # One of REMAT_POLICIES.
+  dropout: float = 0.0  # Residual dropout (per example, see layers.Dropout).
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim',
+                 'max_len'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'DecoderConfig.{name}={getattr(self, name)} must be positive.')
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(f'DecoderConfig.num_heads={self.num_heads} is not a multiple of '
+                        f'num_kv_heads={self.num_kv_heads} (grouped-query attention).')
+    if not self.head_dim and self.width % self.num_heads:
+      raise ConfigError(f'DecoderConfig.width={self.width} is not divisible by num_heads='
+                        f'{self.num_heads}; set head_dim.')
+    if self.dim_per_head % 2:
+      raise ConfigError(f'DecoderConfig head dimension {self.dim_per_head} must be even (RoPE).')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f'DecoderConfig.remat_policy={self.remat_policy!r} is not one of '
+                        f'{", ".join(REMAT_POLICIES)}.')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f'DecoderConfig.dropout={self.dropout} must be in [0, 1).')
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.width // self.num_heads
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   image: ViTConfig
