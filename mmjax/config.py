@@ -168,6 +168,7 @@ CPU_COLLECTIVES = ('gloo', 'mpi')
 NORMS = ('pre', 'post')
 ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu', 'relu')
 MESH_AXES = ('data', 'fsdp', 'tensor')
+MODEL_KINDS = ('two_tower', 'llm_embedder')
 
 
 def default_temperature_init(loss: str) -> float:
@@ -379,6 +380,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _one_of('model.image_head', config.model.image_head, ('',) + HEADS)
   _one_of('model.text_head', config.model.text_head, ('',) + HEADS)
   _validate_transfer(config)
+  _one_of('model.kind', config.model.kind, MODEL_KINDS)
+  if config.model.kind == 'llm_embedder':
+    _validate_llm_embedder(config)
   _positive('model.image.patch_size', img.patch_size)
   _require(len(img.pixel_mean) == len(img.pixel_std) and len(img.pixel_mean) in (0, 3)
            and all(s > 0 for s in img.pixel_std),
@@ -443,6 +447,28 @@ def _validate_distributed(d) -> None:
   _require(0 <= d.process_id < d.num_processes,
            f'config.distributed.process_id={d.process_id} must be in [0, '
            f'config.distributed.num_processes={d.num_processes}).')
+
+
+def _validate_llm_embedder(config) -> None:
+  """model.llm, model.decoder and data.llm (docs/llm_embedder.md); the typed config checks the
+  shapes."""
+  from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
+
+  llm = config.data.llm
+  _one_of('data.llm.pad_side', llm.pad_side, ('right', 'left'))
+  for group in ('weights', 'instructions'):
+    keys = sorted(llm[group].keys())
+    _require(keys == sorted(llm_embedder.TASKS),
+             f'config.data.llm.{group} has keys {keys}; expected {sorted(llm_embedder.TASKS)}.')
+  _require(all(w >= 0 for w in llm.weights.values()) and sum(llm.weights.values()) > 0,
+           f'config.data.llm.weights={dict(llm.weights)} must be >= 0 and not all 0.')
+  _require(config.loss.kind == 'softmax',
+           f"config.loss.kind={config.loss.kind!r}: the LLM embedder trains with InfoNCE at a "
+           "fixed temperature; set config.loss.kind='softmax'.")
+  try:
+    llm_embedder.from_run_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e) if str(e).startswith('config.') else f'config.{e}') from e
 
 
 def _validate_transfer(config) -> None:

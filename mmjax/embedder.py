@@ -126,3 +126,68 @@ def load_embedder(path: str | pathlib.Path, *, batch_size: int = 256,
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(path / 'params', target)
   return Embedder(model_config, params, encoder, mesh=mesh, batch_size=batch_size)
+
+
+class MultimodalEmbedder(Embedder):
+  """The LLM embedder's runner: embeds (text with image placeholders, images) inputs.
+
+  `embed_queries(task, contents, images)` prefixes the task's instruction, `embed_candidates`
+  the candidate instruction; `embed_images` / `embed_texts` embed plain candidates (an image
+  alone, a text alone), so the dual encoder's evaluators run on it too. Inputs are checked on
+  the host (`mmjax.data.llm_tasks.MultimodalEncoder`): placeholders must match the images and
+  fit the context.
+  """
+
+  def __init__(self, model_config, params: Any, encoder, instructions, mesh: Mesh | None = None,
+               batch_size: int = 256):
+    from mmjax.models.llm_embedder import LLMEmbedder  # pylint: disable=import-outside-toplevel
+    self.config, self.params, self.encoder = model_config, params, encoder
+    self.instructions = instructions
+    self.model = LLMEmbedder(model_config)
+    self.mesh = mesh or mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+    shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    self.batch_size = -(-batch_size // shards) * shards
+    self._batch_sharding = mesh_lib.batch_sharding(self.mesh)
+    self._embed = jax.jit(
+        lambda p, t, m, x: self.model.apply({'params': p}, t, m, x, method=LLMEmbedder.embed),
+        in_shardings=(None,) + (self._batch_sharding,) * 3,
+        out_shardings=mesh_lib.replicated(self.mesh))
+
+  @property
+  def embed_dim(self) -> int:
+    return self.config.embed_dim
+
+  def embed(self, texts: Sequence[str], images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """[N, embed_dim] of texts whose placeholders take `images[i]` (a list per text), in order."""
+    if len(texts) != len(images):
+      raise ValueError(f'{len(texts)} texts but {len(images)} image lists.')
+    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
+    enc, size = self.encoder, self.config.image.image_size
+    rows = [enc(t, len(ims)) for t, ims in zip(texts, images)]
+    tokens = np.stack([r[0] for r in rows]) if rows else np.zeros((0, enc.max_len), np.int32)
+    mask = np.stack([r[1] for r in rows]) if rows else tokens
+    pixels = np.stack([llm_tasks.stack_images(ims, enc.max_images, size) for ims in images]) \
+        if rows else np.zeros((0, enc.max_images, size, size, 3), np.uint8)
+    out = [np.asarray(self._embed(self.params, t, m, x))[:valid]
+           for (t, m, x), valid in self._batches([tokens, mask, pixels])]
+    return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+  def embed_queries(self, task: str, contents: Sequence[str],
+                    images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    from mmjax.data.llm_tasks import format_text  # pylint: disable=import-outside-toplevel
+    instruction = self.instructions.query[task]
+    return self.embed([format_text(instruction, c) for c in contents], images)
+
+  def embed_candidates(self, contents: Sequence[str],
+                       images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    from mmjax.data.llm_tasks import format_text  # pylint: disable=import-outside-toplevel
+    return self.embed([format_text(self.instructions.candidate, c) for c in contents], images)
+
+  def embed_images(self, images: np.ndarray) -> np.ndarray:
+    return self.embed_candidates([self.encoder.image_token] * len(images),
+                                 [[x] for x in np.asarray(images)])
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    if isinstance(texts, str):
+      raise TypeError('embed_texts takes a list of strings, got one string.')
+    return self.embed_candidates(list(texts), [[] for _ in texts])

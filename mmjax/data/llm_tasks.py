@@ -193,6 +193,38 @@ def modify(scene: demo.Scene, rng: np.random.Generator) -> tuple[demo.Scene, str
   return demo.Scene(scene.background, objs[:i] + (new,) + objs[i + 1:]), text
 
 
+def scene_from_key(key: str) -> demo.Scene:
+  """The inverse of `demo.Scene.key()`."""
+  background, objs = key.split('|')
+  return demo.Scene(background, tuple(
+      demo.SceneObject(position=p, size=z, colour=c, shape=h)
+      for p, z, c, h in (o.split(',') for o in objs.split(';'))))
+
+
+def composed_eval_set(scene_keys: Sequence[str], image_size: int, seed: int,
+                      num: int) -> dict[str, Any]:
+  """Composed retrieval queries on validation scenes: the first `num` scenes of `scene_keys`
+  that have a validation-split edit whose result is no other scene of the set and no other
+  target. Returns 'sources' (indices into scene_keys), 'texts' (edit instructions with the image
+  placeholder left to the caller) and 'targets' uint8 [n, S, S, 3]. Deterministic."""
+  rng = np.random.default_rng([_SALT, seed, 5])
+  taken = set(scene_keys)
+  sources, texts, targets = [], [], []
+  for i, key in enumerate(scene_keys):
+    if len(sources) == num:
+      break
+    pair = _composed_pair(scene_from_key(key), 'validation', rng)
+    if pair is None or pair[0].key() in taken:
+      continue
+    taken.add(pair[0].key())
+    sources.append(i)
+    texts.append(pair[1])
+    targets.append(demo.render(pair[0], image_size, rng))
+  return {'sources': np.asarray(sources, np.int64), 'texts': texts,
+          'targets': np.stack(targets) if targets else np.zeros((0, image_size, image_size, 3),
+                                                                 np.uint8)}
+
+
 def mutations(scene: demo.Scene, split: str, rng: np.random.Generator, k: int) -> list[demo.Scene]:
   """Up to `k` distinct scenes of `split` that differ from `scene` in one attribute of one object
   (the hard negatives of the demo tasks)."""

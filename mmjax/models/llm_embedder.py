@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.config import DecoderConfig, ViTConfig
-from mmjax.data.llm_tasks import IMAGE_SLOT
+from mmjax.data.llm_tasks import IMAGE_SLOT, TASKS
 from mmjax.models import layers, poolers
 from mmjax.models.decoder import Decoder, positions_from_mask
 from mmjax.models.two_tower import l2_normalize, normalize_images
@@ -93,6 +93,17 @@ class LLMEmbedderConfig:
     image = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop('image').items()}
     return cls(image=ViTConfig(**image), decoder=DecoderConfig(**d.pop('decoder')),
                **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def from_run_config(config) -> LLMEmbedderConfig:
+  """The typed config of a run config with model.kind='llm_embedder'."""
+  m = config.model
+  llm = {k: tuple(v) if isinstance(v, list) else v for k, v in m.llm.to_dict().items()
+         if k not in ('image_token', 'eos_token')}
+  image = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in m.image.to_dict().items()})
+  return LLMEmbedderConfig(image=image, decoder=DecoderConfig(**m.decoder.to_dict()),
+                           dtype=m.dtype, param_dtype=m.param_dtype, **llm)
 
 
 def merge_patches(x: jax.Array, merge: int) -> jax.Array:
