@@ -1,12 +1,19 @@
 """The Llama/Qwen2-style decoder tower (mmjax.models.decoder): padding invariance, causality,
-grouped-query attention, scan == loop, parameter counts, axis names and refusals.
+grouped-query attention, scan == loop, parameter counts, axis names and refusals; its Llama/Qwen2
+import (mmjax.hf.llama): parity with `transformers` fixtures, round trip and refusals.
 
 Parameters are filled from NumPy over `jax.eval_shape` shapes (no PRNG init to compile).
 """
 
 import dataclasses
 import functools
+import json
 import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -14,9 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
+from mmjax import hf
 from mmjax.config import ConfigError, DecoderConfig
 from mmjax.models import decoder as decoder_lib
+from mmjax.models.decoder import Decoder
 
 B, L, VOCAB = 3, 9, 40
 LENGTHS = (3, 9, 6)
@@ -27,16 +37,11 @@ SMALL = DecoderConfig(vocab_size=VOCAB, width=32, depth=2, num_heads=4, num_kv_h
 @functools.lru_cache(maxsize=None)
 def abstract(cfg: DecoderConfig):
   ids = jnp.zeros((1, 4), jnp.int32)
-  return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), ids, method=_run_ids))
+  return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids),
+                                                  method=Decoder.encode_ids))
 
 
-def Decoder(cfg):  # noqa: N802 - a constructor.
-  return decoder_lib.Decoder(cfg)
-
-
-def _run_ids(m, ids, mask=None, positions=None):
-  mask = jnp.ones_like(ids) if mask is None else mask
-  positions = decoder_lib.positions_from_mask(mask) if positions is None else positions
+def _run(m, ids, mask, positions):
   return m(m.embed_tokens(ids), mask, positions)
 
 
@@ -52,7 +57,7 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_cpu_use_fusion_emitter
 @functools.lru_cache(maxsize=None)
 def jitted(cfg: DecoderConfig):
   return jax.jit(lambda p, i, m, pos: Decoder(cfg).apply({'params': p}, i, m, pos,
-                                                         method=_run_ids),
+                                                         method=_run),
                  compiler_options=FAST_COMPILE)
 
 
@@ -164,3 +169,98 @@ def test_refusals():
   too_long = np.ones((1, SMALL.max_len + 1), np.int32)
   with pytest.raises(ValueError, match='exceeds the decoder context max_len=16'):
     hidden(SMALL, params, too_long, too_long)
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama / Qwen2 import (mmjax.hf.llama): parity with `transformers`, round trip, refusals.
+# The fixtures (tiny random LlamaForCausalLM and Qwen2Model checkpoints with the transformers
+# outputs on fixed inputs) were written by tools/make_hf_fixtures.py.
+
+FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'hf'
+
+
+def real_rows(h, mask):
+  return [h[i][mask[i] == 1] for i in range(len(h))]
+
+
+@pytest.mark.parametrize('name', ['llama', 'qwen2'])
+def test_parity_with_transformers(name):
+  ckpt = hf.load_decoder(FIXTURES / name)
+  ref = np.load(FIXTURES / name / 'reference.npz')
+  cfg = ckpt.config
+  assert cfg.num_kv_heads < cfg.num_heads and cfg.qkv_bias == (name == 'qwen2')
+  assert (ckpt.prefix, sorted(ckpt.unused)) == (
+      ('model.', ['lm_head.weight']) if name == 'llama' else ('', []))
+  ids, mask = ref['input_ids'].astype(np.int32), ref['attention_mask'].astype(np.int32)
+  h = hidden(cfg, ckpt.params, ids, mask)
+  for got, want in zip(real_rows(h, mask), real_rows(ref['last_hidden_state'], mask)):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # The left-padded batch, with positions from the mask (HF was given the same position_ids).
+  ids_l, left = ref['left_input_ids'].astype(np.int32), ref['left_attention_mask'].astype(np.int32)
+  np.testing.assert_array_equal(decoder_lib.positions_from_mask(left), ref['left_position_ids'])
+  h_l = hidden(cfg, ckpt.params, ids_l, left)
+  for got, want in zip(real_rows(h_l, left), real_rows(ref['left_last_hidden_state'], left)):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_round_trip_is_exact_in_both_layouts(tmp_path):
+  ckpt = hf.load_decoder(FIXTURES / 'llama')
+  scanned = dataclasses.replace(ckpt.config, scan_layers=True)
+  hf.save_decoder(tmp_path, ckpt, ckpt.params_for(scanned))
+  original = load_file(FIXTURES / 'llama' / 'model.safetensors')
+  written = load_file(tmp_path / 'model.safetensors')
+  assert sorted(original) == sorted(written)
+  for k in original:
+    np.testing.assert_array_equal(original[k], written[k], err_msg=k)
+  assert json.loads((tmp_path / 'config.json').read_text()) == ckpt.hf_config
+  with pytest.raises(hf.CheckpointError, match='lora_a'):
+    extra = {**ckpt.params, 'layers_0': {**ckpt.params['layers_0'], 'lora_a': np.zeros(2)}}
+    hf.save_decoder(tmp_path, ckpt, extra)
+
+
+def broken_copy(tmp_path, name='qwen2', tensors=None, **config):
+  src = FIXTURES / name
+  shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+  c = json.loads((src / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps({**c, **config}))
+  if tensors is not None:
+    save_file(tensors(load_file(src / 'model.safetensors')), tmp_path / 'model.safetensors')
+  return tmp_path
+
+
+def _drop_and_add(t):
+  t = dict(t)
+  del t['layers.1.self_attn.k_proj.bias']
+  t['layers.0.self_attn.rotary_emb.extra'] = np.zeros(3, np.float32)
+  t['norm.weight'] = np.zeros(5, np.float32)
+  return t
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(tensors=_drop_and_add),
+     r'missing tensors: layers.1.self_attn.k_proj.bias \| unknown tensors: '
+     r'layers.0.self_attn.rotary_emb.extra \| shape mismatches: norm.weight: checkpoint \(5,\)'),
+    (dict(num_key_value_heads=2), r'layers.0.self_attn.k_proj.weight: checkpoint \(8, 32\), '
+                                  r'config.json implies \(16, 32\)'),
+    (dict(rope_parameters={'rope_type': 'yarn', 'rope_theta': 1e4}), "rope scaling 'yarn'"),
+    (dict(use_sliding_window=True), 'use_sliding_window=True'),
+    (dict(hidden_act='gelu'), "hidden_act='gelu'"),
+    (dict(num_key_value_heads=3), 'num_kv_heads=3'),
+    (dict(model_type='mistral'), "model_type='mistral' is not a decoder"),
+])
+def test_refuses_mismatched_checkpoints(tmp_path, change, message):
+  with pytest.raises(hf.CheckpointError, match=message):
+    hf.load_decoder(broken_copy(tmp_path, **change))
+
+
+def test_dual_encoder_import_points_decoders_elsewhere():
+  with pytest.raises(hf.CheckpointError, match='decoder LLM.*load_decoder'):
+    hf.load(FIXTURES / 'llama')
+
+
+def test_no_torch_import():
+  """mmjax never needs torch: importing the decoder, import code and LoRA does not load it."""
+  code = ('import sys; import mmjax.hf, mmjax.models.decoder; '
+          'assert "torch" not in sys.modules, "torch imported"')
+  subprocess.run([sys.executable, '-c', code], check=True,
+                 env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, cwd=pathlib.Path(__file__).parents[1])

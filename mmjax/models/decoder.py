@@ -13,6 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.config import DecoderConfig
 from mmjax.models import layers
@@ -138,6 +139,11 @@ class Decoder(nn.Module):
     """Token ids [B, L] -> input embeddings [B, L, width]."""
     return jnp.take(self.token_embedding, ids, axis=0).astype(self.dtype)
 
+  def encode_ids(self, ids: jax.Array, mask: jax.Array, *, train: bool = False,
+                 rows: jax.Array | None = None) -> jax.Array:
+    """Hidden states of token ids alone (text-only input, left or right padded)."""
+    return self(self.embed_tokens(ids), mask, positions_from_mask(mask), train=train, rows=rows)
+
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, *,
                train: bool = False, rows: jax.Array | None = None) -> jax.Array:
@@ -170,7 +176,9 @@ def stack_layers(params: dict, depth: int) -> dict:
   """Per-layer parameters ('layers_0', ...) -> the scanned layout ('layers', leading axis)."""
   params = dict(params)
   per_layer = [params.pop(f'layers_{i}') for i in range(depth)]
-  params['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  # NumPy in, NumPy out (an imported checkpoint on the host); jax arrays stay on device.
+  params['layers'] = jax.tree.map(
+      lambda *xs: (np.stack if isinstance(xs[0], np.ndarray) else jnp.stack)(xs), *per_layer)
   return params
 
 
