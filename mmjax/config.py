@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 import sys
 from typing import Any
 
@@ -123,6 +124,28 @@ class DecoderConfig:
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA adapters (mmjax.models.lora) on the DenseND projections whose module path ('llm/
+  layers_0/attn/query') matches `targets`; rank 0 adds none."""
+
+  rank: int = 0
+  alpha: float = 16.0  # The update is (alpha / rank) * x A B.
+  targets: str = r'attn/(query|key|value|out)$'
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ConfigError(f'LoraConfig.rank={self.rank} must be >= 0 (0: no adapters).')
+    try:
+      re.compile(self.targets)
+    except re.error as e:
+      raise ConfigError(f'LoraConfig.targets={self.targets!r} is not a valid regex ({e}).') from e
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)

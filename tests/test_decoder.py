@@ -259,8 +259,8 @@ def test_dual_encoder_import_points_decoders_elsewhere():
 
 
 def test_no_torch_import():
-  """mmjax never needs torch: importing the decoder, import code and LoRA does not load it."""
-  code = ('import sys; import mmjax.hf, mmjax.models.decoder; '
+  """mmjax never needs torch: importing the decoder, its import code and LoRA does not load it."""
+  code = ('import sys; import mmjax.hf, mmjax.models.decoder, mmjax.models.lora; '
           'assert "torch" not in sys.modules, "torch imported"')
   subprocess.run([sys.executable, '-c', code], check=True,
                  env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, cwd=pathlib.Path(__file__).parents[1])
