@@ -25,9 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.config import DecoderConfig, ViTConfig
+from mmjax.config import DecoderConfig, LoraConfig, ViTConfig
 from mmjax.data.llm_tasks import IMAGE_SLOT, TASKS
-from mmjax.models import layers, poolers
+from mmjax.models import layers, lora, poolers
 from mmjax.models.decoder import Decoder, positions_from_mask
 from mmjax.models.two_tower import l2_normalize, normalize_images
 from mmjax.models.vit import ViT
@@ -50,6 +50,7 @@ class LLMEmbedderConfig:
   pool: str = 'last'
   matryoshka_dims: tuple[int, ...] = ()
   temperature: float = 0.02
+  lora: LoraConfig = LoraConfig()  # rank 0: no adapters.
   dtype: str = 'float32'
   param_dtype: str = 'float32'
 
@@ -92,7 +93,7 @@ class LLMEmbedderConfig:
     d = dict(d)
     image = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop('image').items()}
     return cls(image=ViTConfig(**image), decoder=DecoderConfig(**d.pop('decoder')),
-               **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+               lora=LoraConfig(**d.pop('lora', {})), **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def from_run_config(config) -> LLMEmbedderConfig:
@@ -102,8 +103,9 @@ def from_run_config(config) -> LLMEmbedderConfig:
          if k not in ('image_token', 'eos_token')}
   image = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
                        for k, v in m.image.to_dict().items()})
+  lora_cfg = LoraConfig(**m.lora.to_dict()) if 'lora' in m else LoraConfig()
   return LLMEmbedderConfig(image=image, decoder=DecoderConfig(**m.decoder.to_dict()),
-                           dtype=m.dtype, param_dtype=m.param_dtype, **llm)
+                           lora=lora_cfg, dtype=m.dtype, param_dtype=m.param_dtype, **llm)
 
 
 def merge_patches(x: jax.Array, merge: int) -> jax.Array:
@@ -152,9 +154,10 @@ class LLMEmbedder(nn.Module):
   def setup(self):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.vit = ViT(dataclasses.replace(cfg.image, pool='none'), dtype, pdtype)
+    # Parameter prefixes 'img/' (locked with model.image.locked), 'projector/', 'llm/'.
+    self.img = ViT(dataclasses.replace(cfg.image, pool='none'), dtype, pdtype)
     self.projector = Projector(cfg.projector, cfg.decoder.width, dtype, pdtype)
-    self.decoder = Decoder(cfg.decoder, dtype, pdtype)
+    self.llm = Decoder(cfg.decoder, dtype, pdtype)
 
   def visual_tokens(self, images: jax.Array, *, train: bool = False,
                     rows: jax.Array | None = None) -> jax.Array:
@@ -164,7 +167,7 @@ class LLMEmbedder(nn.Module):
     x = normalize_images(images.reshape((b * n,) + images.shape[2:]), jnp.dtype(cfg.dtype),
                          tuple(cfg.image.pixel_mean), tuple(cfg.image.pixel_std))
     img_rows = None if rows is None else (rows[:, None] * n + jnp.arange(n)).reshape(-1)
-    x = self.vit(x, train=train and not cfg.image.locked, rows=img_rows)
+    x = self.img(x, train=train and not cfg.image.locked, rows=img_rows)
     if cfg.image.locked:
       x = jax.lax.stop_gradient(x)
     x = self.projector(merge_patches(x, cfg.merge))
@@ -173,10 +176,12 @@ class LLMEmbedder(nn.Module):
   def embed(self, tokens: jax.Array, mask: jax.Array, images: jax.Array, *, train: bool = False,
             rows: jax.Array | None = None) -> jax.Array:
     """The L2-normalised embeddings [B, width] of ids [B, L] (IMAGE_SLOT where visual tokens go),
-    mask [B, L] and images [B, I, S, S, 3]."""
-    x = self.decoder.embed_tokens(jnp.where(tokens == IMAGE_SLOT, 0, tokens))
-    x = splice(x, self.visual_tokens(images, train=train, rows=rows), tokens)
-    hidden = self.decoder(x, mask, positions_from_mask(mask), train=train, rows=rows)
+    mask [B, L] and images [B, I, S, S, 3]. LoRA adapters (`config.lora`) are created and
+    applied here, so init, the train step and the embedder all see them."""
+    with lora.adapters(self.config.lora):
+      x = self.llm.embed_tokens(jnp.where(tokens == IMAGE_SLOT, 0, tokens))
+      x = splice(x, self.visual_tokens(images, train=train, rows=rows), tokens)
+      hidden = self.llm(x, mask, positions_from_mask(mask), train=train, rows=rows)
     pool = poolers.last_token if self.config.pool == 'last' else poolers.mean_pool
     return l2_normalize(pool(hidden, mask))
 
