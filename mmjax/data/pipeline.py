@@ -29,8 +29,18 @@ from mmjax.data.tokenizer import TextEncoder
 TRAIN_COLUMNS = ('image', 'tokens', 'mask', 'group', 'weight')
 
 
+def train_columns(config) -> tuple[str, ...]:
+  """The columns the train step reads."""
+  if config.model.kind == 'llm_embedder':
+    return tuple(batch_spec(config))
+  return TRAIN_COLUMNS
+
+
 def batch_spec(config, *, text_pairs: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{column: (shape, dtype)} of one global batch (divide B by the process count for local)."""
+  if config.model.kind == 'llm_embedder':
+    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
+    return llm_tasks.batch_spec(config)
   b, s = config.batch_size, config.model.image.image_size
   L, k = config.model.text.max_len, config.data.num_hard_negatives
   spec = {'tokens': ((b, L), np.int32), 'mask': ((b, L), np.int32),
@@ -71,6 +81,10 @@ def _concat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
                        process_count: int = 1) -> grain.IterDataset:
   """Infinite iterator dataset of this process's batches (batch_size / process_count rows)."""
+  if config.model.kind == 'llm_embedder':  # Mixed-modality task batches (mmjax.data.llm_tasks).
+    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
+    return llm_tasks.make_train_dataset(config, encoder, process_index=process_index,
+                                        process_count=process_count)
   if config.batch_size % process_count:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
                      f'{process_count} processes.')

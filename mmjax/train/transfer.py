@@ -27,11 +27,15 @@ RUN_FIELDS = frozenset({'dropout', 'remat', 'locked', 'max_len', 'pool'})
 
 
 def frozen_pattern(config) -> str:
-  """config.optimizer.frozen, plus '^img/' / '^txt/' for locked towers."""
+  """config.optimizer.frozen, plus '^img/' / '^txt/' for locked towers and, with LoRA on the LLM
+  embedder, its decoder's base weights."""
   parts = [config.optimizer.frozen] if config.optimizer.frozen else []
   for tower, (prefix, _) in TOWERS.items():
     if config.model[tower].locked:
       parts.append(f'^{prefix}/')
+  if config.model.kind == 'llm_embedder' and config.model.get('lora', {}).get('rank', 0):
+    from mmjax.models import lora  # pylint: disable=import-outside-toplevel
+    parts.append(lora.base_pattern('llm/'))  # LoRA: the decoder trains its adapters only.
   return '|'.join(f'(?:{p})' for p in parts)
 
 
