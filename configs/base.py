@@ -110,6 +110,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.decoder.remat = False
   c.model.decoder.remat_policy = 'nothing_saveable'  # A jax.checkpoint_policies name.
   c.model.decoder.dropout = 0.0
+  # LoRA adapters (mmjax.models.lora, mmjax.config.LoraConfig) on the projections whose module
+  # path matches `targets` ('llm/layers_0/attn/query'); rank 0: none. With rank > 0 the
+  # decoder's base weights are frozen (the optimizer trains the adapters, projector and ViT).
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0
+  c.model.lora.alpha = 16.0  # The update is (alpha / rank) * x A B.
+  c.model.lora.targets = r'attn/(query|key|value|out)$'
 
   # --- Loss ------------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()

@@ -103,7 +103,7 @@ def from_run_config(config) -> LLMEmbedderConfig:
          if k not in ('image_token', 'eos_token')}
   image = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
                        for k, v in m.image.to_dict().items()})
-  lora_cfg = LoraConfig(**m.lora.to_dict()) if 'lora' in m else LoraConfig()
+  lora_cfg = LoraConfig(**m.lora.to_dict())
   return LLMEmbedderConfig(image=image, decoder=DecoderConfig(**m.decoder.to_dict()),
                            lora=lora_cfg, dtype=m.dtype, param_dtype=m.param_dtype, **llm)
 

@@ -33,7 +33,7 @@ def frozen_pattern(config) -> str:
   for tower, (prefix, _) in TOWERS.items():
     if config.model[tower].locked:
       parts.append(f'^{prefix}/')
-  if config.model.kind == 'llm_embedder' and config.model.get('lora', {}).get('rank', 0):
+  if config.model.kind == 'llm_embedder' and config.model.lora.rank:
     from mmjax.models import lora  # pylint: disable=import-outside-toplevel
     parts.append(lora.base_pattern('llm/'))  # LoRA: the decoder trains its adapters only.
   return '|'.join(f'(?:{p})' for p in parts)
