@@ -218,24 +218,26 @@ def truncate(embs: Mapping[str, jax.Array], dim: int) -> dict[str, jax.Array]:
   return {k: l2_normalize(v[..., :dim]) for k, v in embs.items()}
 
 
-def matryoshka_objective(objective: Callable, dims: tuple[int, ...]) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class Matryoshka:
   """The mean of `objective` over the nested dimensions `dims` (MRL, Kusupati et al. 2022):
   every prefix is trained jointly. Metrics gain 'loss/dim<d>' per dimension."""
-  if len(dims) <= 1:
-    return objective
 
-  def mrl(embs, t, b, batch):
+  objective: Callable
+  dims: tuple[int, ...]
+
+  def __call__(self, embs, t, b, batch):
     losses, metrics = [], {}
-    for d in dims:
-      loss, m = objective(truncate(embs, d), t, b, batch)
+    for d in self.dims:
+      loss, m = self.objective(truncate(embs, d), t, b, batch)
       losses.append(loss)
       metrics[f'loss/dim{d}'] = loss
-      if d == dims[-1]:
-        metrics.update(m)
-    loss = sum(losses) / len(losses)
-    return loss, metrics
+    return sum(losses) / len(losses), {**m, **metrics}  # `m`: the full dimension's metrics.
 
-  return mrl
+
+def matryoshka_objective(objective: Callable, dims: tuple[int, ...]) -> Callable:
+  """`objective` averaged over `dims` (the objective itself when there is one dimension)."""
+  return Matryoshka(objective, tuple(dims)) if len(dims) > 1 else objective
 
 
 def dummy_batch(cfg: LLMEmbedderConfig, batch: int = 1) -> dict[str, jax.Array]:
