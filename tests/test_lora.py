@@ -4,6 +4,7 @@ scanned stack), and a frozen base with no optimizer state."""
 
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -30,11 +31,13 @@ class Embedder(nn.Module):
 
   dec: DecoderConfig
   lora: LoraConfig
+  freeze: bool = False
 
   @nn.compact
   def __call__(self, ids, mask):
+    decoder = lora.freeze_base(Decoder) if self.freeze else Decoder
     with lora.adapters(self.lora):
-      h = Decoder(self.dec, name='llm').encode_ids(ids, mask)
+      h = decoder(self.dec, name='llm').encode_ids(ids, mask)
     return layers.DenseND((8,), ('embed', None), name='head')(h[:, -1])
 
 
@@ -118,8 +121,31 @@ def test_frozen_base_has_no_optimizer_state():
     assert changed == (lora.is_adapter(k) or k.startswith('head/')), k
 
 
+def test_freeze_base_forms_no_base_weight_gradients():
+  params = perturbed(init(DEC, LORA))
+  ids, mask = inputs()
+
+  def grad_fn(freeze):
+    return jax.grad(lambda p: Embedder(DEC, LORA, freeze).apply({'params': p}, ids, mask).sum())
+
+  compiled = {f: jax.jit(grad_fn(f), compiler_options=FAST_COMPILE).lower(params).compile()
+              for f in (True, False)}
+  frozen, full = compiled[True](params), compiled[False](params)
+  for k, g in traverse_util.flatten_dict(frozen, sep='/').items():
+    want = traverse_util.flatten_dict(full, sep='/')[k]
+    if lora.is_adapter(k) or k.startswith('head/'):
+      np.testing.assert_allclose(g, want, atol=1e-6, rtol=1e-5, err_msg=k)
+    else:
+      assert not np.asarray(g).any(), k
+  # No weight-gradient matmul for the 7 base projections of each layer (in the compiled step:
+  # DenseND's custom VJP still traces one, XLA drops it as dead), nor for the input gradient of
+  # the first layer (only the frozen embedding would need it).
+  dots = {f: len(re.findall(r' dot\(', c.as_text())) for f, c in compiled.items()}
+  assert dots[False] - dots[True] >= DEC.depth * 7
+
+
 def test_patterns_and_refusals():
-  assert [bool(__import__('re').search(lora.base_pattern('llm/'), p)) for p in (
+  assert [bool(re.search(lora.base_pattern('llm/'), p)) for p in (
       'llm/layers_0/attn/query/kernel', 'llm/layers_0/attn/query/lora_a', 'llm/norm/scale',
       'head/kernel', 'llm/layers/mlp/down/lora_b')] == [True, False, True, False, False]
   with pytest.raises(ConfigError, match='LoraConfig.targets'):

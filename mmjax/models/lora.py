@@ -68,6 +68,21 @@ def adapters(cfg: LoraConfig) -> Iterator[None]:
     yield
 
 
+def _stop_base(variables: Any) -> Any:
+  flat = traverse_util.flatten_dict(variables, sep='/')
+  return traverse_util.unflatten_dict(
+      {k: v if is_adapter(k) else jax.lax.stop_gradient(v) for k, v in flat.items()}, sep='/')
+
+
+def freeze_base(module: type[nn.Module]) -> type[nn.Module]:
+  """`module` (a class, constructed as before, same parameter tree) whose non-adapter parameters
+  pass through `jax.lax.stop_gradient` when read: autodiff forms no weight gradient for the base
+  at all (the optimizer's `frozen` pattern alone zeroes them after they were computed)."""
+  methods = [name for name, fn in vars(module).items() if callable(fn) and name != 'setup'
+             and (name == '__call__' or not name.startswith('_'))]
+  return nn.map_variables(module, 'params', trans_in_fn=_stop_base, init=True, methods=methods)
+
+
 def base_pattern(prefix: str = '') -> str:
   """Regex (for config.optimizer.frozen) of the parameters under `prefix` ('llm/') that are not
   adapters: the frozen base."""
