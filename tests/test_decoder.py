@@ -203,11 +203,12 @@ def test_parity_with_transformers(name):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-def test_round_trip_is_exact_in_both_layouts(tmp_path):
-  ckpt = hf.load_decoder(FIXTURES / 'llama')
+@pytest.mark.parametrize('name', ['llama', 'qwen2'])
+def test_round_trip_is_exact_in_both_layouts(name, tmp_path):
+  ckpt = hf.load_decoder(FIXTURES / name)
   scanned = dataclasses.replace(ckpt.config, scan_layers=True)
   hf.save_decoder(tmp_path, ckpt, ckpt.params_for(scanned))
-  original = load_file(FIXTURES / 'llama' / 'model.safetensors')
+  original = load_file(FIXTURES / name / 'model.safetensors')
   written = load_file(tmp_path / 'model.safetensors')
   assert sorted(original) == sorted(written)
   for k in original:
@@ -216,6 +217,22 @@ def test_round_trip_is_exact_in_both_layouts(tmp_path):
   with pytest.raises(hf.CheckpointError, match='lora_a'):
     extra = {**ckpt.params, 'layers_0': {**ckpt.params['layers_0'], 'lora_a': np.zeros(2)}}
     hf.save_decoder(tmp_path, ckpt, extra)
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path):
+  """A checkpoint split into shards with model.safetensors.index.json (how large models ship)."""
+  tensors = load_file(FIXTURES / 'llama' / 'model.safetensors')
+  keys = sorted(tensors)
+  shards = {'model-00001-of-00002.safetensors': keys[:len(keys) // 2],
+            'model-00002-of-00002.safetensors': keys[len(keys) // 2:]}
+  for shard, names in shards.items():
+    save_file({k: tensors[k] for k in names}, tmp_path / shard)
+  (tmp_path / 'model.safetensors.index.json').write_text(json.dumps(
+      {'metadata': {}, 'weight_map': {k: s for s, names in shards.items() for k in names}}))
+  shutil.copy(FIXTURES / 'llama' / 'config.json', tmp_path)
+  sharded, single = hf.load_decoder(tmp_path), hf.load_decoder(FIXTURES / 'llama')
+  jax.tree.map(np.testing.assert_array_equal, sharded.params, single.params)
+  assert sorted(sharded.unused) == ['lm_head.weight']
 
 
 def broken_copy(tmp_path, name='qwen2', tensors=None, **config):
