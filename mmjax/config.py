@@ -94,6 +94,8 @@ class DecoderConfig:
   head_dim: int = 0  # 0: width // num_heads.
   mlp_dim: int = 1024  # intermediate_size.
   rope_theta: float = 10_000.0
+  # Llama 3.x rope scaling: (factor, low_freq_factor, high_freq_factor, original context); ().
+  rope_scaling: tuple[float, ...] = ()
   rms_eps: float = 1e-6
   max_len: int = 512  # Context length: longer inputs are refused.
   qkv_bias: bool = False  # Qwen2: biases on q/k/v (not on the output projection).
@@ -103,6 +105,10 @@ class DecoderConfig:
   dropout: float = 0.0  # Residual dropout (per example, see layers.Dropout).
 
   def __post_init__(self):
+    object.__setattr__(self, 'rope_scaling', tuple(self.rope_scaling))  # JSON gives a list.
+    if len(self.rope_scaling) not in (0, 4):
+      raise ConfigError(f'DecoderConfig.rope_scaling={self.rope_scaling} must be () or (factor, '
+                        'low_freq_factor, high_freq_factor, original_max_len).')
     for name in ('vocab_size', 'width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim',
                  'max_len'):
       if getattr(self, name) <= 0:

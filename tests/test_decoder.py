@@ -201,6 +201,10 @@ def test_parity_with_transformers(name):
   h_l = hidden(cfg, ckpt.params, ids_l, left)
   for got, want in zip(real_rows(h_l, left), real_rows(ref['left_last_hidden_state'], left)):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  if name == 'llama':  # Llama 3 rope scaling matters at these positions already.
+    assert cfg.rope_scaling == (8.0, 1.0, 4.0, 64.0)
+    unscaled = hidden(dataclasses.replace(cfg, rope_scaling=()), ckpt.params, ids, mask)
+    assert np.abs(unscaled - h)[mask == 1].max() > 1e-2
 
 
 @pytest.mark.parametrize('name', ['llama', 'qwen2'])
@@ -261,6 +265,7 @@ def _drop_and_add(t):
                                   r'config.json implies \(16, 32\)'),
     (dict(rope_parameters={'rope_type': 'yarn', 'rope_theta': 1e4}), "rope scaling 'yarn'"),
     (dict(use_sliding_window=True), 'use_sliding_window=True'),
+    (dict(partial_rotary_factor=0.5), 'partial_rotary_factor'),
     (dict(hidden_act='gelu'), "hidden_act='gelu'"),
     (dict(num_key_value_heads=3), 'num_kv_heads=3'),
     (dict(model_type='mistral'), "model_type='mistral' is not a decoder"),

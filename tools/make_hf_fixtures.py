@@ -160,12 +160,16 @@ def decoder_reference(name: str, model, decoder, rng: np.random.Generator) -> No
 
 
 def llama(rng) -> None:
-  # A causal-LM checkpoint ('model.' prefix, untied lm_head: import must skip both).
+  # A causal-LM checkpoint ('model.' prefix, untied lm_head: import must skip both) with Llama
+  # 3.x rope scaling; the original context of 64 puts the four wavelengths (6.3, 63, 628, 6283)
+  # in each of its three bands (kept, smoothed, divided by the factor).
+  rope = {'rope_type': 'llama3', 'rope_theta': 10_000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
+          'high_freq_factor': 4.0, 'original_max_position_embeddings': 64}
   cfg = transformers.LlamaConfig(vocab_size=DEC_VOCAB, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64,
+                                 num_key_value_heads=2, max_position_embeddings=256,
                                  rms_norm_eps=1e-5, tie_word_embeddings=False,
-                                 attn_implementation='eager')
+                                 rope_parameters=rope, attn_implementation='eager')
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(cfg).eval()
   perturb(model, 4)

@@ -33,15 +33,23 @@ PREFIX = 'model.'  # *ForCausalLM wraps the decoder in `.model`.
 UNUSED = (r'^lm_head\.', r'(^|\.)rotary_emb\.inv_freq$')
 
 
-def rope_theta(c: dict, where: str) -> float:
-  """The RoPE base of a config.json (transformers 5 `rope_parameters` or 4's `rope_theta` and
-  `rope_scaling`); scaled variants (llama3, linear, dynamic, yarn) are refused."""
+def rope(c: dict, where: str) -> tuple[float, tuple[float, ...]]:
+  """(base, Llama 3 scaling) of a config.json's rotary embedding (transformers 5
+  `rope_parameters` or 4's `rope_theta` and `rope_scaling`); other scaled variants (linear,
+  dynamic, yarn, ...) and partial rotary embeddings are refused."""
   params = c.get('rope_parameters') or c.get('rope_scaling') or {}
   kind = params.get('rope_type', params.get('type', 'default'))
-  if kind != 'default':
-    raise CheckpointError(f'{where}: rope scaling {kind!r} is not supported (only the default '
-                          'rotary embedding).')
-  return float(params.get('rope_theta', c.get('rope_theta', 10_000.0)))
+  theta = float(params.get('rope_theta', c.get('rope_theta', 10_000.0)))
+  if params.get('partial_rotary_factor', c.get('partial_rotary_factor', 1.0)) != 1.0:
+    raise CheckpointError(f'{where}: partial_rotary_factor != 1 is not supported.')
+  if kind == 'default':
+    return theta, ()
+  if kind == 'llama3':
+    return theta, (float(params['factor']), float(params['low_freq_factor']),
+                   float(params['high_freq_factor']),
+                   float(params['original_max_position_embeddings']))
+  raise CheckpointError(f'{where}: rope scaling {kind!r} is not supported (only the default '
+                        "rotary embedding and 'llama3').")
 
 
 def decoder_config(c: dict, where: str = 'config.json') -> DecoderConfig:
@@ -60,12 +68,13 @@ def decoder_config(c: dict, where: str = 'config.json') -> DecoderConfig:
       raise CheckpointError(f'{where}: {key}={c[key]!r} is not supported by mmjax\'s decoder.')
   width, heads = c['hidden_size'], c['num_attention_heads']
   head_dim = c.get('head_dim') or width // heads
+  theta, scaling = rope(c, where)
   try:
     return DecoderConfig(
         vocab_size=c['vocab_size'], width=width, depth=c['num_hidden_layers'], num_heads=heads,
         num_kv_heads=c.get('num_key_value_heads') or heads,
         head_dim=0 if head_dim * heads == width else head_dim,
-        mlp_dim=c['intermediate_size'], rope_theta=rope_theta(c, where),
+        mlp_dim=c['intermediate_size'], rope_theta=theta, rope_scaling=scaling,
         rms_eps=float(c.get('rms_norm_eps', 1e-6)),
         max_len=c.get('max_position_embeddings', 2048), qkv_bias=family == 'qwen2')
   except ConfigError as e:

@@ -27,10 +27,26 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0).astype(jnp.int32)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple[float, ...] = ()) -> np.ndarray:
+  """Inverse frequencies [head_dim / 2] of the rotary embedding; `scaling` (factor,
+  low_freq_factor, high_freq_factor, original context) stretches the long wavelengths the way
+  Llama 3.x does (transformers' 'llama3' rope type)."""
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
+  if not scaling:
+    return inv_freq.astype(np.float32)
+  factor, low, high, original = scaling
+  wavelen = 2 * np.pi / inv_freq
+  scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+  smooth = (original / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= original / high) & (wavelen <= original / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float,
+                scaling: tuple[float, ...] = ()) -> tuple[jax.Array, jax.Array]:
   """cos, sin [B, L, head_dim] of the rotary embedding, in the half-split layout of HF Llama."""
-  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  freqs = positions.astype(jnp.float32)[..., None] * rope_frequencies(head_dim, theta, scaling)
   angles = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 
@@ -151,7 +167,7 @@ class Decoder(nn.Module):
     if x.shape[1] > cfg.max_len:
       raise ValueError(f'A sequence of {x.shape[1]} tokens exceeds the decoder context '
                        f'max_len={cfg.max_len}.')
-    cos, sin = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta)
+    cos, sin = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
     attn_mask = attention_mask(mask)
     x = x.astype(self.dtype)
     layer = DecoderLayer
