@@ -5,7 +5,8 @@ Inputs are embeddings, not ids, so image tokens can be spliced into the sequence
 `embed_tokens(ids)` looks up the text part and `__call__(x, mask, positions)` runs the stack.
 Positions are an input so that left and right padding give the same result at every real token
 (`positions_from_mask`). Parameters name their logical axes like the other towers ('embed',
-'heads', 'kv', 'mlp', 'vocab'; 'layers' for the stacked axis of a scanned stack).
+'heads', 'kv', 'mlp', 'vocab'; 'kv_heads' for the key/value heads, 'layers' for the stacked axis
+of a scanned stack: both replicated unless the rules map them).
 """
 
 from __future__ import annotations
@@ -81,14 +82,16 @@ class GQAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    def proj(name: str, heads: int) -> jax.Array:
-      return layers.DenseND((heads, self.head_dim), ('embed', 'heads', 'kv'),
+    def proj(name: str, heads: int, axis: str) -> jax.Array:
+      return layers.DenseND((heads, self.head_dim), ('embed', axis, 'kv'),
                             use_bias=self.qkv_bias, dtype=self.dtype,
                             param_dtype=self.param_dtype, name=name)(x)
 
-    q = apply_rope(proj('query', self.num_heads), cos, sin)
-    k = apply_rope(proj('key', self.num_kv_heads), cos, sin)
-    v = proj('value', self.num_kv_heads)
+    # Key/value heads have their own axis name: there are often fewer of them than the tensor
+    # axis has devices (Qwen2-1.5B: 2), so they stay replicated unless the rules say otherwise.
+    q = apply_rope(proj('query', self.num_heads, 'heads'), cos, sin)
+    k = apply_rope(proj('key', self.num_kv_heads, 'kv_heads'), cos, sin)
+    v = proj('value', self.num_kv_heads, 'kv_heads')
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     return layers.DenseND((x.shape[-1],), ('heads', 'kv', 'embed'), in_dims=2, use_bias=False,
                           dtype=self.dtype, param_dtype=self.param_dtype, name='out')(out)
