@@ -143,6 +143,21 @@ def test_scan_and_remat_match_the_layer_loop():
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
+def test_dropout_masks_follow_rows_through_the_scan():
+  """Per-example dropout: an example's output depends on its global row, not on how the batch
+  is split (GradCache micro-batches, devices), and each scanned layer draws its own mask."""
+  cfg = dataclasses.replace(SMALL, scan_layers=True, dropout=0.3)
+  params = decoder_lib.stack_layers(random_params(SMALL), SMALL.depth)
+  ids, mask, _, _ = batch()
+  fn = jax.jit(lambda p, i, m, rows, seed: Decoder(cfg).apply(
+      {'params': p}, i, m, train=True, rows=rows, rngs={'dropout': jax.random.key(seed)},
+      method=Decoder.encode_ids), compiler_options=FAST_COMPILE)
+  whole = np.asarray(fn(params, ids, mask, np.arange(B), 3))
+  parts = [fn(params, ids[i:i + 1], mask[i:i + 1], np.array([i]), 3) for i in range(B)]
+  np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5, rtol=0)
+  assert np.abs(whole - np.asarray(fn(params, ids, mask, np.arange(B), 4))).max() > 1e-2
+
+
 def test_parameter_count_and_axis_names():
   c = SMALL
   hd = c.dim_per_head
