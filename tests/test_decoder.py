@@ -314,6 +314,14 @@ def test_refuses_mismatched_checkpoints(tmp_path, change, message):
     hf.load_decoder(broken_copy(tmp_path, **change))
 
 
+def test_describe_lists_the_run_config_fields():
+  lines = hf.llama.describe(FIXTURES / 'qwen2').splitlines()
+  assert '--config.model.decoder.num_kv_heads=1' in lines
+  assert '--config.model.decoder.qkv_bias=True' in lines
+  assert '--config.model.decoder.rope_theta=1000.0' in lines
+  assert not any('scan_layers' in x or 'dropout' in x for x in lines)
+
+
 def test_dual_encoder_import_points_decoders_elsewhere():
   with pytest.raises(hf.CheckpointError, match='decoder LLM.*load_decoder'):
     hf.load(FIXTURES / 'llama')

@@ -136,7 +136,7 @@ def load(directory: str | pathlib.Path) -> DecoderCheckpoint:
   sharded index)."""
   directory = convert.resolve_dir(directory)
   hf_config = convert.read_config(directory)
-  cfg = decoder_config(hf_config, str(directory / 'config.json'))
+  cfg = load_config(directory)
   raw = convert.read_tensors(directory)
   unused = {k: v for k, v in raw.items() if any(re.search(p, k) for p in UNUSED)}
   used = {k: v for k, v in raw.items() if k not in unused}
@@ -146,6 +146,23 @@ def load(directory: str | pathlib.Path) -> DecoderCheckpoint:
                                   f'{directory} ({hf_config["model_type"]})', prefix)
   return DecoderCheckpoint(hf_config['model_type'], directory, hf_config, cfg,
                            traverse_util.unflatten_dict(flat, sep='/'), unused, prefix)
+
+
+# DecoderConfig fields a run chooses for itself (not the checkpoint's architecture).
+RUN_FIELDS = ('scan_layers', 'remat', 'remat_policy', 'dropout')
+
+
+def describe(directory: str | pathlib.Path) -> str:
+  """The --config.model.decoder.* overrides that make a run's decoder match a checkpoint."""
+  cfg = load_config(directory)
+  return '\n'.join(f'--config.model.decoder.{f.name}={getattr(cfg, f.name)!r}'
+                   for f in dataclasses.fields(cfg) if f.name not in RUN_FIELDS)
+
+
+def load_config(directory: str | pathlib.Path) -> DecoderConfig:
+  """The DecoderConfig of a checkpoint directory (its config.json only: no tensors read)."""
+  directory = convert.resolve_dir(directory)
+  return decoder_config(convert.read_config(directory), str(directory / 'config.json'))
 
 
 def save(directory: str | pathlib.Path, ckpt: DecoderCheckpoint,
