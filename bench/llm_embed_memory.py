@@ -23,6 +23,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 import train_step as tsb  # noqa: E402  (--config, --append and --benchmarks_file live there)
 from mmjax import config as config_lib  # noqa: E402
@@ -103,7 +104,8 @@ def main(argv):
       f'decoder scan={c.model.decoder.scan_layers} remat={c.model.decoder.remat_policy}']
   print('\n'.join(details + lines))
   if FLAGS.append:
-    tsb.append_result(f'llm_embed_memory: {FLAGS["config"].value}', details, lines)
+    name = config_flags.get_config_filename(FLAGS['config'])
+    tsb.append_result(f'llm_embed_memory: {name}', details, lines)
 
 
 if __name__ == '__main__':

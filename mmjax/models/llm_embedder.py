@@ -240,6 +240,12 @@ def matryoshka_objective(objective: Callable, dims: tuple[int, ...]) -> Callable
   return Matryoshka(objective, tuple(dims)) if len(dims) > 1 else objective
 
 
+def make_objective(config, contrastive: Callable) -> Callable:
+  """The LLM embedder's objective: `contrastive` (InfoNCE between the 'query' and 'candidate'
+  roles, with 'neg_candidate' hard negatives) averaged over the Matryoshka dimensions."""
+  return matryoshka_objective(contrastive, from_run_config(config).eval_dims)
+
+
 def dummy_batch(cfg: LLMEmbedderConfig, batch: int = 1) -> dict[str, jax.Array]:
   """The smallest batch `init` needs (query and candidate, no negatives)."""
   s = cfg.image.image_size
