@@ -5,6 +5,8 @@
 import json
 import math
 
+import numpy as np
+
 import pytest
 
 from mmjax import config as config_lib
@@ -146,3 +148,60 @@ def test_format_results_lists_named_evaluators():
   text = evaluators.format_results({'i2t/recall@1': 0.5, 't2i/recall@1': 0.25, 'zs/top1': 0.75,
                                     'zs/per_class/red': 1.0}, title='T')
   assert text.splitlines()[0] == 'T' and 'zs: top1=0.7500' in text and 'per_class' not in text
+
+
+class _OracleEmbedder:
+  """Embeds solid-colour image i (pixel value 10 * i) and any caption naming 'item i' as the
+  one-hot vector e_i, so every metric of a correct evaluator is exactly 1."""
+
+  def embed_images(self, images):
+    return np.eye(16, dtype=np.float32)[np.round(images[:, 0, 0, 0] / 10).astype(int)]
+
+  def embed_texts(self, texts):
+    return np.eye(16, dtype=np.float32)[[int(t.split('item ')[1].split()[0]) for t in texts]]
+
+
+def _ingest_eval_set(tmp_path, text=False):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from mmjax.data import prepare  # pylint: disable=import-outside-toplevel
+  rows = []
+  for i in range(6):
+    row = {'captions': [f'item {i} first', f'the item {i} again']}
+    if text:
+      row['query'] = f'which item {i}'
+    else:
+      Image.fromarray(np.full((20, 24, 3), 10 * i, np.uint8)).save(tmp_path / f'{i}.png')
+      row['image'] = str(tmp_path / f'{i}.png')
+    rows.append(row)
+  prepare.prepare(rows, [], prepare.Options(out=tmp_path / 'out'), progress=False)
+  return tmp_path / 'out'
+
+
+@pytest.mark.parametrize('text', [False, True], ids=['image-text', 'text-text'])
+def test_retrieval_on_an_ingested_dataset(tiny_config, tmp_path, text):
+  """config.evals.<name> with dataset='records': every caption of each image is relevant to it."""
+  tiny_config.evals.held = specs.spec('retrieval', dataset='records',
+                                      path=str(_ingest_eval_set(tmp_path, text)), max_examples=5,
+                                      metrics=('recall@1', 'hit@1', 'recall@5', 'mrr'))
+  config_lib.validate(tiny_config)
+  suite = evaluators.build_suite(tiny_config)
+  held = suite.evaluators[1]
+  assert len(held.evaluator.captions) == 10  # 5 examples x 2 captions
+  m = held(_OracleEmbedder())
+  q2t, t2q = ('q2t', 't2q') if text else ('i2t', 't2i')
+  # Each image has two captions: its top 1 holds one of them (hit), half of them (recall).
+  assert {k: m[f'held/{q2t}/{k}'] for k in ('hit@1', 'recall@1', 'recall@5', 'mrr')} == {
+      'hit@1': 1.0, 'recall@1': 0.5, 'recall@5': 1.0, 'mrr': 1.0}
+  assert m[f'held/{t2q}/recall@1'] == m[f'held/{t2q}/hit@1'] == 1.0
+  # A model that confuses items 0 and 1 loses exactly their share.
+  confused = _OracleEmbedder()
+  base = confused.embed_texts
+  confused.embed_texts = lambda t: base([s.replace('item 1 ', 'item 0 ') for s in t])
+  m = held(confused)
+  assert m[f'held/{t2q}/recall@1'] == pytest.approx(0.8)  # Captions of 1 now rank image 0 first.
+
+
+def test_retrieval_on_records_needs_a_path(tiny_config):
+  tiny_config.evals.held = {'type': 'retrieval', 'dataset': 'records'}
+  with pytest.raises(config_lib.ConfigError, match="dataset='records' needs path="):
+    config_lib.validate(tiny_config)

@@ -73,10 +73,18 @@ def _select(out: dict[str, float], wanted) -> dict[str, float]:
 
 
 def retrieval_evaluator(spec: dict[str, Any], image_size: int) -> RetrievalEvaluator:
-  return RetrievalEvaluator.demo_validation(spec['num_scenes'], image_size, spec['seed'],
-                                            names=spec['metrics'],
-                                            index_min_corpus=spec['index_min_corpus'],
-                                            index_overrides=specs_lib.index_overrides(spec))
+  kwargs = dict(names=spec['metrics'], index_min_corpus=spec['index_min_corpus'],
+                index_overrides=specs_lib.index_overrides(spec))
+  if spec['dataset'] == 'demo_validation':
+    return RetrievalEvaluator.demo_validation(spec['num_scenes'], image_size, spec['seed'],
+                                              **kwargs)
+  from mmjax.data import sources  # pylint: disable=import-outside-toplevel
+  source = sources.make(sources.SourceSpec(name=spec['dataset'], path=spec['path'],
+                                           tfds_name=spec['tfds_name'], split=spec['split'],
+                                           image_key=spec['image_key'],
+                                           captions_key=spec['captions_key']),
+                        num_demo_examples=0, image_size=image_size, seed=0)
+  return RetrievalEvaluator.from_source(source, spec['max_examples'], image_size, **kwargs)
 
 
 def make(spec: dict[str, Any], image_size: int) -> Callable[[Embedder], dict[str, float]]:

@@ -1,5 +1,9 @@
-"""Ranking metrics as pure, vectorised NumPy functions: Recall@K, precision@K, nDCG@K (graded),
-mAP, MRR and the median rank, for one or many relevant items per query.
+"""Ranking metrics as pure, vectorised NumPy functions: Recall@K, hit@K, precision@K, nDCG@K
+(graded), mAP, MRR and the median rank, for one or many relevant items per query.
+
+Recall@K is the share of a query's relevant items in its top K; hit@K is whether any of them
+is (what COCO / Flickr30k image->caption tables call R@K, with 5 captions per image). With one
+relevant item per query the two are equal.
 
 Metrics are named by strings (`'recall@5'`, `'ndcg@10'`, `'map'`, ...) so that configs can list
 them. Three entry points share one per-query implementation:
@@ -25,10 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
-KINDS_AT_K = ('recall', 'precision', 'ndcg')
+KINDS_AT_K = ('recall', 'hit', 'precision', 'ndcg')
 KINDS = ('map', 'mrr', 'median_rank')
 DEFAULT_METRICS = ('recall@1', 'recall@5', 'recall@10', 'mrr', 'median_rank')
-_NAME = re.compile(r'^(recall|precision|ndcg)@([1-9][0-9]*)$')
+_NAME = re.compile(r'^(recall|hit|precision|ndcg)@([1-9][0-9]*)$')
 
 
 def parse(names: Sequence[str]) -> list[tuple[str, int | None]]:
@@ -81,6 +85,8 @@ def _per_query(ranked_gains: np.ndarray, num_relevant: np.ndarray, ideal_gains: 
     name = kind if k is None else f'{kind}@{k}'
     if kind == 'recall':
       out[name] = hits[:, :k].sum(1) / num_relevant
+    elif kind == 'hit':
+      out[name] = hits[:, :k].any(1).astype(np.float64)
     elif kind == 'precision':
       out[name] = hits[:, :k].sum(1) / k
     elif kind == 'ndcg':
@@ -116,7 +122,7 @@ def from_ranks(ranks: np.ndarray, names: Sequence[str] = DEFAULT_METRICS) -> dic
   out = {}
   for kind, k in parse(names):
     name = kind if k is None else f'{kind}@{k}'
-    if kind == 'recall':
+    if kind in ('recall', 'hit'):
       out[name] = float(np.mean(r <= k))
     elif kind == 'precision':
       out[name] = float(np.mean(r <= k) / k)

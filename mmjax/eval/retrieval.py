@@ -82,18 +82,28 @@ def indexed_retrieval_metrics(zimg: np.ndarray, ztxt: np.ndarray, names: Sequenc
 
 
 class RetrievalEvaluator:
-  """Embeds a fixed set of paired images/captions and reports retrieval metrics.
+  """Embeds a fixed set of images (or query texts) and captions and reports retrieval metrics.
+
+  By default caption i belongs to image i. With `owners` (int [num_captions]), caption j belongs
+  to image owners[j], so an image may have several captions (COCO-style: i2t counts any of its
+  captions as relevant, t2i the one image). With `queries` instead of `images`, text queries
+  are retrieved against the captions (text-text pairs; directions q2t / t2q).
 
   Corpora of `index_min_corpus` items or more are searched with a ScaNN index (its recall
   against exact search reported alongside); smaller ones with the exact dense score matrix.
   """
 
-  def __init__(self, images: np.ndarray, captions: Sequence[str], ks: Sequence[int] = DEFAULT_KS,
-               names: Sequence[str] | None = None, index_min_corpus: int = 100_000,
-               index_overrides: dict | None = None):
-    if len(images) != len(captions):
-      raise ValueError(f'{len(images)} images but {len(captions)} captions.')
-    self.images = images
+  def __init__(self, images: np.ndarray | None, captions: Sequence[str],
+               ks: Sequence[int] = DEFAULT_KS, names: Sequence[str] | None = None,
+               index_min_corpus: int = 100_000, index_overrides: dict | None = None,
+               owners: np.ndarray | None = None, queries: Sequence[str] | None = None):
+    num = len(queries) if images is None else len(images)
+    if owners is None and num != len(captions):
+      raise ValueError(f'{num} images but {len(captions)} captions.')
+    if owners is not None and (len(owners) != len(captions) or np.any(owners >= num)):
+      raise ValueError(f'owners must give each of the {len(captions)} captions one of the {num} '
+                       'images.')
+    self.images, self.queries, self.owners = images, queries, owners
     self.captions = list(captions)
     self.ks = tuple(ks)
     self.names = tuple(names or metric_names(ks))
@@ -112,13 +122,56 @@ class RetrievalEvaluator:
   def chance_recall_at_1(self) -> float:
     return 1.0 / len(self.captions)
 
+  @classmethod
+  def from_source(cls, source, max_examples: int, image_size: int,
+                  **kwargs) -> RetrievalEvaluator:
+    """The first `max_examples` elements of a data source (`mmjax.data.sources`: ingested
+    records or TFDS), every caption of each; unreadable images are skipped and counted
+    (`self.skipped`)."""
+    from mmjax.data import records, transforms  # pylint: disable=import-outside-toplevel
+    images, queries, captions, owners, skipped = [], [], [], [], 0
+    for index in range(min(max_examples, len(source))):
+      ex = source[index]
+      if ex['query'] is not None:
+        queries.append(records.normalise_caption(ex['query']))
+      else:
+        try:
+          image = ex['image']
+          if isinstance(image, (bytes, bytearray)):
+            image = records.decode_image(image)
+          images.append(transforms.resize_crop(np.asarray(image, np.uint8), image_size, None))
+        except Exception:  # pylint: disable=broad-except  # PIL raises many types on bad files
+          skipped += 1
+          continue
+      for caption in ex['captions']:
+        captions.append(records.normalise_caption(caption))
+        owners.append(len(queries) + len(images) - 1)
+    if not captions:
+      raise ValueError(f'The evaluation source has no readable examples ({skipped} skipped).')
+    out = cls(np.stack(images) if images else None, captions, owners=np.asarray(owners),
+              queries=queries or None, **kwargs)
+    out.skipped = skipped
+    return out
+
   def __call__(self, embedder: Embedder) -> dict[str, float]:
-    zimg = embedder.embed_images(self.images)
+    if self.queries is not None:
+      zq = embedder.embed_texts(self.queries)
+    else:
+      zq = embedder.embed_images(self.images)
     ztxt = embedder.embed_texts(self.captions)
     if len(self.captions) >= self.index_min_corpus:
-      return indexed_retrieval_metrics(zimg, ztxt, self.names,
-                                       index_overrides=self.index_overrides)
-    return retrieval_metrics(zimg, ztxt, names=self.names)
+      out = indexed_retrieval_metrics(zq, ztxt, self.names, text_labels=self.owners,
+                                      index_overrides=self.index_overrides)
+    else:
+      relevance = None
+      if self.owners is not None:
+        relevance = (np.arange(len(zq))[:, None] == self.owners[None, :]).astype(np.float32)
+      out = retrieval_metrics(zq, ztxt, names=self.names, relevance=relevance)
+    if self.queries is not None:  # i2t / t2i read q2t / t2q for text queries.
+      out = {k.replace('i2t/', 'q2t/').replace('t2i/', 't2q/'): v for k, v in out.items()}
+    if getattr(self, 'skipped', 0):
+      out['skipped_images'] = float(self.skipped)
+    return out
 
 
 def format_table(metrics: dict[str, float], title: str = '') -> str:

@@ -19,10 +19,15 @@ TEXT_PERTURBATIONS = ('typos', 'word_drop', 'shuffle', 'attribute_swap')
 
 COMMON = {'type': '', 'every_steps': 0}
 DEFAULTS: dict[str, dict[str, Any]] = {
-    # Image-text retrieval on demo validation scenes (half in one-attribute near-duplicate pairs).
+    # Image-text retrieval on demo validation scenes (half in one-attribute near-duplicate pairs),
+    # or on the first max_examples of an ingested dataset (dataset='records', path=the `prepare
+    # --out` directory) or a TFDS split (dataset='tfds', tfds_name, split, data_dir=path, feature
+    # keys image_key / captions_key), every caption of each image (text-text data: q2t / t2q).
     # Corpora of index_min_corpus items or more are searched with a ScaNN index; its
     # num_leaves / num_leaves_to_search / reorder come from the corpus size where 0.
     'retrieval': {'dataset': 'demo_validation', 'num_scenes': 1000, 'seed': 1234,
+                  'path': '', 'tfds_name': '', 'split': 'validation', 'max_examples': 5000,
+                  'image_key': 'image', 'captions_key': 'captions',
                   'metrics': RETRIEVAL_METRICS, 'index_min_corpus': 100_000,
                   'index_num_leaves': 0, 'index_num_leaves_to_search': 0, 'index_reorder': 0},
     # Zero-shot classification of one-object demo scenes by `attribute` (shape | colour); empty
@@ -44,7 +49,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     'llm_retrieval': {'dataset': 'demo_validation', 'num_scenes': 1000, 'seed': 1234,
                       'num_composed': 500, 'metrics': RETRIEVAL_METRICS},
 }
-DATASETS = {'retrieval': ('demo_validation',), 'robustness': ('demo_validation',),
+DATASETS = {'retrieval': ('demo_validation', 'records', 'tfds'), 'robustness': ('demo_validation',),
             'llm_retrieval': ('demo_validation',),
             'zero_shot': ('demo_single_objects',), 'linear_probe': ('demo_single_objects',)}
 ATTRIBUTES = ('shape', 'colour')
@@ -109,7 +114,13 @@ def _check_values(s: dict[str, Any]) -> None:
   if s['dataset'] not in DATASETS[s['type']]:
     raise SpecError(f'dataset={s["dataset"]!r} is not one of {DATASETS[s["type"]]} for type '
                     f'{s["type"]!r}.')
-  for key in ('num_scenes', 'num_images', 'num_test', 'shots', 'index_min_corpus', 'num_composed'):
+  if s['dataset'] == 'records' and not s['path']:
+    raise SpecError("dataset='records' needs path= (the `python -m mmjax.data.prepare --out` "
+                    'directory).')
+  if s['dataset'] == 'tfds' and not s['tfds_name']:
+    raise SpecError("dataset='tfds' needs tfds_name=.")
+  for key in ('num_scenes', 'num_images', 'num_test', 'shots', 'index_min_corpus',
+              'max_examples', 'num_composed'):
     if key in s and s[key] < 1:
       raise SpecError(f'{key}={s[key]} must be >= 1.')
   for key in INDEX_FIELDS:
