@@ -157,7 +157,9 @@ class LLMEmbedder(nn.Module):
     # Parameter prefixes 'img/' (locked with model.image.locked), 'projector/', 'llm/'.
     self.img = ViT(dataclasses.replace(cfg.image, pool='none'), dtype, pdtype)
     self.projector = Projector(cfg.projector, cfg.decoder.width, dtype, pdtype)
-    self.llm = Decoder(cfg.decoder, dtype, pdtype)
+    # With LoRA the decoder's base is read through stop_gradient: no base gradient is formed.
+    self.llm = (lora.freeze_base(Decoder) if cfg.lora.rank else Decoder)(cfg.decoder, dtype,
+                                                                          pdtype)
 
   def visual_tokens(self, images: jax.Array, *, train: bool = False,
                     rows: jax.Array | None = None) -> jax.Array:
