@@ -7,17 +7,13 @@ The loss is the sum of the final hidden states (a stand-in for any objective), d
 w.r.t. all parameters; parameters and inputs are abstract (ShapeDtypeStructs), so nothing of model
 size is allocated. For each layout (layer loop, scanned) and remat setting it reports XLA's
 `memory_analysis()` temporaries (activations kept for the backward pass + workspace) and the
-compile time, on the CPU backend (an accelerator fuses differently; the ordering is what this
-shows). A result block is appended to BENCHMARKS.md.
+compile time, on the CPU backend (an accelerator fuses and schedules differently; the ordering is
+what this shows). A result block is appended to BENCHMARKS.md (train_step.append_result).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import pathlib
-import platform
-import subprocess
 import time
 
 import flax.linen as nn
@@ -25,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+import train_step as tsb  # (provenance and --append, --benchmarks_file live there)
 from mmjax.config import REMAT_POLICIES, DecoderConfig
 from mmjax.models.decoder import Decoder
 
@@ -34,10 +31,8 @@ flags.DEFINE_integer('depth', 4, 'Layers.')
 flags.DEFINE_integer('mlp_dim', 8960, 'intermediate_size (Qwen2-1.5B: 8960).')
 flags.DEFINE_integer('batch', 8, 'Sequences.')
 flags.DEFINE_integer('length', 512, 'Tokens per sequence.')
-flags.DEFINE_bool('append', True, 'Append the result block to BENCHMARKS.md.')
 
 MIB = 2.0 ** 20
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def measure(cfg: DecoderConfig, batch: int, length: int) -> tuple[float, float]:
@@ -72,23 +67,15 @@ def main(_):
       rows.append(f'| {"scan" if scan else "loop"} | {policy or "no remat"} | {mib:,.0f} | '
                   f'{sec:.1f} |')
       print(rows[-1], flush=True)
-  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                          text=True, cwd=ROOT).stdout.strip()
-  block = '\n'.join([
-      f'\n### Decoder remat policies ({datetime.date.today()}, commit {commit}, '
-      f'{platform.machine()} CPU, jax {jax.__version__})\n',
-      f'`python bench/decoder_remat.py --width={FLAGS.width} --depth={FLAGS.depth} '
-      f'--mlp_dim={FLAGS.mlp_dim} --batch={FLAGS.batch} --length={FLAGS.length}`: forward + backward of the decoder '
-      f'({base.num_heads} heads, {base.num_kv_heads} kv heads, mlp {base.mlp_dim}, bfloat16 '
-      'compute), compiled only; XLA temporaries (activations saved for the backward pass and '
-      'workspace).\n',
-      '| layers | remat policy | temporaries (MiB) | compile (s) |', '| --- | --- | --- | --- |',
-      *rows, ''])
-  print(block)
   if FLAGS.append:
-    with open(ROOT / 'BENCHMARKS.md', 'a', encoding='utf-8') as f:
-      f.write(block)
-
+    tsb.append_result(
+        f'decoder_remat: width {FLAGS.width}, depth {FLAGS.depth}, {FLAGS.batch} x '
+        f'{FLAGS.length} tokens',
+        [f'- decoder: {base.num_heads} heads, {base.num_kv_heads} kv heads, mlp {base.mlp_dim}, '
+         'bfloat16 compute; forward + backward compiled only; XLA temporaries (activations '
+         'saved for the backward pass and workspace)'],
+        ['| layers | remat policy | temporaries (MiB) | compile (s) |',
+         '| --- | --- | --- | --- |', *rows])
 
 if __name__ == '__main__':
   app.run(main)
