@@ -29,7 +29,6 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
-from absl import flags
 from tokenizers import Tokenizer
 
 from mmjax.data import demo, records
@@ -417,10 +416,5 @@ def make_train_dataset(config, encoder: MultimodalEncoder, *, process_index: int
   read = grain.ReadOptions(num_threads=data.read_threads,
                            prefetch_buffer_size=2 * config.batch_size // process_count)
   it = ds[process_index::process_count].to_iter_dataset(read)
-  it = it.batch(config.batch_size // process_count, drop_remainder=True)
-  if data.num_workers > 0:
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
-  return it
+  from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel  (imports us)
+  return pipeline.prefetch(it.batch(config.batch_size // process_count, drop_remainder=True), data)

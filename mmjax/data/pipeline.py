@@ -139,7 +139,11 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
     ds = ds[process_index::process_count]
     it = transforms.SkipCorrupt(ds.to_iter_dataset(read), data.max_skip_fraction)
     it = it.batch(local_batch, drop_remainder=True)
-  it = it.map(transforms.assign_groups)
+  return prefetch(it.map(transforms.assign_groups), data)
+
+
+def prefetch(it: grain.IterDataset, data) -> grain.IterDataset:
+  """`it` read by `data.num_workers` Grain worker processes (0: in this process)."""
   if data.num_workers > 0:
     # Grain's worker processes read absl flags; outside `absl.app` (notebooks, tests) nothing
     # parsed them yet.
