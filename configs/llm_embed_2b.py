@@ -1,5 +1,5 @@
-r"""LLM embedder, 2B class: a Qwen2-1.5B-sized decoder with LoRA reading a ViT-L/14-336-sized
-vision tower (~1.9B parameters), batch 1024 with GradCache, on an 8-device FSDP mesh.
+r"""LLM embedder, 2B class: a Qwen2-1.5B-sized decoder with LoRA reading a frozen ViT-L/14-336-
+sized vision tower (~1.9B parameters), batch 1024 with GradCache, on an 8-device FSDP mesh.
 
 A recipe, not a CPU run: its compiled memory per device is checked without running it by
   python bench/llm_embed_memory.py --config=configs/llm_embed_2b.py
@@ -33,7 +33,10 @@ def get_config():
   c.model.image.depth = 24
   c.model.image.num_heads = 16
   c.model.image.mlp_dim = 4096
-  c.model.image.remat = True
+  # Frozen vision tower (its features pass no gradient, so GradCache keeps none of its
+  # activations): trained, its 24 unscanned layers' backward dominated the compiled memory (77 GiB
+  # per device measured, BENCHMARKS.md); the projector and the LoRA adapters train.
+  c.model.image.locked = True
   c.model.llm.merge = 2
   c.model.llm.max_len = 384  # 144 visual tokens + instruction + text.
   c.model.llm.matryoshka_dims = (256, 512, 1024)
