@@ -395,8 +395,9 @@ class Pretrained:
   """An imported checkpoint: mmjax configs, parameters in TwoTower layout, and what export needs.
 
   `params` holds the subtrees the checkpoint has ('img', 'txt', 'img_head', 'txt_head',
-  't_prime', 'bias') as NumPy arrays; `unused` the tensors mmjax does not use (written back on
-  export); `prefix` a model-class prefix stripped from every key ('bert.').
+  't_prime', 'bias') as NumPy arrays; `unused` the tensors mmjax does not use, under their
+  names in the file (written back on export); `prefix` a model-class prefix stripped from the
+  used keys ('bert.').
   """
 
   family: str
@@ -451,6 +452,8 @@ def load(directory: str | pathlib.Path) -> Pretrained:
   tensors = _unpack({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw.items()})
   flat, unused = match_tensors(tensors, rules, shapes, UNUSED[family],
                                f'{directory} ({family})', prefix)
+  # Unused tensors keep their own names: BertForPreTraining's 'cls.*' has no 'bert.' prefix.
+  unused = {k if k in raw else prefix + k: v for k, v in unused.items()}
   params = traverse_util.unflatten_dict(flat, sep='/')
   return Pretrained(family, directory, hf_config, image, text, model, params, unused, prefix)
 
@@ -522,18 +525,15 @@ def save(directory: str | pathlib.Path, pretrained: Pretrained,
   flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
   family, image, text, model = _configs(pretrained.hf_config, 'config')
   out = hf_tensors(flat, RULES[family](image, text, model), tower_shapes(image, text, model))
-  out = _pack({**out, **pretrained.unused})
-  return write_checkpoint(directory, out, pretrained.hf_config, pretrained.directory,
-                          pretrained.prefix)
+  out = _pack({**{pretrained.prefix + k: v for k, v in out.items()}, **pretrained.unused})
+  return write_checkpoint(directory, out, pretrained.hf_config, pretrained.directory)
 
 
 def write_checkpoint(directory: pathlib.Path, tensors: dict[str, np.ndarray],
-                     hf_config: dict[str, Any], source: pathlib.Path,
-                     prefix: str = '') -> pathlib.Path:
-  """config.json, model.safetensors (keys under `prefix`) and the tokenizer files of `source`."""
+                     hf_config: dict[str, Any], source: pathlib.Path) -> pathlib.Path:
+  """config.json, model.safetensors and the tokenizer files of `source`."""
   directory.mkdir(parents=True, exist_ok=True)
-  save_file({prefix + k: v for k, v in tensors.items()}, directory / WEIGHTS,
-            metadata={'format': 'pt'})
+  save_file(tensors, directory / WEIGHTS, metadata={'format': 'pt'})
   (directory / 'config.json').write_text(json.dumps(hf_config, indent=2))
   for name in SIDE_FILES:
     src = source / name
