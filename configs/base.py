@@ -103,6 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.decoder.head_dim = 0  # 0: width // num_heads.
   c.model.decoder.mlp_dim = 1024
   c.model.decoder.rope_theta = 10_000.0
+  # Llama 3.x rope scaling (factor, low_freq_factor, high_freq_factor, original context); ().
+  c.model.decoder.rope_scaling = ()
   c.model.decoder.rms_eps = 1e-6
   c.model.decoder.max_len = 512  # The decoder's context; model.llm.max_len must fit in it.
   c.model.decoder.qkv_bias = False  # Qwen2: True.
