@@ -4,14 +4,16 @@ An adapted projection computes `x W + (alpha / rank) * (x A) B` with A [*in, r] 
 (B starts at zero, so an adapted model starts exactly at its base). The adapters are added from
 outside the model: inside `adapters(cfg)` (a flax method interceptor) every `layers.DenseND` whose
 module path matches `cfg.targets` creates and applies its own 'lora_a'/'lora_b' parameters next to
-its 'kernel'. The model code does not know about LoRA, `init` under the context creates the
-adapters, and `apply` under it uses them (outside it they are ignored: apply, train and evaluate
-an adapted model inside the context). Nothing full-size is materialised per step: x A B costs
-O(r) per token, and the frozen kernels' gradients are never formed once the optimizer zeroes them.
+its 'kernel'. The model code does not know about LoRA: `init` under the context creates the
+adapters and `apply` under it uses them (outside it they are ignored, so enter the context inside
+the model method that calls the adapted module). Nothing full-size is materialised per step:
+x A B costs O(r) per token.
 
-Freezing is the optimizer's (config.optimizer.frozen): `base_pattern(prefix)` matches every
-parameter under `prefix` except the adapters, so the base gets no update and no optimizer state.
-`merge(params, cfg)` folds the adapters into the kernels for export (the result needs no context).
+Freezing the base has two parts: the optimizer's (config.optimizer.frozen = `base_pattern(
+prefix)`: no update and no optimizer state for every parameter under `prefix` but the adapters),
+and `freeze_base(ModuleClass)`, through which autodiff never forms the base's weight gradients
+(without it the step computes them, then the optimizer zeroes them). `merge(params, cfg)` folds
+the adapters into the kernels for export (the result needs no context).
 """
 
 from __future__ import annotations
