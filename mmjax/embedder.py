@@ -24,6 +24,7 @@ from mmjax.models import TwoTower
 from mmjax.parallel import mesh as mesh_lib
 
 EXPORT_FORMAT = 'mmjax.dual_encoder.v1'
+LLM_EXPORT_FORMAT = 'mmjax.llm_embedder.v1'  # LoRA merged; 'llm' holds the encoder settings.
 
 
 class Embedder:
@@ -94,7 +95,8 @@ def export(directory: str | pathlib.Path, model_config: ModelConfig, params: Any
     ckptr.save(params_dir, params, force=True)
   if jax.process_index() == 0:
     (directory / tokenizer_lib.TOKENIZER_FILE).write_text(tokenizer_json)
-    info = {'format': EXPORT_FORMAT, 'model': model_config.to_dict(), **(extra or {})}
+    fmt = EXPORT_FORMAT if isinstance(model_config, ModelConfig) else LLM_EXPORT_FORMAT
+    info = {'format': fmt, 'model': model_config.to_dict(), **(extra or {})}
     (directory / 'model.json').write_text(json.dumps(info, indent=2, sort_keys=True))
   return directory
 
@@ -110,13 +112,22 @@ def load_embedder(path: str | pathlib.Path, *, batch_size: int = 256,
     raise FileNotFoundError(f'{path} is not an mmjax export (no model.json). Create one with '
                             '`python -m mmjax.main --mode=export --workdir=DIR --config=...`.')
   info = json.loads(info_file.read_text())
-  if info.get('format') != EXPORT_FORMAT:
+  if info.get('format') not in (EXPORT_FORMAT, LLM_EXPORT_FORMAT):
     raise ValueError(f'{info_file}: unknown export format {info.get("format")!r}, expected '
-                     f'{EXPORT_FORMAT!r}.')
-  model_config = ModelConfig.from_dict(info['model'])
+                     f'{EXPORT_FORMAT!r} or {LLM_EXPORT_FORMAT!r}.')
   tok = tokenizer_lib.load(path)
-  encoder = tokenizer_lib.TextEncoder(tok, model_config.text.max_len)
-  model = TwoTower(model_config)
+  if info['format'] == LLM_EXPORT_FORMAT:
+    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
+    from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
+    model_config = llm_embedder.LLMEmbedderConfig.from_dict(info['model'])
+    model = llm_embedder.LLMEmbedder(model_config)
+    llm = info['llm']
+    encoder = llm_tasks.MultimodalEncoder(tok, **llm['encoder'])
+    instructions = llm_tasks.Instructions(**llm['instructions'])
+  else:
+    model_config = ModelConfig.from_dict(info['model'])
+    encoder = tokenizer_lib.TextEncoder(tok, model_config.text.max_len)
+    model = TwoTower(model_config)
   from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
   abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
                                                         *dummy_inputs(model_config))['params']))
@@ -125,6 +136,9 @@ def load_embedder(path: str | pathlib.Path, *, batch_size: int = 256,
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(path / 'params', target)
+  if info['format'] == LLM_EXPORT_FORMAT:
+    return MultimodalEmbedder(model_config, params, encoder, instructions, mesh=mesh,
+                              batch_size=batch_size)
   return Embedder(model_config, params, encoder, mesh=mesh, batch_size=batch_size)
 
 

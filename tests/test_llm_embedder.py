@@ -221,11 +221,26 @@ def test_gradcache_equals_plain_backprop(tmp_path):
     assert float(np.max(np.abs(g2 - g1))) <= 1e-3 * scale
 
 
-def test_cli_run_trains_with_gradcache(tmp_path):
+def test_cli_run_trains_with_gradcache_lora_and_exports_merged(tmp_path):
+  from mmjax.embedder import load_embedder  # pylint: disable=import-outside-toplevel
+  from mmjax.models import lora  # pylint: disable=import-outside-toplevel
   from mmjax.train import loop  # pylint: disable=import-outside-toplevel
   config = small_run_config()
   config.micro_batches = 2
+  config.model.lora.rank = 2
   out = loop.train_and_evaluate(config, tmp_path)
   assert out['step'] == 2 and (tmp_path / 'eval.json').exists()
   for key in ('i2t/recall@1', 't2i/recall@1', 'composed/recall@1', 'dim16/composed/mrr'):
     assert 0.0 <= out[key] <= 1.0
+  # --mode=export merges the trained adapters; the loaded plain model embeds as the adapted one.
+  run, state, _ = loop.load_for_inference(config, tmp_path)
+  run.checkpointer.close()
+  assert lora.adapter_count(state.params) > 0
+  loop.export_checkpoint(config, tmp_path)
+  loaded = load_embedder(tmp_path)
+  assert loaded.config.lora.rank == 0 and lora.adapter_count(loaded.params) == 0
+  images = demo.make_eval_set(num_scenes=2, image_size=16)['images']
+  texts, ims = [f'{TOKEN} make the red circle blue', 'a red circle.'], [[images[0]], []]
+  np.testing.assert_allclose(loaded.embed_queries('composed', texts, ims),
+                             loop.make_embedder(run, state.params).embed_queries(
+                                 'composed', texts, ims), atol=1e-4)

@@ -248,6 +248,19 @@ def make_objective(config, contrastive: Callable) -> Callable:
   return matryoshka_objective(contrastive, from_run_config(config).eval_dims)
 
 
+def export_parts(cfg: LLMEmbedderConfig, params, encoder, instructions):
+  """(config, params, settings) to export: LoRA adapters merged into the base kernels (the
+  exported config has rank 0) and what `load_embedder` needs to rebuild the encoder."""
+  if cfg.lora.rank:
+    params, cfg = lora.merge(params, cfg.lora), dataclasses.replace(cfg, lora=LoraConfig())
+  settings = {'encoder': {'max_len': encoder.max_len, 'image_token': encoder.image_token,
+                          'tokens_per_image': encoder.tokens_per_image,
+                          'max_images': encoder.max_images, 'pad_side': encoder.pad_side,
+                          'eos_token': encoder.tokenizer.id_to_token(encoder.eos_id)},
+              'instructions': dataclasses.asdict(instructions)}
+  return cfg, params, settings
+
+
 def dummy_batch(cfg: LLMEmbedderConfig, batch: int = 1) -> dict[str, jax.Array]:
   """The smallest batch `init` needs (query and candidate, no negatives)."""
   s = cfg.image.image_size

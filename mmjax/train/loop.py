@@ -298,7 +298,11 @@ def export_checkpoint(config, workdir) -> pathlib.Path:
   """`--mode=export`: params only + config + tokenizer into DIR/export."""
   run, state, step = load_for_inference(config, workdir)
   run.checkpointer.close()
-  out = export(run.workdir / 'export', run.model_config, state.params, run.encoder.tokenizer.to_str(),
-               extra={'step': step})
+  model_config, params, extra = run.model_config, state.params, {'step': step}
+  if config.model.kind == 'llm_embedder':  # LoRA merged into the base: a plain model.
+    model_config, params, extra['llm'] = llm_embedder.export_parts(
+        model_config, params, run.encoder, llm_tasks.Instructions.from_config(config))
+  out = export(run.workdir / 'export', model_config, params, run.encoder.tokenizer.to_str(),
+               extra=extra)
   log.info('Exported step %d to %s.', step, out)
   return out
