@@ -96,8 +96,9 @@ def main(argv):
   details = [
       '- compiled only (never run): XLA memory_analysis() of the whole train step, per device',
       f'- {r["params"] / 1e9:.2f}B parameters, {r["trainable"] / 1e6:.1f}M trainable '
-      f'({r["adapters"] / 1e6:.1f}M LoRA adapters r={c.model.lora.rank}, the rest ViT + '
-      'projector); decoder base frozen',
+      f'({r["adapters"] / 1e6:.1f}M LoRA adapters r={c.model.lora.rank}, the rest the '
+      f'projector{"" if c.model.image.locked else " and the ViT"}); decoder base frozen'
+      f'{", ViT locked" if c.model.image.locked else ""}',
       f'- batch {c.batch_size} (+{c.data.num_hard_negatives} hard negative per query), sequence '
       f'{c.model.llm.max_len}, image {c.model.image.image_size}px, dtype {c.model.dtype}, '
       f'params {c.model.param_dtype}, mesh {r["mesh"]} on {r["devices"]} simulated CPU devices, '
