@@ -221,6 +221,7 @@ def test_gradcache_equals_plain_backprop(tmp_path):
     assert float(np.max(np.abs(g2 - g1))) <= 1e-3 * scale
 
 
+@pytest.mark.slow  # Two compiles of the step and the evaluator (minutes on 2 loaded cores).
 def test_cli_run_trains_with_gradcache_lora_and_exports_merged(tmp_path):
   from mmjax.embedder import load_embedder  # pylint: disable=import-outside-toplevel
   from mmjax.models import lora  # pylint: disable=import-outside-toplevel
