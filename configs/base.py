@@ -201,6 +201,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict()
   c.init.image = ''
   c.init.text = ''
+  # LLM embedder: the decoder from a local Llama/Qwen2 checkpoint ('hf:DIR'); model.decoder must
+  # match it (`python -m mmjax.hf DIR` prints the overrides). Its tokenizer is loaded with it.
+  c.init.decoder = ''
 
   # --- Tokenizer -------------------------------------------------------------------------------
   c.tokenizer = ml_collections.ConfigDict()

@@ -1,6 +1,7 @@
 """The LLM embedder: multimodal inputs, pooling, refusals, instructions, Matryoshka, training."""
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -245,3 +246,32 @@ def test_cli_run_trains_with_gradcache_lora_and_exports_merged(tmp_path):
   np.testing.assert_allclose(loaded.embed_queries('composed', texts, ims),
                              loop.make_embedder(run, state.params).embed_queries(
                                  'composed', texts, ims), atol=1e-4)
+
+
+def test_init_decoder_from_a_qwen2_checkpoint():
+  import flax  # pylint: disable=import-outside-toplevel
+  from mmjax import config as config_lib, hf  # pylint: disable=import-outside-toplevel
+  from mmjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from mmjax.train import optim, state as state_lib, transfer  # pylint: disable=import-outside-toplevel
+  fixture = pathlib.Path(__file__).parent / 'fixtures' / 'hf' / 'qwen2'
+  config = small_run_config()
+  config.init.decoder = f'hf:{fixture}'
+  d = config.model.decoder
+  d.vocab_size, d.width, d.depth, d.num_heads, d.num_kv_heads = 128, 32, 2, 4, 1
+  d.mlp_dim, d.rope_theta, d.max_len, d.qkv_bias, d.scan_layers = 48, 1000.0, 64, True, True
+  config.model.llm.max_len = 64
+  config_lib.validate(config)
+  mesh, rules = mesh_lib.make_mesh(config.mesh), mesh_lib.rules(config)
+  cfg = lm.from_run_config(config)
+  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
+  state, shardings = state_lib.create_train_state(lm.LLMEmbedder(cfg), tx, mesh, rules,
+                                                  jax.random.key(0))
+  state = transfer.apply_init(config, state, shardings, cfg)
+  want = flax.traverse_util.flatten_dict(hf.load_decoder(fixture).params_for(cfg.decoder))
+  got = flax.traverse_util.flatten_dict(jax.device_get(state.params['llm']))
+  assert got.keys() == want.keys()
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v)
+  d.mlp_dim = 64
+  with pytest.raises(config_lib.ConfigError, match=r"differs from the checkpoint in \['mlp_dim'\]"):
+    transfer.apply_init(config, state, shardings, lm.from_run_config(config))
