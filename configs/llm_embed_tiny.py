@@ -1,5 +1,6 @@
 r"""LLM embedder, tiny: a 2-layer GQA decoder reading ViT tokens, trained on the demo tasks on CPU
-(image->text, text->image and composed image+edit->image retrieval) in a few minutes.
+(image->text, text->image and composed image+edit->image retrieval): 300 steps of 64 took 36 min
+on 2 CPU cores shared with other jobs (BENCHMARKS.md has its retrieval beside the dual encoder's).
 
 Run:
   python -m mmjax.main --config=configs/llm_embed_tiny.py --workdir=runs/llm_embed_tiny
