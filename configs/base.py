@@ -77,6 +77,49 @@ def get_config() -> ml_collections.ConfigDict:
   # Attend to (and pool over) padding too: SigLIP pads to max_len and reads the last position.
   c.model.text.attend_padding = False
 
+  # --- LLM embedder (docs/llm_embedder.md) ------------------------------------------------------
+  # 'two_tower': the dual encoder above (model.image + model.text). 'llm_embedder': model.image
+  # -> projector -> visual tokens in a decoder LLM's sequence (model.decoder), pooled (model.llm).
+  c.model.kind = 'two_tower'
+  c.model.llm = ml_collections.ConfigDict()
+  c.model.llm.max_len = 128  # Tokens per sequence (visual tokens, instruction, text, EOS).
+  c.model.llm.max_images = 1  # Image slots per sequence; more images in one input are refused.
+  c.model.llm.merge = 1  # merge x merge neighbouring ViT patches -> one visual token.
+  c.model.llm.projector = 'mlp'  # Vision -> decoder width: 'mlp' (Dense-GELU-Dense) | 'linear'.
+  c.model.llm.pool = 'last'  # 'last' (the EOS token's hidden state) | 'mean' (over the mask).
+  # Matryoshka: nested prefix dimensions trained jointly (the loss is averaged over them and the
+  # full width) and evaluated truncated; () trains the full width only.
+  c.model.llm.matryoshka_dims = ()
+  c.model.llm.temperature = 0.02  # Fixed InfoNCE temperature (logits = cos / temperature).
+  c.model.llm.image_token = '<image>'  # Image placeholder in texts; added to the tokenizer.
+  c.model.llm.eos_token = ''  # EOS appended to every sequence; '' finds [EOS], </s>, ...
+  # The decoder tower (mmjax.config.DecoderConfig; Llama/Qwen2 sizes).
+  c.model.decoder = ml_collections.ConfigDict()
+  c.model.decoder.vocab_size = 32_000
+  c.model.decoder.width = 256  # hidden_size; also the embedding dimension.
+  c.model.decoder.depth = 4
+  c.model.decoder.num_heads = 4
+  c.model.decoder.num_kv_heads = 4  # < num_heads: grouped-query attention.
+  c.model.decoder.head_dim = 0  # 0: width // num_heads.
+  c.model.decoder.mlp_dim = 1024
+  c.model.decoder.rope_theta = 10_000.0
+  # Llama 3.x rope scaling (factor, low_freq_factor, high_freq_factor, original context); ().
+  c.model.decoder.rope_scaling = ()
+  c.model.decoder.rms_eps = 1e-6
+  c.model.decoder.max_len = 512  # The decoder's context; model.llm.max_len must fit in it.
+  c.model.decoder.qkv_bias = False  # Qwen2: True.
+  c.model.decoder.scan_layers = False  # nn.scan over the layers (one compiled layer).
+  c.model.decoder.remat = False
+  c.model.decoder.remat_policy = 'nothing_saveable'  # A jax.checkpoint_policies name.
+  c.model.decoder.dropout = 0.0
+  # LoRA adapters (mmjax.models.lora, mmjax.config.LoraConfig) on the projections whose module
+  # path matches `targets` ('llm/layers_0/attn/query'); rank 0: none. With rank > 0 the
+  # decoder's base weights are frozen (the optimizer trains the adapters, projector and ViT).
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0
+  c.model.lora.alpha = 16.0  # The update is (alpha / rank) * x A B.
+  c.model.lora.targets = r'attn/(query|key|value|out)$'
+
   # --- Loss ------------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = 'sigmoid'  # 'sigmoid' (SigLIP) | 'softmax' (symmetric InfoNCE, CLIP).
@@ -140,6 +183,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # Grain worker processes (0: decode in the main process).
   c.data.worker_buffer_size = 2  # Batches each worker prepares ahead.
   c.data.read_threads = 2  # Threads reading/transforming elements per process.
+  # LLM embedder tasks on the demo scenes (mmjax.data.llm_tasks): the share of each task in the
+  # batches, the query instruction of each task and the candidates' instruction ('' = none).
+  c.data.llm = ml_collections.ConfigDict()
+  c.data.llm.weights = ml_collections.ConfigDict({'i2t': 1.0, 't2i': 1.0, 'composed': 1.0})
+  c.data.llm.instructions = ml_collections.ConfigDict({
+      'i2t': 'Find a caption that describes this image:',
+      't2i': 'Find an image that matches this caption:',
+      'composed': 'Find the image after this change:'})
+  c.data.llm.candidate_instruction = ''
+  c.data.llm.pad_side = 'right'  # 'right' | 'left': last-token pooling is exact either way.
 
   # --- Transfer (docs/pretrained.md) -----------------------------------------------------------
   # Start a tower from a released checkpoint: 'hf:DIR' (config.json + model.safetensors) or
@@ -148,6 +201,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict()
   c.init.image = ''
   c.init.text = ''
+  # LLM embedder: the decoder from a local Llama/Qwen2 checkpoint ('hf:DIR'); model.decoder must
+  # match it (`python -m mmjax.hf DIR` prints the overrides). Its tokenizer is loaded with it.
+  c.init.decoder = ''
 
   # --- Tokenizer -------------------------------------------------------------------------------
   c.tokenizer = ml_collections.ConfigDict()
@@ -200,6 +256,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.seed = 1234  # Which validation scenes are drawn.
   # Metrics of this validation retrieval eval: recall|precision|ndcg@K, map, mrr, median_rank.
   c.eval.metrics = ('recall@1', 'recall@5', 'recall@10', 'mrr', 'median_rank')
+  c.eval.num_composed = 500  # LLM embedder: composed (image + edit) queries of the eval split.
   c.eval.index_min_corpus = 100_000  # Corpora this large or larger are searched with ScaNN.
   # ScaNN index parameters; 0 derives them from the corpus size (mmjax.index.default_params).
   c.eval.index_num_leaves = 0

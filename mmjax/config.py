@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 import sys
 from typing import Any
 
@@ -75,6 +76,84 @@ class TextConfig(TransformerConfig):
     return self.num_positions or self.max_len
 
 
+# jax.checkpoint_policies a remat'ed decoder layer may use (what it keeps for the backward pass).
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'everything_saveable')
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """A Llama/Qwen2-style decoder (mmjax.models.decoder): RMSNorm, RoPE, SwiGLU, grouped-query
+  attention. Checked on construction, so an impossible shape fails before any compute."""
+
+  vocab_size: int = 32_000
+  width: int = 256  # hidden_size.
+  depth: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4  # < num_heads: grouped-query attention; 1: multi-query.
+  head_dim: int = 0  # 0: width // num_heads.
+  mlp_dim: int = 1024  # intermediate_size.
+  rope_theta: float = 10_000.0
+  # Llama 3.x rope scaling: (factor, low_freq_factor, high_freq_factor, original context); ().
+  rope_scaling: tuple[float, ...] = ()
+  rms_eps: float = 1e-6
+  max_len: int = 512  # Context length: longer inputs are refused.
+  qkv_bias: bool = False  # Qwen2: biases on q/k/v (not on the output projection).
+  scan_layers: bool = False  # nn.scan over layers: one compiled layer, parameters stacked.
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'  # One of REMAT_POLICIES.
+  dropout: float = 0.0  # Residual dropout (per example, see layers.Dropout).
+
+  def __post_init__(self):
+    object.__setattr__(self, 'rope_scaling', tuple(self.rope_scaling))  # JSON gives a list.
+    if len(self.rope_scaling) not in (0, 4):
+      raise ConfigError(f'DecoderConfig.rope_scaling={self.rope_scaling} must be () or (factor, '
+                        'low_freq_factor, high_freq_factor, original_max_len).')
+    for name in ('vocab_size', 'width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim',
+                 'max_len'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'DecoderConfig.{name}={getattr(self, name)} must be positive.')
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(f'DecoderConfig.num_heads={self.num_heads} is not a multiple of '
+                        f'num_kv_heads={self.num_kv_heads} (grouped-query attention).')
+    if not self.head_dim and self.width % self.num_heads:
+      raise ConfigError(f'DecoderConfig.width={self.width} is not divisible by num_heads='
+                        f'{self.num_heads}; set head_dim.')
+    if self.dim_per_head % 2:
+      raise ConfigError(f'DecoderConfig head dimension {self.dim_per_head} must be even (RoPE).')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f'DecoderConfig.remat_policy={self.remat_policy!r} is not one of '
+                        f'{", ".join(REMAT_POLICIES)}.')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f'DecoderConfig.dropout={self.dropout} must be in [0, 1).')
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA adapters (mmjax.models.lora) on the DenseND projections whose module path ('llm/
+  layers_0/attn/query') matches `targets`; rank 0 adds none."""
+
+  rank: int = 0
+  alpha: float = 16.0  # The update is (alpha / rank) * x A B.
+  targets: str = r'attn/(query|key|value|out)$'
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ConfigError(f'LoraConfig.rank={self.rank} must be >= 0 (0: no adapters).')
+    try:
+      re.compile(self.targets)
+    except re.error as e:
+      raise ConfigError(f'LoraConfig.targets={self.targets!r} is not a valid regex ({e}).') from e
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   image: ViTConfig
@@ -118,6 +197,7 @@ CPU_COLLECTIVES = ('gloo', 'mpi')
 NORMS = ('pre', 'post')
 ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu', 'relu')
 MESH_AXES = ('data', 'fsdp', 'tensor')
+MODEL_KINDS = ('two_tower', 'llm_embedder')
 
 
 def default_temperature_init(loss: str) -> float:
@@ -329,6 +409,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _one_of('model.image_head', config.model.image_head, ('',) + HEADS)
   _one_of('model.text_head', config.model.text_head, ('',) + HEADS)
   _validate_transfer(config)
+  _one_of('model.kind', config.model.kind, MODEL_KINDS)
+  if config.model.kind == 'llm_embedder':
+    _validate_llm_embedder(config)
   _positive('model.image.patch_size', img.patch_size)
   _require(len(img.pixel_mean) == len(img.pixel_std) and len(img.pixel_mean) in (0, 3)
            and all(s > 0 for s in img.pixel_std),
@@ -393,6 +476,28 @@ def _validate_distributed(d) -> None:
   _require(0 <= d.process_id < d.num_processes,
            f'config.distributed.process_id={d.process_id} must be in [0, '
            f'config.distributed.num_processes={d.num_processes}).')
+
+
+def _validate_llm_embedder(config) -> None:
+  """model.llm, model.decoder and data.llm (docs/llm_embedder.md); the typed config checks the
+  shapes."""
+  from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
+
+  llm = config.data.llm
+  _one_of('data.llm.pad_side', llm.pad_side, ('right', 'left'))
+  for group in ('weights', 'instructions'):
+    keys = sorted(llm[group].keys())
+    _require(keys == sorted(llm_embedder.TASKS),
+             f'config.data.llm.{group} has keys {keys}; expected {sorted(llm_embedder.TASKS)}.')
+  _require(all(w >= 0 for w in llm.weights.values()) and sum(llm.weights.values()) > 0,
+           f'config.data.llm.weights={dict(llm.weights)} must be >= 0 and not all 0.')
+  _require(config.loss.kind == 'softmax',
+           f"config.loss.kind={config.loss.kind!r}: the LLM embedder trains with InfoNCE at a "
+           "fixed temperature; set config.loss.kind='softmax'.")
+  try:
+    llm_embedder.from_run_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e) if str(e).startswith('config.') else f'config.{e}') from e
 
 
 def _validate_transfer(config) -> None:

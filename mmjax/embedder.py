@@ -24,6 +24,7 @@ from mmjax.models import TwoTower
 from mmjax.parallel import mesh as mesh_lib
 
 EXPORT_FORMAT = 'mmjax.dual_encoder.v1'
+LLM_EXPORT_FORMAT = 'mmjax.llm_embedder.v1'  # LoRA merged; 'llm' holds the encoder settings.
 
 
 class Embedder:
@@ -94,7 +95,8 @@ def export(directory: str | pathlib.Path, model_config: ModelConfig, params: Any
     ckptr.save(params_dir, params, force=True)
   if jax.process_index() == 0:
     (directory / tokenizer_lib.TOKENIZER_FILE).write_text(tokenizer_json)
-    info = {'format': EXPORT_FORMAT, 'model': model_config.to_dict(), **(extra or {})}
+    fmt = EXPORT_FORMAT if isinstance(model_config, ModelConfig) else LLM_EXPORT_FORMAT
+    info = {'format': fmt, 'model': model_config.to_dict(), **(extra or {})}
     (directory / 'model.json').write_text(json.dumps(info, indent=2, sort_keys=True))
   return directory
 
@@ -110,13 +112,22 @@ def load_embedder(path: str | pathlib.Path, *, batch_size: int = 256,
     raise FileNotFoundError(f'{path} is not an mmjax export (no model.json). Create one with '
                             '`python -m mmjax.main --mode=export --workdir=DIR --config=...`.')
   info = json.loads(info_file.read_text())
-  if info.get('format') != EXPORT_FORMAT:
+  if info.get('format') not in (EXPORT_FORMAT, LLM_EXPORT_FORMAT):
     raise ValueError(f'{info_file}: unknown export format {info.get("format")!r}, expected '
-                     f'{EXPORT_FORMAT!r}.')
-  model_config = ModelConfig.from_dict(info['model'])
+                     f'{EXPORT_FORMAT!r} or {LLM_EXPORT_FORMAT!r}.')
   tok = tokenizer_lib.load(path)
-  encoder = tokenizer_lib.TextEncoder(tok, model_config.text.max_len)
-  model = TwoTower(model_config)
+  if info['format'] == LLM_EXPORT_FORMAT:
+    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
+    from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
+    model_config = llm_embedder.LLMEmbedderConfig.from_dict(info['model'])
+    model = llm_embedder.LLMEmbedder(model_config)
+    llm = info['llm']
+    encoder = llm_tasks.MultimodalEncoder(tok, **llm['encoder'])
+    instructions = llm_tasks.Instructions(**llm['instructions'])
+  else:
+    model_config = ModelConfig.from_dict(info['model'])
+    encoder = tokenizer_lib.TextEncoder(tok, model_config.text.max_len)
+    model = TwoTower(model_config)
   from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
   abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
                                                         *dummy_inputs(model_config))['params']))
@@ -125,4 +136,72 @@ def load_embedder(path: str | pathlib.Path, *, batch_size: int = 256,
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(path / 'params', target)
+  if info['format'] == LLM_EXPORT_FORMAT:
+    return MultimodalEmbedder(model_config, params, encoder, instructions, mesh=mesh,
+                              batch_size=batch_size)
   return Embedder(model_config, params, encoder, mesh=mesh, batch_size=batch_size)
+
+
+class MultimodalEmbedder(Embedder):
+  """The LLM embedder's runner: embeds (text with image placeholders, images) inputs.
+
+  `embed_queries(task, contents, images)` prefixes the task's instruction, `embed_candidates`
+  the candidate instruction; `embed_images` / `embed_texts` embed plain candidates (an image
+  alone, a text alone), so the dual encoder's evaluators run on it too. Inputs are checked on
+  the host (`mmjax.data.llm_tasks.MultimodalEncoder`): placeholders must match the images and
+  fit the context.
+  """
+
+  def __init__(self, model_config, params: Any, encoder, instructions, mesh: Mesh | None = None,
+               batch_size: int = 256):
+    from mmjax.models.llm_embedder import LLMEmbedder  # pylint: disable=import-outside-toplevel
+    self.config, self.params, self.encoder = model_config, params, encoder
+    self.instructions = instructions
+    self.model = LLMEmbedder(model_config)
+    self.mesh = mesh or mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+    shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    self.batch_size = -(-batch_size // shards) * shards
+    self._batch_sharding = mesh_lib.batch_sharding(self.mesh)
+    self._embed = jax.jit(
+        lambda p, t, m, x: self.model.apply({'params': p}, t, m, x, method=LLMEmbedder.embed),
+        in_shardings=(None,) + (self._batch_sharding,) * 3,
+        out_shardings=mesh_lib.replicated(self.mesh))
+
+  @property
+  def embed_dim(self) -> int:
+    return self.config.embed_dim
+
+  def embed(self, texts: Sequence[str], images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """[N, embed_dim] of texts whose placeholders take `images[i]` (a list per text), in order."""
+    if len(texts) != len(images):
+      raise ValueError(f'{len(texts)} texts but {len(images)} image lists.')
+    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
+    enc, size = self.encoder, self.config.image.image_size
+    rows = [enc(t, len(ims)) for t, ims in zip(texts, images)]
+    tokens = np.stack([r[0] for r in rows]) if rows else np.zeros((0, enc.max_len), np.int32)
+    mask = np.stack([r[1] for r in rows]) if rows else tokens
+    pixels = np.stack([llm_tasks.stack_images(ims, enc.max_images, size) for ims in images]) \
+        if rows else np.zeros((0, enc.max_images, size, size, 3), np.uint8)
+    out = [np.asarray(self._embed(self.params, t, m, x))[:valid]
+           for (t, m, x), valid in self._batches([tokens, mask, pixels])]
+    return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+  def embed_queries(self, task: str, contents: Sequence[str],
+                    images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    from mmjax.data.llm_tasks import format_text  # pylint: disable=import-outside-toplevel
+    instruction = self.instructions.query[task]
+    return self.embed([format_text(instruction, c) for c in contents], images)
+
+  def embed_candidates(self, contents: Sequence[str],
+                       images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    from mmjax.data.llm_tasks import format_text  # pylint: disable=import-outside-toplevel
+    return self.embed([format_text(self.instructions.candidate, c) for c in contents], images)
+
+  def embed_images(self, images: np.ndarray) -> np.ndarray:
+    return self.embed_candidates([self.encoder.image_token] * len(images),
+                                 [[x] for x in np.asarray(images)])
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    if isinstance(texts, str):
+      raise TypeError('embed_texts takes a list of strings, got one string.')
+    return self.embed_candidates(list(texts), [[] for _ in texts])

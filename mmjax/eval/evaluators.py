@@ -95,6 +95,9 @@ def make(spec: dict[str, Any], image_size: int) -> Callable[[Embedder], dict[str
     return ZeroShotEvaluator(spec, image_size)
   if spec['type'] == 'linear_probe':
     return LinearProbeEvaluator(spec, image_size)
+  if spec['type'] == 'llm_retrieval':
+    from mmjax.eval import llm_retrieval  # pylint: disable=import-outside-toplevel
+    return llm_retrieval.LLMRetrievalEvaluator(spec, image_size)
   from mmjax.eval import robustness  # pylint: disable=import-outside-toplevel
   return robustness.RobustnessEvaluator(spec, image_size)
 
@@ -158,6 +161,10 @@ def build_suite(config) -> Suite:
                                 'seed': config.eval.seed, 'metrics': config.eval.metrics,
                                 'index_min_corpus': config.eval.index_min_corpus,
                                 **{k: config.eval[k] for k in specs_lib.INDEX_FIELDS}})
+  if config.model.get('kind', 'two_tower') == 'llm_embedder':  # i2t, t2i and composed queries.
+    primary = specs_lib.resolved({'type': 'llm_retrieval', 'num_scenes': config.eval.num_scenes,
+                                  'seed': config.eval.seed, 'metrics': config.eval.metrics,
+                                  'num_composed': config.eval.num_composed})
   evaluators = [Named('', default_every, primary, size)]
   evals = config.get('evals', None) or {}
   for name in sorted(evals.keys()):
@@ -168,7 +175,7 @@ def build_suite(config) -> Suite:
 
 def format_results(metrics: dict[str, float], title: str = '') -> str:
   """The i2t/t2i table of the primary evaluator, then one line per named evaluator."""
-  primary = {k: v for k, v in metrics.items() if k.split('/')[0] in ('i2t', 't2i')}
+  primary = {k: v for k, v in metrics.items() if k.split('/')[0] in ('i2t', 't2i', 'composed')}
   lines = [format_table(primary, title=title)] if primary else []
   named: dict[str, list[str]] = {}
   for k, v in metrics.items():

@@ -44,8 +44,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     'robustness': {'dataset': 'demo_validation', 'num_scenes': 200, 'seed': 1234,
                    'metrics': ('recall@1', 'recall@5'), 'corruptions': CORRUPTIONS,
                    'text_perturbations': TEXT_PERTURBATIONS, 'severities': (1, 2, 3, 4, 5)},
+    # The LLM embedder's i2t, t2i and composed (image + edit -> edited image) retrieval with
+    # task instructions, at every Matryoshka dimension (mmjax.eval.llm_retrieval).
+    'llm_retrieval': {'dataset': 'demo_validation', 'num_scenes': 1000, 'seed': 1234,
+                      'num_composed': 500, 'metrics': RETRIEVAL_METRICS},
 }
 DATASETS = {'retrieval': ('demo_validation', 'records', 'tfds'), 'robustness': ('demo_validation',),
+            'llm_retrieval': ('demo_validation',),
             'zero_shot': ('demo_single_objects',), 'linear_probe': ('demo_single_objects',)}
 ATTRIBUTES = ('shape', 'colour')
 INDEX_FIELDS = ('index_num_leaves', 'index_num_leaves_to_search', 'index_reorder')
@@ -115,13 +120,13 @@ def _check_values(s: dict[str, Any]) -> None:
   if s['dataset'] == 'tfds' and not s['tfds_name']:
     raise SpecError("dataset='tfds' needs tfds_name=.")
   for key in ('num_scenes', 'num_images', 'num_test', 'shots', 'index_min_corpus',
-              'max_examples'):
+              'max_examples', 'num_composed'):
     if key in s and s[key] < 1:
       raise SpecError(f'{key}={s[key]} must be >= 1.')
   for key in INDEX_FIELDS:
     if key in s and s[key] < 0:
       raise SpecError(f'{key}={s[key]} must be >= 0 (0: derived from the corpus size).')
-  if s['type'] in ('retrieval', 'robustness'):
+  if s['type'] in ('retrieval', 'robustness', 'llm_retrieval'):
     try:
       metrics_lib.parse(s['metrics'])
     except ValueError as e:

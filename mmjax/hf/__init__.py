@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out of mmjax: BERT-family text encoders, CLIP and SigLIP.
+"""Hugging Face checkpoints in and out of mmjax: BERT-family text encoders, CLIP and SigLIP, and
+Llama/Qwen2 decoders (`load_decoder` / `save_decoder`, the LLM embedder's tower).
 
 `load(dir)` reads a local `config.json` + `model.safetensors` (never pickle, never the hub) and
 returns the matching mmjax tower configs and parameters; `save(dir, ...)` writes them back in the
@@ -6,5 +7,9 @@ same safetensors layout. See docs/pretrained.md.
 """
 
 from mmjax.hf.convert import CheckpointError, Pretrained, load, resolve_dir, save
+from mmjax.hf.llama import DecoderCheckpoint
+from mmjax.hf.llama import load as load_decoder
+from mmjax.hf.llama import save as save_decoder
 
-__all__ = ['CheckpointError', 'Pretrained', 'load', 'resolve_dir', 'save']
+__all__ = ['CheckpointError', 'DecoderCheckpoint', 'Pretrained', 'load', 'load_decoder',
+           'resolve_dir', 'save', 'save_decoder']

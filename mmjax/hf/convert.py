@@ -172,10 +172,15 @@ def _channels(v: dict) -> None:
 
 
 FAMILIES = {'bert': bert_configs, 'clip': clip_configs, 'siglip': siglip_configs}
+# Decoder LLMs: the LLM embedder's tower, imported by mmjax.hf.llama.
+DECODER_FAMILIES = ('llama', 'qwen2')
 
 
 def family_of(c: dict, where: str) -> str:
   kind = c.get('model_type')
+  if kind in DECODER_FAMILIES:
+    raise CheckpointError(f'{where}: model_type={kind!r} is a decoder LLM, not a dual-encoder '
+                          'tower: import it with mmjax.hf.load_decoder.')
   if kind not in FAMILIES:
     raise CheckpointError(f'{where}: model_type={kind!r} is a different architecture than mmjax '
                           f'imports (supported: {", ".join(FAMILIES)}).')
@@ -390,8 +395,9 @@ class Pretrained:
   """An imported checkpoint: mmjax configs, parameters in TwoTower layout, and what export needs.
 
   `params` holds the subtrees the checkpoint has ('img', 'txt', 'img_head', 'txt_head',
-  't_prime', 'bias') as NumPy arrays; `unused` the tensors mmjax does not use (written back on
-  export); `prefix` a model-class prefix stripped from every key ('bert.').
+  't_prime', 'bias') as NumPy arrays; `unused` the tensors mmjax does not use, under their
+  names in the file (written back on export); `prefix` a model-class prefix stripped from the
+  used keys ('bert.').
   """
 
   family: str
@@ -426,24 +432,40 @@ def _strip_prefix(family: str, keys) -> str:
   return ''
 
 
-def load(directory: str | pathlib.Path) -> Pretrained:
-  """Imports a local HF checkpoint directory (config.json + model.safetensors)."""
-  directory = resolve_dir(directory)
+def read_config(directory: pathlib.Path) -> dict[str, Any]:
   config_file = directory / 'config.json'
   if not config_file.is_file():
     raise CheckpointError(f'{directory}: no config.json (a Hugging Face checkpoint directory '
                           'holds config.json and model.safetensors).')
-  hf_config = json.loads(config_file.read_text())
-  family, image, text, model = _configs(hf_config, str(config_file))
+  return json.loads(config_file.read_text())
+
+
+def load(directory: str | pathlib.Path) -> Pretrained:
+  """Imports a local HF checkpoint directory (config.json + model.safetensors)."""
+  directory = resolve_dir(directory)
+  hf_config = read_config(directory)
+  family, image, text, model = _configs(hf_config, str(directory / 'config.json'))
   rules = RULES[family](image, text, model)
   shapes = tower_shapes(image, text, model)
   raw = read_tensors(directory)
   prefix = _strip_prefix(family, raw)
   tensors = _unpack({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw.items()})
+  flat, unused = match_tensors(tensors, rules, shapes, UNUSED[family],
+                               f'{directory} ({family})', prefix)
+  # Unused tensors keep their own names: BertForPreTraining's 'cls.*' has no 'bert.' prefix.
+  unused = {k if k in raw else prefix + k: v for k, v in unused.items()}
+  params = traverse_util.unflatten_dict(flat, sep='/')
+  return Pretrained(family, directory, hf_config, image, text, model, params, unused, prefix)
 
-  _check_rules_cover(rules, shapes, family)
+
+def match_tensors(tensors: dict[str, np.ndarray], rules: list[Rule],
+                  shapes: dict[str, tuple[int, ...]], unused_patterns, where: str,
+                  prefix: str = '') -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(mmjax path -> float32 array, unused HF tensors) of a checkpoint's tensors under `rules`;
+  a missing, unknown or wrongly shaped tensor is a CheckpointError naming every such key."""
+  _check_rules_cover(rules, shapes, where)
   unused = {k: v for k, v in tensors.items()
-            if any(re.search(p, k) for p in UNUSED[family])}
+            if any(re.search(p, k) for p in unused_patterns)}
   expected = {hf for hf, _, _ in rules}
   missing = sorted(expected - set(tensors))
   unknown = sorted(set(tensors) - expected - set(unused))
@@ -467,17 +489,30 @@ def load(directory: str | pathlib.Path) -> Pretrained:
   if mismatched:
     problems.append('shape mismatches: ' + '; '.join(mismatched))
   if problems:
-    raise CheckpointError(f'{directory} ({family}) does not match its config.json: '
-                          + ' | '.join(problems))
-  params = traverse_util.unflatten_dict(flat, sep='/')
-  return Pretrained(family, directory, hf_config, image, text, model, params, unused, prefix)
+    raise CheckpointError(f'{where} does not match its config.json: ' + ' | '.join(problems))
+  return flat, unused
 
 
-def _check_rules_cover(rules: list[Rule], shapes: dict[str, tuple[int, ...]], family: str):
+def _check_rules_cover(rules: list[Rule], shapes: dict[str, tuple[int, ...]], where: str):
   """Every mmjax parameter has a rule (else the config has an option the table lacks)."""
   uncovered = sorted(set(shapes) - {mm for _, mm, _ in rules})
   if uncovered:
-    raise CheckpointError(f'{family}: no checkpoint tensor for mmjax parameters {uncovered}.')
+    raise CheckpointError(f'{where}: no checkpoint tensor for mmjax parameters {uncovered}.')
+
+
+def hf_tensors(flat: dict[str, Any], rules: list[Rule],
+               shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  """HF key -> tensor of flat mmjax parameters ('txt/encoder/...' -> array) under `rules`."""
+  out = {}
+  for hf, mm, layout in rules:
+    if mm not in flat:
+      raise CheckpointError(f'save: params have no {mm!r} (needed for {hf}).')
+    x = np.asarray(flat[mm], np.float32)
+    if tuple(x.shape) != shapes[mm]:
+      raise CheckpointError(f'save: {mm} has shape {x.shape}, the checkpoint needs {shapes[mm]}.')
+    # .copy(): C-contiguous without np.ascontiguousarray's promotion of scalars to 1-D.
+    out[hf] = to_hf(layout, x, _hf_shape(layout, shapes[mm], _flat_hf_shape(shapes[mm], hf))).copy()
+  return out
 
 
 def save(directory: str | pathlib.Path, pretrained: Pretrained,
@@ -486,26 +521,22 @@ def save(directory: str | pathlib.Path, pretrained: Pretrained,
   checkpoint's own layout: config.json, model.safetensors, the tokenizer files, and the tensors
   mmjax did not use, unchanged."""
   directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
   params = pretrained.params if params is None else params
   flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
   family, image, text, model = _configs(pretrained.hf_config, 'config')
-  shapes = tower_shapes(image, text, model)
-  out = {}
-  for hf, mm, layout in RULES[family](image, text, model):
-    if mm not in flat:
-      raise CheckpointError(f'save: params have no {mm!r} (needed for {hf}).')
-    x = np.asarray(flat[mm], np.float32)
-    if tuple(x.shape) != shapes[mm]:
-      raise CheckpointError(f'save: {mm} has shape {x.shape}, the checkpoint needs {shapes[mm]}.')
-    # .copy(): C-contiguous without np.ascontiguousarray's promotion of scalars to 1-D.
-    out[hf] = to_hf(layout, x, _hf_shape(layout, shapes[mm], _flat_hf_shape(shapes[mm], hf))).copy()
-  out = _pack({**out, **pretrained.unused})
-  save_file({pretrained.prefix + k: v for k, v in out.items()}, directory / WEIGHTS,
-            metadata={'format': 'pt'})
-  (directory / 'config.json').write_text(json.dumps(pretrained.hf_config, indent=2))
+  out = hf_tensors(flat, RULES[family](image, text, model), tower_shapes(image, text, model))
+  out = _pack({**{pretrained.prefix + k: v for k, v in out.items()}, **pretrained.unused})
+  return write_checkpoint(directory, out, pretrained.hf_config, pretrained.directory)
+
+
+def write_checkpoint(directory: pathlib.Path, tensors: dict[str, np.ndarray],
+                     hf_config: dict[str, Any], source: pathlib.Path) -> pathlib.Path:
+  """config.json, model.safetensors and the tokenizer files of `source`."""
+  directory.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, directory / WEIGHTS, metadata={'format': 'pt'})
+  (directory / 'config.json').write_text(json.dumps(hf_config, indent=2))
   for name in SIDE_FILES:
-    src = pretrained.directory / name
+    src = source / name
     if src.is_file() and src.resolve() != (directory / name).resolve():
       shutil.copyfile(src, directory / name)
   return directory

@@ -32,6 +32,14 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None,
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
 
 
+def rms_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None,
+             eps: float = 1e-6) -> nn.RMSNorm:
+  """RMSNorm (Llama, Qwen2): statistics in float32, a learned scale and no bias."""
+  return nn.RMSNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)))
+
+
 class Dropout(nn.Module):
   """Dropout whose mask for each example depends only on (dropout key, example row, layer).
 

@@ -27,5 +27,11 @@ def last_token(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
 
 
-POOLERS = {'first': first_token, 'cls': first_token, 'mean': mean_pool, 'gap': mean_pool,
-           'last': last_token}
+def no_pool(x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Every token (the LLM embedder reads the ViT's patch tokens)."""
+  del mask
+  return x
+
+
+POOLERS = {'none': no_pool, 'first': first_token, 'cls': first_token, 'mean': mean_pool,
+           'gap': mean_pool, 'last': last_token}

@@ -23,10 +23,10 @@ import numpy as np
 import tqdm
 
 from mmjax import config as config_lib
-from mmjax.data import pipeline, tokenizer as tokenizer_lib
-from mmjax.embedder import Embedder, export
+from mmjax.data import llm_tasks, pipeline, tokenizer as tokenizer_lib
+from mmjax.embedder import Embedder, MultimodalEmbedder, export
 from mmjax.eval.evaluators import Suite, build_suite, format_results
-from mmjax.models import TwoTower
+from mmjax.models import TwoTower, llm_embedder
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import optim, state as state_lib, step as step_lib, transfer
@@ -43,11 +43,11 @@ class Run:
   workdir: pathlib.Path
   mesh: Any
   axis_rules: Any
-  model_config: config_lib.ModelConfig
-  model: TwoTower
+  model_config: config_lib.ModelConfig | llm_embedder.LLMEmbedderConfig
+  model: TwoTower | llm_embedder.LLMEmbedder
   tx: Any
   schedule: Any
-  encoder: tokenizer_lib.TextEncoder
+  encoder: tokenizer_lib.TextEncoder | llm_tasks.MultimodalEncoder
   abstract_state: Any
   state_shardings: Any
   checkpointer: ckpt_lib.Checkpointer
@@ -59,15 +59,20 @@ def get_tokenizer(config, workdir: pathlib.Path):
   saved = workdir / tokenizer_lib.TOKENIZER_FILE
   if saved.exists():
     return tokenizer_lib.load(saved)
+  llm = config.model.kind == 'llm_embedder'
   if path := transfer.tokenizer_path(config):  # config.init.text brings its tokenizer.
     tok = tokenizer_lib.load(path)
   else:
-    tok = tokenizer_lib.train_wordpiece(pipeline.caption_corpus(config),
-                                        config.tokenizer.vocab_size)
-  if tok.get_vocab_size() > config.model.text.vocab_size:
+    corpus = llm_tasks.corpus(config) if llm else pipeline.caption_corpus(config)
+    tok = tokenizer_lib.train_wordpiece(corpus, config.tokenizer.vocab_size)
+  if llm:  # The image placeholder: one special token, never split.
+    llm_tasks.add_image_token(tok, config.model.llm.image_token)
+  key = 'model.decoder.vocab_size' if llm else 'model.text.vocab_size'
+  vocab = config.model.decoder.vocab_size if llm else config.model.text.vocab_size
+  if tok.get_vocab_size() > vocab:
     raise config_lib.ConfigError(
-        f'The tokenizer has {tok.get_vocab_size()} tokens but config.model.text.vocab_size='
-        f'{config.model.text.vocab_size}; raise config.model.text.vocab_size.')
+        f'The tokenizer has {tok.get_vocab_size()} tokens but config.{key}={vocab}; raise '
+        f'config.{key}.')
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = saved.with_suffix('.tmp')  # Other processes may be reading `saved` right now.
@@ -81,11 +86,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run
   workdir = pathlib.Path(workdir).absolute()
   mesh = mesh_lib.make_mesh(config.mesh)
   axis_rules = mesh_lib.rules(config)
-  model_config = config_lib.model_config(config)
-  model = TwoTower(model_config)
+  if config.model.kind == 'llm_embedder':
+    model_config = llm_embedder.from_run_config(config)
+    model = llm_embedder.LLMEmbedder(model_config)
+    encoder = llm_tasks.make_encoder(config, get_tokenizer(config, workdir))
+  else:
+    model_config = config_lib.model_config(config)
+    model = TwoTower(model_config)
+    encoder = tokenizer_lib.TextEncoder(get_tokenizer(config, workdir), config.model.text.max_len)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
                                       frozen=transfer.frozen_pattern(config))
-  encoder = tokenizer_lib.TextEncoder(get_tokenizer(config, workdir), config.model.text.max_len)
   abstract, shardings = state_lib.state_layout(model, tx, mesh, axis_rules,
                                                jax.random.key(config.seed))
   meta = {'model': model_config.to_dict(),
@@ -153,6 +163,10 @@ def step_flops(compiled) -> float | None:
 
 
 def make_embedder(run: Run, params) -> Embedder:
+  if run.config.model.kind == 'llm_embedder':
+    return MultimodalEmbedder(run.model_config, params, run.encoder,
+                              llm_tasks.Instructions.from_config(run.config), mesh=run.mesh,
+                              batch_size=run.config.eval.batch_size)
   return Embedder(run.model_config, params, run.encoder, mesh=run.mesh,
                   batch_size=run.config.eval.batch_size)
 
@@ -284,7 +298,11 @@ def export_checkpoint(config, workdir) -> pathlib.Path:
   """`--mode=export`: params only + config + tokenizer into DIR/export."""
   run, state, step = load_for_inference(config, workdir)
   run.checkpointer.close()
-  out = export(run.workdir / 'export', run.model_config, state.params, run.encoder.tokenizer.to_str(),
-               extra={'step': step})
+  model_config, params, extra = run.model_config, state.params, {'step': step}
+  if config.model.kind == 'llm_embedder':  # LoRA merged into the base: a plain model.
+    model_config, params, extra['llm'] = llm_embedder.export_parts(
+        model_config, params, run.encoder, llm_tasks.Instructions.from_config(config))
+  out = export(run.workdir / 'export', model_config, params, run.encoder.tokenizer.to_str(),
+               extra=extra)
   log.info('Exported step %d to %s.', step, out)
   return out

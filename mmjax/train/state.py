@@ -18,7 +18,11 @@ from mmjax.parallel import mesh as mesh_lib
 TrainState = train_state.TrainState
 
 
-def dummy_inputs(cfg: ModelConfig, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+def dummy_inputs(cfg: ModelConfig, batch: int = 1) -> tuple[jax.Array, ...]:
+  """The inputs `init` traces the model with (the LLM embedder's: one batch dict)."""
+  if not isinstance(cfg, ModelConfig):
+    from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
+    return (llm_embedder.dummy_batch(cfg, batch),)
   s = cfg.image.image_size
   return (jnp.zeros((batch, s, s, 3), jnp.uint8), jnp.zeros((batch, cfg.text.max_len), jnp.int32),
           jnp.ones((batch, cfg.text.max_len), jnp.int32))

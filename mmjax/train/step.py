@@ -178,10 +178,16 @@ def contrastive_roles(config) -> tuple[str, str]:
 
 def make_objective(config, mesh):
   """The run's objective: the contrastive loss between its two roles (with hard negatives when
-  the batch has them, and the robust-loss drop)."""
-  query, candidate = contrastive_roles(config)
-  return Contrastive(distributed.make_loss(config.loss.kind, config.loss.impl, mesh),
-                     query, candidate, config.loss.drop_noisy_fraction)
+  the batch has them, and the robust-loss drop). The LLM embedder's roles are 'query' and
+  'candidate', its loss averaged over its Matryoshka dimensions."""
+  llm = config.model.kind == 'llm_embedder'
+  query, candidate = ('query', 'candidate') if llm else contrastive_roles(config)
+  objective = Contrastive(distributed.make_loss(config.loss.kind, config.loss.impl, mesh),
+                          query, candidate, config.loss.drop_noisy_fraction)
+  if llm:
+    from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
+    objective = llm_embedder.make_objective(config, objective)
+  return objective
 
 
 def make_options(config, mesh) -> StepOptions:

@@ -27,11 +27,15 @@ RUN_FIELDS = frozenset({'dropout', 'remat', 'locked', 'max_len', 'pool'})
 
 
 def frozen_pattern(config) -> str:
-  """config.optimizer.frozen, plus '^img/' / '^txt/' for locked towers."""
+  """config.optimizer.frozen, plus '^img/' / '^txt/' for locked towers and, with LoRA on the LLM
+  embedder, its decoder's base weights."""
   parts = [config.optimizer.frozen] if config.optimizer.frozen else []
   for tower, (prefix, _) in TOWERS.items():
     if config.model[tower].locked:
       parts.append(f'^{prefix}/')
+  if config.model.kind == 'llm_embedder' and config.model.lora.rank:
+    from mmjax.models import lora  # pylint: disable=import-outside-toplevel
+    parts.append(lora.base_pattern('llm/'))  # LoRA: the decoder trains its adapters only.
   return '|'.join(f'(?:{p})' for p in parts)
 
 
@@ -40,6 +44,10 @@ def tokenizer_path(config) -> str:
   if config.tokenizer.path:
     path = config.tokenizer.path
     return str(hf.resolve_dir(path)) if path.startswith('pkg:') else path
+  if config.model.kind == 'llm_embedder' and config.init.decoder:  # Its own, when it has one.
+    directory = hf.resolve_dir(config.init.decoder)
+    if (directory / 'tokenizer.json').exists():
+      return str(directory)
   if config.init.text:
     return str(hf.resolve_dir(config.init.text))
   return ''
@@ -95,6 +103,9 @@ def apply_init(config, state, shardings, model_config: config_lib.ModelConfig):
   A head or logit parameter whose shape differs from the run's (another embed_dim or head kind)
   keeps its random initialisation; a tower parameter that differs is an error.
   """
+  if config.model.kind == 'llm_embedder':
+    flat = load_decoder_init(config)
+    return _put(state, shardings, flat) if flat else state
   flat = load_init(config, model_config)
   if not flat:
     return state
@@ -118,6 +129,36 @@ def apply_init(config, state, shardings, model_config: config_lib.ModelConfig):
                                  f'lacks: {missing}.')
   if kept:
     log.info('config.init: kept the random initialisation of %s (shapes differ).', kept)
+  return state.replace(params=traverse_util.unflatten_dict(params, sep='/'))
+
+
+def load_decoder_init(config) -> dict[str, np.ndarray]:
+  """Flat {'llm/...': array} of config.init.decoder (a Llama/Qwen2 checkpoint), in the run's
+  layer layout; the run's model.decoder must match the checkpoint's architecture."""
+  spec = config.init.decoder
+  if not spec:
+    return {}
+  ckpt = hf.load_decoder(spec)
+  run = config_lib.DecoderConfig(**config.model.decoder.to_dict())
+  from mmjax.hf import llama  # pylint: disable=import-outside-toplevel
+  differ = [f.name for f in dataclasses.fields(run) if f.name not in llama.RUN_FIELDS
+            and getattr(run, f.name) != getattr(ckpt.config, f.name)]
+  if differ:
+    raise config_lib.ConfigError(
+        f'config.init.decoder={spec!r}: config.model.decoder differs from the checkpoint in '
+        f'{differ}; set:\n{llama.describe(ckpt.directory)}')
+  return traverse_util.flatten_dict({'llm': ckpt.params_for(run)}, sep='/')
+
+
+def _put(state, shardings, flat: dict[str, np.ndarray]):
+  """`state` with the parameters of `flat` (same shapes) put in place with their shardings."""
+  params = traverse_util.flatten_dict(state.params, sep='/')
+  sh = traverse_util.flatten_dict(shardings.params, sep='/')
+  for key, value in flat.items():
+    if key not in params or params[key].shape != value.shape:
+      raise config_lib.ConfigError(f'config.init: checkpoint parameter {key} {value.shape} does '
+                                   f'not fit the run ({params.get(key, None)}).')
+    params[key] = jax.device_put(value.astype(params[key].dtype), sh[key])
   return state.replace(params=traverse_util.unflatten_dict(params, sep='/'))
 
 

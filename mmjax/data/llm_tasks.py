@@ -1,0 +1,420 @@
+"""Mixed-modality retrieval tasks for the LLM embedder, built from the demo scenes.
+
+Each example is one (query, candidate) pair of one task, with optional hard negative candidates:
+
+- 'i2t': query = image, candidate = its caption (negatives: captions of one-attribute mutations);
+- 't2i': query = caption, candidate = the image (negatives: images of mutations);
+- 'composed': query = a scene image + a modification text ("make the red circle blue"),
+  candidate = the modified scene rendered (negatives: the unmodified scene, then mutations of
+  the target).
+
+Texts carry the image placeholder (`model.llm.image_token`) where an image goes; queries get their
+task's instruction prefix and candidates the candidate instruction (VLM2Vec / GME style), both
+from `config.data.llm`. `MultimodalEncoder` turns a text with placeholders into fixed-length ids:
+each placeholder expands into the image's visual tokens, EOS is appended, and a text whose
+placeholders do not match its images, or that does not fit the context, is refused here on the
+host with a ValueError naming the counts (never truncated, never inside jit).
+
+Batch columns (B rows, L = model.llm.max_len, I = model.llm.max_images, S = image size, K =
+data.num_hard_negatives): query_/cand_ tokens, mask [B, L] int32 and images [B, I, S, S, 3]
+uint8; neg_cand_ tokens/mask [B, K, L], images [B, K, I, S, S, 3] and neg_candidate_valid
+[B, K]; task, group [B] int32; weight [B] float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from tokenizers import Tokenizer
+
+from mmjax.data import demo, records
+
+TASKS = ('i2t', 't2i', 'composed')
+ROLE_PREFIX = {'query': 'query_', 'candidate': 'cand_', 'neg_candidate': 'neg_cand_'}
+PAD_SIDES = ('right', 'left')
+# Marks a visual-token slot in the ids (LLaVA's IMAGE_TOKEN_INDEX): never a vocabulary id. The
+# model writes one visual token into each (mmjax.models.llm_embedder.splice).
+IMAGE_SLOT = -200
+_SALT = 0x6C6C6D74  # "llmt": keeps these streams apart from the demo source's
+
+
+# --------------------------------------------------------------------------- host-side encoding
+
+class MultimodalEncoder:
+  """Text with image placeholders -> fixed-length (ids, mask), checked on the host.
+
+  Every placeholder token becomes `tokens_per_image` IMAGE_SLOT ids (the model writes one visual
+  token into each), EOS is appended when the tokenizer did not already end with it, and
+  the row is padded on `pad_side`. Refuses, with a ValueError naming the counts, a text whose
+  placeholders differ from its number of images, more images than `max_images`, or a sequence
+  longer than `max_len`.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, *, max_len: int, image_token: str,
+               tokens_per_image: int, max_images: int, pad_side: str = 'right',
+               eos_token: str | None = None):
+    if pad_side not in PAD_SIDES:
+      raise ValueError(f'pad_side={pad_side!r} is not one of {PAD_SIDES}.')
+    # A private copy: the run's TextEncoder turns truncation on for the shared tokenizer.
+    self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    self.tokenizer.no_truncation()
+    self.tokenizer.no_padding()
+    self.image_id = self.tokenizer.token_to_id(image_token)
+    if self.image_id is None:
+      raise ValueError(f'The tokenizer has no image placeholder token {image_token!r}; add it with '
+                       '`add_image_token(tokenizer, token)`.')
+    self.eos_id = _eos_id(self.tokenizer, eos_token)
+    own = (tokenizer.padding or {}).get('pad_id')
+    self.pad_id = own if own is not None else self.tokenizer.token_to_id('[PAD]') or 0
+    self.max_len, self.image_token, self.pad_side = max_len, image_token, pad_side
+    self.tokens_per_image, self.max_images = tokens_per_image, max_images
+
+  def ids(self, text: str, num_images: int) -> np.ndarray:
+    """The unpadded ids of `text` with placeholders expanded and EOS last; refuses bad input."""
+    ids = np.asarray(self.tokenizer.encode(text).ids, np.int32)
+    if not len(ids) or ids[-1] != self.eos_id:
+      ids = np.append(ids, np.int32(self.eos_id))
+    is_img = ids == self.image_id
+    placeholders = int(is_img.sum())
+    if placeholders != num_images:
+      raise ValueError(f'{placeholders} image placeholder(s) {self.image_token!r} but {num_images} '
+                       f'image(s) in {text!r}: each image needs exactly one placeholder.')
+    if num_images > self.max_images:
+      raise ValueError(f'{num_images} images in {text!r} but model.llm.max_images='
+                       f'{self.max_images}.')
+    ids = np.repeat(np.where(is_img, IMAGE_SLOT, ids), np.where(is_img, self.tokens_per_image, 1))
+    if len(ids) > self.max_len:
+      raise ValueError(
+          f'{len(ids)} tokens ({num_images} image(s) x {self.tokens_per_image} visual tokens + '
+          f'{len(ids) - num_images * self.tokens_per_image} text tokens with EOS) exceed the '
+          f'context model.llm.max_len={self.max_len}: {text[:80]!r}.')
+    return ids
+
+  def __call__(self, text: str, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = self.ids(text, num_images)
+    out = np.full((self.max_len,), self.pad_id, np.int32)
+    mask = np.zeros((self.max_len,), np.int32)
+    where = slice(0, len(ids)) if self.pad_side == 'right' else slice(self.max_len - len(ids), None)
+    out[where], mask[where] = ids, 1
+    return out, mask
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != 'tokenizer'} | {
+        'json': self.tokenizer.to_str()}
+
+  def __setstate__(self, state):
+    state = dict(state)
+    self.__dict__.update(state)
+    self.tokenizer = Tokenizer.from_str(state.pop('json'))
+    del self.__dict__['json']
+
+
+def _eos_id(tok: Tokenizer, eos_token: str | None) -> int:
+  for name in ((eos_token,) if eos_token else ('[EOS]', '<|endoftext|>', '</s>', '[SEP]')):
+    if (i := tok.token_to_id(name)) is not None:
+      return i
+  raise ValueError(f'The tokenizer has no EOS token ({eos_token or "[EOS], <|endoftext|>, </s>"}'
+                   '); last-token pooling needs one.')
+
+
+def add_image_token(tok: Tokenizer, image_token: str) -> Tokenizer:
+  """Adds the image placeholder as a special token (one id, never split) if it is missing."""
+  if tok.token_to_id(image_token) is None:
+    tok.add_special_tokens([image_token])
+  return tok
+
+
+def format_text(instruction: str, content: str) -> str:
+  """'<instruction> <content>' (no instruction: the content alone)."""
+  return f'{instruction} {content}' if instruction else content
+
+
+@dataclasses.dataclass(frozen=True)
+class Instructions:
+  """Per-task query instruction prefixes and the one candidate prefix ('' = none)."""
+
+  query: dict[str, str]
+  candidate: str = ''
+
+  @classmethod
+  def from_config(cls, config) -> Instructions:
+    llm = config.data.llm
+    return cls({t: llm.instructions[t] for t in TASKS}, llm.candidate_instruction)
+
+
+# --------------------------------------------------------------------------------- the tasks
+
+def _ref(scene: demo.Scene, obj: demo.SceneObject) -> str:
+  """'red circle', or with its position when another object has the same colour and shape."""
+  same = sum(o.colour == obj.colour and o.shape == obj.shape for o in scene.objects)
+  base = f'{obj.colour} {obj.shape}'
+  return base if same == 1 else f'{base} {demo.POSITION_PHRASES[obj.position][0]}'
+
+
+def modify(scene: demo.Scene, rng: np.random.Generator) -> tuple[demo.Scene, str]:
+  """A random one-step edit of `scene` and its instruction text (change an attribute of one
+  object, add an object, or remove one)."""
+  ops = ['colour', 'shape', 'size', 'position'] + ['add'] * (len(scene.objects) < 4) + (
+      ['remove'] * (len(scene.objects) > 1))
+  op = ops[int(rng.integers(len(ops)))]
+  objs = scene.objects
+  free = [p for p in demo.POSITIONS if p not in {o.position for o in objs}]
+  if op == 'add':
+    new = demo.SceneObject(shape=demo.SHAPES[int(rng.integers(len(demo.SHAPES)))],
+                           colour=tuple(demo.COLOURS)[int(rng.integers(len(demo.COLOURS)))],
+                           size=demo.SIZES[int(rng.integers(2))],
+                           position=free[int(rng.integers(len(free)))])
+    size = demo.SIZE_WORDS[new.size][0]
+    text = (f'add {"an" if size[0] in "aeiou" else "a"} {size} {new.colour} {new.shape} '
+            f'{demo.POSITION_PHRASES[new.position][0]}')
+    return demo.Scene(scene.background, objs + (new,)), text
+  i = int(rng.integers(len(objs)))
+  obj, ref = objs[i], _ref(scene, objs[i])
+  if op == 'remove':
+    return demo.Scene(scene.background, objs[:i] + objs[i + 1:]), f'remove the {ref}'
+  if op == 'colour':
+    value = [c for c in demo.COLOURS if c != obj.colour][int(rng.integers(len(demo.COLOURS) - 1))]
+    text = f'make the {ref} {value}'
+  elif op == 'shape':
+    value = [s for s in demo.SHAPES if s != obj.shape][int(rng.integers(len(demo.SHAPES) - 1))]
+    text = f'turn the {ref} into a {value}'
+  elif op == 'size':
+    value = 'small' if obj.size == 'large' else 'large'
+    text = f'make the {ref} {"smaller" if value == "small" else "bigger"}'
+  else:  # At most 4 of the 9 cells are taken, so there is always a free one.
+    value = free[int(rng.integers(len(free)))]
+    text = f'move the {ref} to the {value}'
+  new = dataclasses.replace(obj, **{op: value})
+  return demo.Scene(scene.background, objs[:i] + (new,) + objs[i + 1:]), text
+
+
+def scene_from_key(key: str) -> demo.Scene:
+  """The inverse of `demo.Scene.key()`."""
+  background, objs = key.split('|')
+  return demo.Scene(background, tuple(
+      demo.SceneObject(position=p, size=z, colour=c, shape=h)
+      for p, z, c, h in (o.split(',') for o in objs.split(';'))))
+
+
+def composed_eval_set(scene_keys: Sequence[str], image_size: int, seed: int,
+                      num: int) -> dict[str, Any]:
+  """Composed retrieval queries on validation scenes: the first `num` scenes of `scene_keys`
+  that have a validation-split edit whose result is no other scene of the set and no other
+  target. Returns 'sources' (indices into scene_keys), 'texts' (edit instructions with the image
+  placeholder left to the caller) and 'targets' uint8 [n, S, S, 3]. Deterministic."""
+  rng = np.random.default_rng([_SALT, seed, 5])
+  taken = set(scene_keys)
+  sources, texts, targets = [], [], []
+  for i, key in enumerate(scene_keys):
+    if len(sources) == num:
+      break
+    pair = _composed_pair(scene_from_key(key), 'validation', rng)
+    if pair is None or pair[0].key() in taken:
+      continue
+    taken.add(pair[0].key())
+    sources.append(i)
+    texts.append(pair[1])
+    targets.append(demo.render(pair[0], image_size, rng))
+  return {'sources': np.asarray(sources, np.int64), 'texts': texts,
+          'targets': np.stack(targets) if targets else np.zeros((0, image_size, image_size, 3),
+                                                                 np.uint8)}
+
+
+def mutations(scene: demo.Scene, split: str, rng: np.random.Generator, k: int) -> list[demo.Scene]:
+  """Up to `k` distinct scenes of `split` that differ from `scene` in one attribute of one object
+  (the hard negatives of the demo tasks)."""
+  pool = [m for a in ('colour', 'shape', 'size', 'position')
+          for m in demo._mutations(scene, a) if m.split() == split]  # pylint: disable=protected-access
+  return [pool[j] for j in rng.permutation(len(pool))[:k]]
+
+
+def _composed_pair(scene: demo.Scene, split: str, rng: np.random.Generator):
+  """(target, modification text) with the target in `split` (train and validation never share a
+  scene, targets included)."""
+  for _ in range(50):
+    target, text = modify(scene, rng)
+    if text and target.split() == split and target != scene:
+      return target, text
+  return None
+
+
+def task_example(task: str, scene: demo.Scene, split: str, image_size: int, image_token: str,
+                 num_negatives: int, rng: np.random.Generator) -> dict[str, Any] | None:
+  """The raw (untokenised) example of `task` on `scene`; None if `scene` has no composed target
+  in its split. Images are lists of uint8 [S, S, 3]."""
+  def image():
+    return demo.render(scene, image_size, rng)
+
+  def caption(s):
+    return demo.captions(s, rng, 1)[0]
+
+  negs = mutations(scene, split, rng, num_negatives)
+  if task == 'i2t':
+    out = {'query': image_token, 'query_images': [image()], 'candidate': caption(scene),
+           'cand_images': [], 'negatives': [(caption(m), []) for m in negs], 'target': scene}
+  elif task == 't2i':
+    out = {'query': caption(scene), 'query_images': [], 'candidate': image_token,
+           'cand_images': [image()],
+           'negatives': [(image_token, [demo.render(m, image_size, rng)]) for m in negs],
+           'target': scene}
+  else:
+    pair = _composed_pair(scene, split, rng)
+    if pair is None:
+      return None
+    target, text = pair
+    negs = [scene] + [m for m in mutations(target, split, rng, num_negatives) if m != scene]
+    out = {'query': f'{image_token} {text}', 'query_images': [image()], 'candidate': image_token,
+           'cand_images': [demo.render(target, image_size, rng)],
+           'negatives': [(image_token, [demo.render(m, image_size, rng)])
+                         for m in negs[:num_negatives]], 'target': target}
+  out['task'] = task
+  return out
+
+
+class DemoTasks:
+  """Random-access source of raw task examples (Grain compatible, picklable, deterministic).
+
+  Example `i` draws its task (by `weights`), scene and rendering from a generator seeded with
+  `(seed, split, i)`.
+  """
+
+  def __init__(self, split: str, num_examples: int, image_size: int, seed: int,
+               weights: dict[str, float], image_token: str, num_negatives: int = 0):
+    if split not in demo.SPLITS:
+      raise ValueError(f'unknown split {split!r}; expected one of {demo.SPLITS}')
+    bad = {t: w for t, w in weights.items() if t not in TASKS or w < 0}
+    if bad or not sum(weights.values()) > 0:
+      raise ValueError(f'task weights {weights} must be >= 0 over {TASKS}, not all 0.')
+    self.split, self.num_examples, self.image_size = split, int(num_examples), int(image_size)
+    self.seed, self.image_token, self.num_negatives = int(seed), image_token, int(num_negatives)
+    self.tasks = [t for t in TASKS if weights.get(t, 0) > 0]
+    p = np.asarray([weights[t] for t in self.tasks], np.float64)
+    self.cdf = np.cumsum(p / p.sum())[:-1]
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = operator.index(index)
+    if not 0 <= index < self.num_examples:
+      raise IndexError(f'index {index} out of range for {self.num_examples} examples')
+    rng = np.random.default_rng([_SALT, self.seed, demo.SPLITS.index(self.split), index])
+    task = self.tasks[int(np.searchsorted(self.cdf, rng.random(), side='right'))]
+    for _ in range(100):
+      scene = demo._sample_scene_in(self.split, rng)  # pylint: disable=protected-access
+      out = task_example(task, scene, self.split, self.image_size, self.image_token,
+                         self.num_negatives, rng)
+      if out is not None:
+        return out
+    raise RuntimeError(f'no {task} example found for index {index}')  # pragma: no cover
+
+
+class EncodeTask(grain.transforms.Map):
+  """A raw task example -> the fixed-shape columns of the module docstring."""
+
+  def __init__(self, encoder: MultimodalEncoder, instructions: Instructions, image_size: int,
+               num_negatives: int = 0):
+    self.encoder, self.instructions = encoder, instructions
+    self.image_size, self.num_negatives = image_size, num_negatives
+
+  def _side(self, text: str, images: Sequence[np.ndarray], instruction: str):
+    tokens, mask = self.encoder(format_text(instruction, text), len(images))
+    return tokens, mask, stack_images(images, self.encoder.max_images, self.image_size)
+
+  def map(self, ex: dict[str, Any]) -> dict[str, np.ndarray]:
+    out: dict[str, Any] = {'task': np.int32(TASKS.index(ex['task'])),
+                           'group': np.int32(records.hash31('s:' + ex['target'].key())),
+                           'weight': np.float32(1.0)}
+    cand = self.instructions.candidate
+    for prefix, side in (('query_', self._side(ex['query'], ex['query_images'],
+                                               self.instructions.query[ex['task']])),
+                         ('cand_', self._side(ex['candidate'], ex['cand_images'], cand))):
+      out[f'{prefix}tokens'], out[f'{prefix}mask'], out[f'{prefix}images'] = side
+    if self.num_negatives:
+      k, e = self.num_negatives, self.encoder
+      s = self.image_size
+      out['neg_cand_tokens'] = np.full((k, e.max_len), e.pad_id, np.int32)
+      out['neg_cand_mask'] = np.zeros((k, e.max_len), np.int32)
+      out['neg_cand_images'] = np.zeros((k, e.max_images, s, s, 3), np.uint8)
+      out['neg_candidate_valid'] = np.zeros((k,), np.int32)
+      for j, (text, images) in enumerate(ex['negatives'][:k]):
+        (out['neg_cand_tokens'][j], out['neg_cand_mask'][j],
+         out['neg_cand_images'][j]) = self._side(text, images, cand)
+        out['neg_candidate_valid'][j] = 1
+    return out
+
+
+def stack_images(images: Sequence[np.ndarray], max_images: int, size: int) -> np.ndarray:
+  """uint8 [max_images, S, S, 3]: the images in placeholder order, zero slots after them."""
+  out = np.zeros((max_images, size, size, 3), np.uint8)
+  for i, image in enumerate(images):
+    out[i] = image
+  return out
+
+
+# --------------------------------------------------------------------------- config plumbing
+
+def tokens_per_image(config) -> int:
+  img = config.model.image
+  return (img.image_size // img.patch_size // config.model.llm.merge) ** 2
+
+
+def make_encoder(config, tokenizer: Tokenizer) -> MultimodalEncoder:
+  llm = config.model.llm
+  return MultimodalEncoder(tokenizer, max_len=llm.max_len, image_token=llm.image_token,
+                           tokens_per_image=tokens_per_image(config), max_images=llm.max_images,
+                           pad_side=config.data.llm.pad_side, eos_token=llm.eos_token or None)
+
+
+def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{column: (shape, dtype)} of one global batch."""
+  b, s, k = config.batch_size, config.model.image.image_size, config.data.num_hard_negatives
+  L, n = config.model.llm.max_len, config.model.llm.max_images
+  spec = {'task': ((b,), np.int32), 'group': ((b,), np.int32), 'weight': ((b,), np.float32)}
+  for prefix, lead in (('query_', (b,)), ('cand_', (b,))) + ((('neg_cand_', (b, k)),) if k else ()):
+    spec |= {f'{prefix}tokens': (lead + (L,), np.int32), f'{prefix}mask': (lead + (L,), np.int32),
+             f'{prefix}images': (lead + (n, s, s, 3), np.uint8)}
+  if k:
+    spec['neg_candidate_valid'] = ((b, k), np.int32)
+  return spec
+
+
+def corpus(config, num_scenes: int = 2000):
+  """Texts to train the demo tokenizer on: captions, the instructions and modification texts
+  (so no instruction word is unknown)."""
+  yield from demo.caption_corpus(num_scenes=num_scenes, seed=config.seed)
+  llm = config.data.llm
+  for text in [llm.instructions[t] for t in TASKS] + [llm.candidate_instruction]:
+    if text:
+      yield text
+  rng = np.random.default_rng([_SALT, config.seed, 9])
+  for _ in range(num_scenes):
+    yield modify(demo.sample_scene(rng), rng)[1]
+
+
+def make_train_dataset(config, encoder: MultimodalEncoder, *, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+  """Infinite iterator dataset of this process's batches of demo tasks."""
+  data = config.data
+  if data.name != 'demo' or data.mixture:
+    raise ValueError("The LLM embedder trains on the demo tasks only (config.data.name='demo', no "
+                     f'mixture); got config.data.name={data.name!r}.')
+  if config.batch_size % process_count:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
+                     f'{process_count} processes.')
+  src = DemoTasks('train', data.num_train_examples, config.model.image.image_size, config.seed,
+                  dict(data.llm.weights), config.model.llm.image_token, data.num_hard_negatives)
+  ds = grain.MapDataset.source(src).seed(int(np.random.SeedSequence([config.seed, 7])
+                                             .generate_state(1)[0]))
+  ds = ds.shuffle().repeat(None).map(EncodeTask(encoder, Instructions.from_config(config),
+                                                config.model.image.image_size,
+                                                data.num_hard_negatives))
+  read = grain.ReadOptions(num_threads=data.read_threads,
+                           prefetch_buffer_size=2 * config.batch_size // process_count)
+  it = ds[process_index::process_count].to_iter_dataset(read)
+  from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel  (imports us)
+  return pipeline.prefetch(it.batch(config.batch_size // process_count, drop_remainder=True), data)
