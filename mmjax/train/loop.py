@@ -283,7 +283,7 @@ def export_checkpoint(config, workdir) -> pathlib.Path:
   """`--mode=export`: params only + config + tokenizer into DIR/export."""
   run, state, step = load_for_inference(config, workdir)
   run.checkpointer.close()
-  out = export(run.workdir / 'export', run.model_config, state.params, run.encoder.tokenizer.to_str(),
+  out = export(run.workdir / 'export', run.model_config, state.params, run.encoder.to_str(),
                extra={'step': step})
   log.info('Exported step %d to %s.', step, out)
   return out
