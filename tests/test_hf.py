@@ -281,3 +281,44 @@ def test_sentencepiece_of_another_tokenizer_class_is_refused(tmp_path):
   (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'tokenizer_class': 'T5Tokenizer'}))
   with pytest.raises(ValueError, match="tokenizer_class='T5Tokenizer': only SiglipTokenizer"):
     tokenizer_lib.load(tmp_path)
+
+
+@pytest.mark.parametrize('stored', ['bfloat16', 'float16'])
+def test_half_precision_checkpoint_imports_and_exports(stored, tmp_path):
+  """A checkpoint saved in bfloat16/float16 (safetensors' numpy API + ml_dtypes) loads into any
+  parameter dtype, round trips in its own dtype, and exports in the dtype asked for."""
+  half = hf.convert.numpy_dtype(stored, 'test')
+  d = _copy('clip', tmp_path, edit=lambda t: t.update(
+      {k: v.astype(half) for k, v in t.items() if v.dtype == np.float32}))
+  f32 = hf.load(FIXTURES / 'clip')
+  for dtype in ('float32', stored):
+    ckpt = hf.load(d, dtype=dtype)
+    assert {x.dtype.name for x in jax.tree.leaves(ckpt.params)} == {dtype}
+    # Exactly the half-precision values: rounding the f32 fixture gives the same numbers.
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        a.astype(np.float32), b.astype(half).astype(np.float32)), ckpt.params, f32.params)
+  hf.save(tmp_path / 'same', ckpt)
+  original, written = load_file(d / 'model.safetensors'), load_file(
+      tmp_path / 'same' / 'model.safetensors')
+  assert {k: v.dtype for k, v in written.items()} == {k: v.dtype for k, v in original.items()}
+  for k in original:
+    np.testing.assert_array_equal(original[k], written[k], err_msg=k)
+  hf.save(tmp_path / 'f32', ckpt, dtype='float32')
+  written = load_file(tmp_path / 'f32' / 'model.safetensors')
+  assert {v.dtype.name for v in written.values()} == {'float32'}
+  hf.save(tmp_path / 'bf16', f32, dtype='bfloat16')
+  assert load_file(tmp_path / 'bf16' / 'model.safetensors')['logit_scale'].dtype.name == 'bfloat16'
+  with pytest.raises(hf.CheckpointError, match="hf.save: dtype 'int8' is not supported"):
+    hf.save(tmp_path / 'x', ckpt, dtype='int8')
+
+
+def test_unsupported_dtype_is_refused_by_key(tmp_path):
+  d = _copy('bert', tmp_path, edit=lambda t: t.update({
+      'encoder.layer.0.output.dense.weight': t['encoder.layer.0.output.dense.weight'].astype(
+          np.int8), 'embeddings.LayerNorm.bias': t['embeddings.LayerNorm.bias'].astype(
+              np.float64)}))
+  with pytest.raises(hf.CheckpointError, match=r'unsupported dtype .*: embeddings\.LayerNorm\.bias '
+                     r'\(F64\), encoder\.layer\.0\.output\.dense\.weight \(I8\)'):
+    hf.load(d)
+  with pytest.raises(hf.CheckpointError, match="dtype 'float64' is not supported"):
+    hf.load(FIXTURES / 'bert', dtype='float64')
