@@ -329,6 +329,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _one_of('model.image_head', config.model.image_head, ('',) + HEADS)
   _one_of('model.text_head', config.model.text_head, ('',) + HEADS)
   _validate_transfer(config)
+  _validate_distill_multitask(config)
   _positive('model.image.patch_size', img.patch_size)
   _require(len(img.pixel_mean) == len(img.pixel_std) and len(img.pixel_mean) in (0, 3)
            and all(s > 0 for s in img.pixel_std),
@@ -415,6 +416,43 @@ def _validate_transfer(config) -> None:
       re.compile(pattern)
     except re.error as e:
       raise ConfigError(f'config.{name}: {pattern!r} is not a valid regex ({e}).') from e
+
+
+DISTILL_KINDS = ('kl', 'regression', 'both')
+DISTILL_SOURCES = ('data', 'live')
+TASKS = ('contrastive', 'text_text', 'distill')
+WEIGHTINGS = ('static', 'uncertainty')
+
+
+def _validate_distill_multitask(config) -> None:
+  """config.distill and config.multitask (docs/pretrained.md)."""
+  d, mt = config.distill, config.multitask
+  _one_of('distill.kind', d.kind, DISTILL_KINDS)
+  _one_of('distill.source', d.source, DISTILL_SOURCES)
+  _one_of('multitask.weighting', mt.weighting, WEIGHTINGS)
+  _require(d.weight >= 0, f'config.distill.weight={d.weight!r} must be >= 0.')
+  _positive('distill.temperature', d.temperature)
+  names = []
+  for entry in mt.tasks:
+    _require(isinstance(entry, (tuple, list)) and len(entry) == 2 and entry[0] in TASKS
+             and isinstance(entry[1], (int, float)) and entry[1] > 0,
+             f'config.multitask.tasks entry {entry!r} must be (task, weight > 0) with task one of '
+             f'{", ".join(map(repr, TASKS))}.')
+    _require(entry[0] not in names, f'config.multitask.tasks lists {entry[0]!r} twice.')
+    names.append(entry[0])
+  _require(not (d.weight and 'distill' in names),
+           f"config.distill.weight={d.weight!r} and config.multitask.tasks both weight 'distill'; "
+           'set distill.weight=0 and keep the weight in the tasks.')
+  _require(mt.weighting == 'static' or names,
+           "config.multitask.weighting='uncertainty' needs config.multitask.tasks (the tasks "
+           'whose weights are learned).')
+  if not (d.weight or 'distill' in names):
+    return
+  _require(bool(d.teacher), "config.distill.teacher is empty: distillation needs 'hf:DIR' or an "
+           'mmjax export directory.')
+  _require(d.source != 'data' or bool(d.embeddings),
+           "config.distill.embeddings is empty: with distill.source='data' it names the directory "
+           'written by `python -m mmjax.data.teacher_embed --config=...`.')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
