@@ -21,7 +21,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from mmjax.data import demo, sources as sources_lib, transforms
+from mmjax.data import demo, sources as sources_lib, teacher_embed, transforms
 from mmjax.data.tokenizer import TextEncoder
 
 # What the train step reads: 'group' masks duplicates out of the loss, 'weight' scales each
@@ -47,6 +47,18 @@ def batch_spec(config, *, text_pairs: bool = False) -> dict[str, tuple[tuple[int
   return spec
 
 
+def distills_from_data(config) -> bool:
+  """Whether the run distils from teacher embeddings precomputed into the data."""
+  tasks = dict(config.multitask.tasks)
+  return bool(config.distill.weight or 'distill' in tasks) and config.distill.source == 'data'
+
+
+def caption_query(config) -> bool:
+  """Image-text batches also carry 'query_tokens': another caption of the same image (the
+  positives of the 'text_text' task)."""
+  return 'text_text' in dict(config.multitask.tasks)
+
+
 def make_sources(config) -> tuple[list[sources_lib.SourceSpec], list[Any]]:
   specs = sources_lib.specs_from_config(config.data)
   srcs = [sources_lib.make(s, num_demo_examples=config.data.num_train_examples,
@@ -69,8 +81,11 @@ def _concat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
-  """Infinite iterator dataset of this process's batches (batch_size / process_count rows)."""
+                       process_count: int = 1,
+                       teacher_encoder: TextEncoder | None = None) -> grain.IterDataset:
+  """Infinite iterator dataset of this process's batches (batch_size / process_count rows).
+
+  `teacher_encoder`: a live distillation teacher's tokenizer (adds 'teacher_tokens'/'_mask')."""
   if config.batch_size % process_count:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
                      f'{process_count} processes.')
@@ -91,6 +106,8 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
   for i, (spec, src) in enumerate(zip(specs, srcs)):
     if len(src) == 0:
       raise ValueError(f'Data source {i} ({spec.name} {spec.path or spec.tfds_name}) is empty.')
+    if distills_from_data(config):  # Precomputed teacher embeddings ride along as columns.
+      src = teacher_embed.TeacherEmbeddings(src, teacher_embed.path(config.distill.embeddings, i))
     ds = grain.MapDataset.source(src).seed(int(np.random.SeedSequence([config.seed, i])
                                                .generate_state(1)[0]))
     ds = ds.shuffle().repeat(None)  # A new permutation every epoch.
@@ -98,7 +115,8 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
     # whatever the process count; only the rows this process keeps below are computed.
     ds = ds.random_map(transforms.Preprocess(
         encoder, image_size=config.model.image.image_size, augment=data.augment,
-        num_negatives=data.num_hard_negatives, source_index=i, text_pairs=text_pairs))
+        num_negatives=data.num_hard_negatives, source_index=i, text_pairs=text_pairs,
+        teacher_encoder=teacher_encoder, caption_query=caption_query(config) and not text_pairs))
     streams.append(ds)
   weights = [s.weight for s in specs]
   if sub:

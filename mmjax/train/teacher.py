@@ -1,0 +1,123 @@
+"""The distillation teacher: a frozen encoder from 'hf:DIR' or an mmjax export (or its workdir).
+
+Either way it is an `Embedder` (params, model config, its own tokenizer) plus the roles it can
+embed: ('image', 'text') for a dual encoder, ('text',) for a BERT-family text encoder. It serves
+both distillation sources (config.distill.source):
+
+- 'data': `python -m mmjax.data.teacher_embed` embeds every example once (`embed_source`) and
+  the pipeline reads the rows back as `teacher_image` / `teacher_text` [B, dt] columns;
+- 'live': `embed_fn` is a pure function of (teacher params, batch) run on the device each step
+  with the teacher's own tokens (`teacher_tokens` / `teacher_mask` columns); no gradient, no
+  optimizer state. Both give the same columns, so the objective does not know which it got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import hf
+from mmjax.data import records, tokenizer as tokenizer_lib, transforms
+from mmjax.embedder import Embedder, load_embedder
+from mmjax.models import TwoTower
+from mmjax.models.two_tower import normalize_images
+
+TEACHER_COLUMNS = ('teacher_image', 'teacher_text', 'teacher_query')
+
+
+@dataclasses.dataclass
+class Teacher:
+  spec: str
+  embedder: Embedder
+  roles: tuple[str, ...]
+
+  @property
+  def dim(self) -> int:
+    return self.embedder.embed_dim
+
+  @property
+  def params(self) -> Any:
+    return self.embedder.params
+
+  @property
+  def encoder(self) -> tokenizer_lib.TextEncoder:
+    return self.embedder.encoder
+
+
+def load(spec: str, *, max_len: int, batch_size: int = 256, mesh=None) -> Teacher:
+  """'hf:DIR' (a Hugging Face checkpoint, its tokenizer too) or an mmjax export/workdir.
+
+  Texts are tokenised to `max_len` (the student's; capped by the teacher's position table)."""
+  if spec.startswith('hf:'):
+    ckpt = hf.load(spec)
+    cfg = ckpt.model_config()
+    max_len = min(max_len, cfg.text.positions)
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, max_len=max_len))
+    encoder = tokenizer_lib.TextEncoder(ckpt.tokenizer(), max_len)
+    roles = ('image', 'text') if ckpt.image is not None else ('text',)
+    return Teacher(spec, Embedder(cfg, ckpt.params, encoder, mesh=mesh, batch_size=batch_size),
+                   roles)
+  return Teacher(spec, load_embedder(spec, batch_size=batch_size, mesh=mesh), ('image', 'text'))
+
+
+def embed_fn(teacher: Teacher, image_size: int):
+  """(params, batch) -> {'teacher_image', 'teacher_text'[, 'teacher_query']} [B, dt], float32,
+  under stop_gradient: the live teacher. Student images are resized to the teacher's size."""
+  model, cfg = TwoTower(teacher.embedder.config), teacher.embedder.config
+
+  def fn(params, batch):
+    out = {}
+    if 'image' in teacher.roles and 'image' in batch:
+      images = batch['image']
+      size = cfg.image.image_size
+      if image_size != size:  # Normalised first: float images are taken as given.
+        images = normalize_images(images, jnp.float32, tuple(cfg.image.pixel_mean),
+                                  tuple(cfg.image.pixel_std))
+        images = jax.image.resize(images, images.shape[:1] + (size, size, 3), 'bilinear')
+      out['teacher_image'] = model.apply({'params': params}, images,
+                                         method=TwoTower.embed_images)
+    for role, prefix in (('text', 'teacher_'), ('query', 'teacher_query_')):
+      if f'{prefix}tokens' in batch:
+        out[f'teacher_{role}'] = model.apply({'params': params}, batch[f'{prefix}tokens'],
+                                             batch[f'{prefix}mask'], method=TwoTower.embed_texts)
+    return jax.tree.map(lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), out)
+
+  return fn
+
+
+def embed_source(teacher: Teacher, elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """The 'data' teacher: every example of a source embedded once.
+
+  'image' [N, dt] (the stored image, centre-cropped to the teacher's size: the un-augmented
+  view), 'text' [N, C, dt] for each of an example's C captions (zero rows past its own
+  count; the pipeline picks the row of the caption it sampled), 'num_captions' [N], and
+  'query' [N, dt] for text-text pairs."""
+  emb, n = teacher.embedder, len(elements)
+  counts = np.array([len(e['captions']) for e in elements], np.int32)
+  flat = [records.normalise_caption(c) for e in elements for c in e['captions']]
+  ztxt = emb.embed_texts(flat)
+  text = np.zeros((n, int(counts.max(initial=1)), teacher.dim), np.float32)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  for i, (s, c) in enumerate(zip(starts, counts)):
+    text[i, :c] = ztxt[s:s + c]
+  out = {'text': text, 'num_captions': counts}
+  if elements and elements[0]['query'] is not None:
+    out['query'] = emb.embed_texts([records.normalise_caption(e['query']) for e in elements])
+  elif 'image' in teacher.roles:
+    size = emb.config.image.image_size
+    out['image'] = np.concatenate([emb.embed_images(np.stack([
+        _crop(e['image'], size) for e in elements[s:s + 512]])) for s in range(0, n, 512)])
+  return out
+
+
+def _crop(image, size: int) -> np.ndarray:
+  if isinstance(image, (bytes, bytearray)):
+    image = records.decode_image(image)
+  image = np.asarray(image, np.uint8)
+  if image.ndim == 2:
+    image = np.stack([image] * 3, -1)
+  return transforms.resize_crop(image, size, None)
