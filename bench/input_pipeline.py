@@ -69,9 +69,10 @@ def step_rate(config) -> tuple[float, float]:
   with tempfile.TemporaryDirectory() as workdir:
     run = loop.setup(config, workdir)
     state, rng, _ = loop.init_or_restore(run, None)
-    compiled = loop.compile_step(run, state, rng)
+    columns = pipeline.train_columns(config)
+    compiled = loop.compile_step(run, state, rng, columns)
     it = iter(pipeline.make_train_dataset(config, run.encoder))
-    batches = [mesh_lib.global_batch({k: b[k] for k in pipeline.TRAIN_COLUMNS}, run.mesh)
+    batches = [mesh_lib.global_batch({k: b[k] for k in columns}, run.mesh)
                for b in (next(it) for _ in range(2))]
     times = []
     for i in range(FLAGS.warmup_steps + FLAGS.steps):

@@ -325,3 +325,27 @@ def test_copies_of_one_image_stay_one_group_under_augmentation(tiny_config, enco
   batch = take(records_config(tiny_config, root / 'out', augment='light'), encoder, 1)[0]
   values, counts = np.unique(batch['group'], return_counts=True)
   assert len(values) == 8 and (counts == 2).all()
+
+
+@pytest.mark.parametrize('text', [False, True], ids=['image-text', 'text-text'])
+def test_training_uses_hard_negatives_and_text_pairs(tiny_config, tmp_path, text):
+  """Both kinds of batches, with hard negatives, train end to end through the CLI's loop (that
+  the negatives change the loss and its gradients: tests/test_distributed.py)."""
+  from mmjax.train import loop, step as step_lib  # pylint: disable=import-outside-toplevel
+  root = tmp_path / 'src'
+
+  def negatives(i):
+    out = {'neg_texts': [f'a {WORDS[(i + 3) % 10]} {WORDS[(i + 5) % 10]}'] * (1 + i % 2)}
+    if not text:
+      out['neg_images'] = [str(root / f'{(i + 1) % 24}.png')]
+    return out
+
+  cfg = records_config(tiny_config, ingest(root, 24, text=text, extra=negatives),
+                       num_hard_negatives=2)
+  cfg.total_steps, cfg.eval.num_scenes = 1, 32
+  assert step_lib.contrastive_roles(cfg) == (('query', 'text') if text else ('image', 'text'))
+  columns = pipeline.train_columns(cfg)
+  assert 'neg_tokens' in columns and ('neg_image' in columns) == (not text)
+  loop.train_and_evaluate(cfg, tmp_path / 'run')
+  line = json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[0])
+  assert np.isfinite(line['train/loss'])

@@ -21,6 +21,8 @@ from mmjax.models import TwoTower
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train import step as step_lib
 
+PAIR_FIELDS = ('image', 'tokens', 'mask')
+
 B = 32  # 4 pairs per device on 8 devices; micro-batches of 2 or 1.
 RTOL = 1e-5
 
@@ -55,11 +57,12 @@ def _mesh(shape):
 def _loss_and_grads(config, model, params, batch, mesh, micro_batches, impl):
   """(loss, grads) of `batch` on `mesh`, parameters laid out by the config's logical rules."""
   rules = mesh_lib.rules(config)
-  opts = step_lib.StepOptions(distributed.make_loss(config.loss.kind, impl, mesh), micro_batches,
+  objective = step_lib.Contrastive(distributed.make_loss(config.loss.kind, impl, mesh))
+  opts = step_lib.StepOptions(objective, micro_batches,
                               distributed.num_batch_shards(mesh))
   with mesh_lib.activate(mesh, rules):
     boxed = jax.eval_shape(model.init, {'params': jax.random.key(0)},
-                           *(jnp.asarray(batch[k][:1]) for k in step_lib.PAIR_FIELDS))['params']
+                           *(jnp.asarray(batch[k][:1]) for k in PAIR_FIELDS))['params']
     shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
     params = jax.device_put(params, shardings)
     batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
@@ -75,7 +78,7 @@ def _case(kind):
   model = TwoTower(config_lib.model_config(config))
   batch = _batch(config)
   params = jax.jit(model.init)({'params': jax.random.key(0)},
-                               *(batch[k][:1] for k in step_lib.PAIR_FIELDS))['params']
+                               *(batch[k][:1] for k in PAIR_FIELDS))['params']
   params = jax.device_get(nn.unbox(params))
   ref = _loss_and_grads(config, model, params, batch, _mesh((1, 1, 1)), 1, 'dense')
   return config, model, params, batch, ref
@@ -190,8 +193,9 @@ def test_robust_loss_drop_is_the_same_with_gradcache_and_across_devices():
   def run(shape, micro_batches):
     mesh = _mesh(shape)
     rules = mesh_lib.rules(config)
-    opts = step_lib.StepOptions(distributed.make_loss('sigmoid', 'auto', mesh), micro_batches,
-                                distributed.num_batch_shards(mesh), 0.25)
+    objective = step_lib.Contrastive(distributed.make_loss('sigmoid', 'auto', mesh),
+                                     drop_noisy_fraction=0.25)
+    opts = step_lib.StepOptions(objective, micro_batches, distributed.num_batch_shards(mesh))
     with mesh_lib.activate(mesh, rules):
       fn = jax.jit(lambda p, b, r: step_lib.loss_and_grads(model.apply, p, b, r, opts)[:2])
       loss, grads = fn(params, jax.device_put(batch, mesh_lib.batch_sharding(mesh)),
@@ -201,3 +205,68 @@ def test_robust_loss_drop_is_the_same_with_gradcache_and_across_devices():
   plain = run((1, 1, 1), 1)
   assert abs(plain[0] - ref[0]) > 1e-3  # Dropping a quarter of the pairs changes the loss.
   _assert_close(run((8, 1, 1), 2), plain)
+
+
+def _hard_negatives(rs, n, k=3):
+  return {'q2c_sim': rs.uniform(-1, 1, (n, k)).astype(np.float32),
+          'q2c_valid': rs.uniform(size=(n, k)) < 0.6,
+          'c2q_sim': rs.uniform(-1, 1, (n, k)).astype(np.float32),
+          'c2q_valid': rs.uniform(size=(n, k)) < 0.6}
+
+
+@pytest.mark.parametrize('kind,impl', [('sigmoid', 'ring'), ('sigmoid', 'all_gather'),
+                                       ('softmax', 'all_gather')])
+def test_distributed_losses_with_hard_negatives(kind, impl):
+  """Per-row hard negatives (with duplicates and weights) sharded == dense, value and grads."""
+  rs = np.random.RandomState(2)
+  zi, zt = (rs.normal(size=(B, 16)).astype(np.float32) for _ in range(2))
+  zi /= np.linalg.norm(zi, axis=1, keepdims=True)
+  zt /= np.linalg.norm(zt, axis=1, keepdims=True)
+  groups = rs.randint(0, 20, size=B).astype(np.int32)
+  weights = rs.uniform(0.2, 2.0, size=B).astype(np.float32)
+  hard = _hard_negatives(rs, B)
+  t, b = np.float32(4.0), np.float32(-2.0)
+  mesh = _mesh((4, 2, 1))
+  fn, dense = distributed.make_loss(kind, impl, mesh), contrastive.get(kind)
+  sims = {k: v for k, v in hard.items() if k.endswith('sim')}
+  valid = {k: v for k, v in hard.items() if k.endswith('valid')}
+  argnums = (0, 1, 2, 3, 4)
+  with mesh_lib.activate(mesh, ()):
+    sh = mesh_lib.batch_sharding(mesh)
+    put = lambda x: jax.device_put(x, sh)  # noqa: E731
+    g_sh, w_sh, v_sh = put(groups), put(weights), jax.tree.map(put, valid)
+    got = jax.jit(jax.value_and_grad(
+        lambda zi, zt, t, b, s: fn(zi, zt, t, b, g_sh, w_sh, s | v_sh), argnums))(
+            put(zi), put(zt), t, b, jax.tree.map(put, sims))
+  want = jax.value_and_grad(
+      lambda zi, zt, t, b, s: dense(zi, zt, t, b, groups, weights, s | valid), argnums)(
+          zi, zt, t, b, sims)
+  assert abs(float(want[0]) - float(dense(zi, zt, t, b, groups, weights))) > 1e-3
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=RTOL)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL,
+                               atol=RTOL * float(np.max(np.abs(w))))
+
+
+@pytest.mark.parametrize('kind,shape,micro_batches', [
+    _combo('sigmoid', (1, 1, 1), 2, default=True), _combo('sigmoid', (4, 2, 1), 2),
+    _combo('softmax', (8, 1, 1), 2)])
+def test_gradcache_with_hard_negative_columns_equals_single_device(kind, shape, micro_batches):
+  """The model embeds `neg_tokens` / `neg_image` (roles neg_text / neg_image) and the step
+  differentiates through them: sharded and/or with GradCache == one device plain backprop."""
+  config, model, params, batch, _ = _case(kind)
+  rs = np.random.RandomState(3)
+  k, L = 2, config.model.text.max_len
+  s = config.model.image.image_size
+  batch = dict(batch,
+               neg_tokens=rs.randint(1, config.model.text.vocab_size, (B, k, L)).astype(np.int32),
+               neg_mask=np.ones((B, k, L), np.int32),
+               neg_text_valid=(rs.uniform(size=(B, k)) < 0.7).astype(np.int32),
+               neg_image=rs.randint(0, 256, (B, k, s, s, 3)).astype(np.uint8),
+               neg_image_valid=(rs.uniform(size=(B, k)) < 0.7).astype(np.int32))
+  ref = _loss_and_grads(config, model, params, batch, _mesh((1, 1, 1)), 1, 'dense')
+  plain = _loss_and_grads(config, model, params, _batch(config), _mesh((1, 1, 1)), 1, 'dense')
+  assert ref[0] > plain[0] + 1e-4  # The negatives are in the loss.
+  impl = 'dense' if shape == (1, 1, 1) else 'auto'
+  _assert_close(_loss_and_grads(config, model, params, batch, _mesh(shape), micro_batches, impl),
+                ref)

@@ -339,3 +339,54 @@ def test_drop_noisy_pairs_leaves_out_the_least_agreeing_pairs():
   np.testing.assert_allclose(robust, np_sigmoid_loss_masked(zi, zt, 5.0, -2.0, np.arange(8), w),
                              rtol=1e-5)
   assert robust < float(contrastive.sigmoid_loss(*args))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row hard negatives, against loops written from the definitions.
+
+
+def np_loss_with_hard_negatives(kind, zi, zt, t, b, q2c, q2c_valid, c2q, c2q_valid):
+  """Row i's own negatives: sigmoid adds -log sigmoid(-(t s + b)) per existing negative; InfoNCE
+  puts t s into row i's softmax (q2c for image->text, c2q for text->image)."""
+  n, logits = zi.shape[0], t * (zi @ zt.T)
+  total = 0.0
+  for i in range(n):
+    if kind == 'sigmoid':
+      for j in range(n):
+        y = 1.0 if i == j else -1.0
+        total -= _log_sigmoid(y * (logits[i, j] + b))
+      for sims, valid in ((q2c, q2c_valid), (c2q, c2q_valid)):
+        total -= sum(_log_sigmoid(-(t * s + b)) for s, v in zip(sims[i], valid[i]) if v)
+    else:
+      row = list(logits[i]) + [t * s for s, v in zip(q2c[i], q2c_valid[i]) if v]
+      col = list(logits[:, i]) + [t * s for s, v in zip(c2q[i], c2q_valid[i]) if v]
+      total += 0.5 * (np.log(np.sum(np.exp(row))) + np.log(np.sum(np.exp(col)))) - logits[i, i]
+  return total / n
+
+
+@pytest.mark.parametrize('kind', ['sigmoid', 'softmax'])
+def test_hard_negatives_match_reference(kind):
+  zi, zt = _inputs(6, seed=4)
+  rng = np.random.default_rng(1)
+  q2c, c2q = rng.uniform(-1, 1, (6, 3)), rng.uniform(-1, 1, (6, 3))
+  q2c_valid, c2q_valid = rng.uniform(size=(6, 3)) < 0.6, rng.uniform(size=(6, 3)) < 0.6
+  t, b = 4.0, -1.0
+  hard = {'q2c_sim': jnp.asarray(q2c, jnp.float32), 'q2c_valid': jnp.asarray(q2c_valid),
+          'c2q_sim': jnp.asarray(c2q, jnp.float32), 'c2q_valid': jnp.asarray(c2q_valid)}
+  fn = losses.get(kind)
+  args = (jnp.asarray(zi, jnp.float32), jnp.asarray(zt, jnp.float32), jnp.float32(t),
+          jnp.float32(b))
+  got = float(fn(*args, hard=hard))
+  want = np_loss_with_hard_negatives(kind, zi, zt, t, b, q2c, q2c_valid, c2q, c2q_valid)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert got > float(fn(*args)) + 1e-3  # Negatives only add to the loss.
+  # No valid negative is no negative at all, and the absent entries get no gradient.
+  none = {**hard, 'q2c_valid': jnp.zeros((6, 3), bool), 'c2q_valid': jnp.zeros((6, 3), bool)}
+  np.testing.assert_allclose(float(fn(*args, hard=none)), float(fn(*args)), rtol=1e-6)
+  valid = {k: v for k, v in hard.items() if k.endswith('valid')}
+  grads = jax.grad(lambda sims: fn(*args, hard=sims | valid))(
+      {k: v for k, v in hard.items() if k.endswith('sim')})
+  for d in ('q2c', 'c2q'):
+    g = np.asarray(grads[f'{d}_sim'])
+    assert np.all(np.isfinite(g)) and np.all(g[~np.asarray(hard[f'{d}_valid'])] == 0)
+    assert np.all(g[np.asarray(hard[f'{d}_valid'])] != 0)

@@ -24,13 +24,18 @@ from absl import flags
 from mmjax.data import demo, sources as sources_lib, teacher_embed, transforms
 from mmjax.data.tokenizer import TextEncoder
 
-# What the train step reads: 'group' masks duplicates out of the loss, 'weight' scales each
-# example's terms (click inverse-propensity weights; 1 elsewhere); see losses.contrastive.
-TRAIN_COLUMNS = ('image', 'tokens', 'mask', 'group', 'weight')
+# Columns that stay on the host; the train step reads all the others: the pair itself, 'group'
+# (masks duplicates out of the loss), 'weight' (scales each example's terms: click
+# inverse-propensity weights, 1 elsewhere), and the hard negatives 'neg_*' (losses.contrastive).
+HOST_COLUMNS = ('source',)
 
 
-def batch_spec(config, *, text_pairs: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """{column: (shape, dtype)} of one global batch (divide B by the process count for local)."""
+def batch_spec(config, *, text_pairs: bool | None = None
+               ) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{column: (shape, dtype)} of one global batch (divide B by the process count for local).
+  `text_pairs`: whether the sources hold text-text pairs (None: look at them)."""
+  if text_pairs is None:
+    text_pairs = is_text_pairs(config)
   b, s = config.batch_size, config.model.image.image_size
   L, k = config.model.text.max_len, config.data.num_hard_negatives
   spec = {'tokens': ((b, L), np.int32), 'mask': ((b, L), np.int32),
@@ -57,6 +62,24 @@ def caption_query(config) -> bool:
   """Image-text batches also carry 'query_tokens': another caption of the same image (the
   positives of the 'text_text' task)."""
   return 'text_text' in dict(config.multitask.tasks)
+
+
+def train_columns(config, *, text_pairs: bool | None = None) -> tuple[str, ...]:
+  """The batch columns the train step reads."""
+  return tuple(k for k in batch_spec(config, text_pairs=text_pairs) if k not in HOST_COLUMNS)
+
+
+def _text_pairs(srcs) -> bool:
+  kinds = {sources_lib.is_text_pairs(s) for s in srcs}
+  if len(kinds) > 1:
+    raise ValueError('config.data.mixture mixes image-text and text-text sources; their batches '
+                     'have different columns. Train them in separate runs or towers.')
+  return kinds.pop()
+
+
+def is_text_pairs(config) -> bool:
+  """Whether the run's sources hold text-text pairs (query, text) rather than image-text."""
+  return _text_pairs(make_sources(config)[1])
 
 
 def make_sources(config) -> tuple[list[sources_lib.SourceSpec], list[Any]]:
@@ -96,11 +119,7 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
     raise ValueError(f'config.data.sub_batches={sub} does not divide the {local_batch} rows per '
                      'process.')
   specs, srcs = make_sources(config)
-  kinds = {sources_lib.is_text_pairs(s) for s in srcs}
-  if len(kinds) > 1:
-    raise ValueError('config.data.mixture mixes image-text and text-text sources; their batches '
-                     'have different columns. Train them in separate runs or towers.')
-  text_pairs = kinds.pop()
+  text_pairs = _text_pairs(srcs)
   read = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=2 * local_batch)
   streams = []
   for i, (spec, src) in enumerate(zip(specs, srcs)):

@@ -11,6 +11,15 @@ as negatives.
 `weights` (optional, float [n]): example i's own terms (its image's row; for InfoNCE also its
 text's row) are scaled by weights[i], and the loss is normalised by sum(weights) instead of n.
 Click logs use them for inverse-propensity weighting (mmjax.data.convert).
+
+`hard` (optional): per-row hard negatives (DPR / VLM2Vec style), a dict with
+  'q2c_sim' [n, K], 'q2c_valid' bool [n, K]: similarities of query (image) i to its K hard-negative
+      candidates (texts), and which of them exist;
+  'c2q_sim', 'c2q_valid': the same for candidate (text) i against its hard-negative queries.
+Either pair may be absent. Each negative belongs to its own row only: for the sigmoid loss it adds
+one negative term to row i (normalised like the in-batch terms); for InfoNCE it joins row i's
+softmax denominator in that direction. Because they are row-local, the sharded implementations
+handle them without any extra communication.
 """
 
 from __future__ import annotations
@@ -27,8 +36,44 @@ def duplicate_mask(groups_a: jax.Array | None, groups_b: jax.Array | None,
   return positives | (groups_a[:, None] != groups_b[None, :])
 
 
+HARD_KEYS = ('q2c_sim', 'q2c_valid', 'c2q_sim', 'c2q_valid')
+
+
+def hard_negative_logits(hard: dict | None, direction: str, t: jax.Array,
+                         b: jax.Array | float = 0.0) -> jax.Array | None:
+  """t * sim + b of one direction's hard negatives ('q2c' or 'c2q'), -inf where absent."""
+  if not hard or f'{direction}_sim' not in hard:
+    return None
+  logits = t * hard[f'{direction}_sim'].astype(jnp.float32) + b
+  return jnp.where(hard[f'{direction}_valid'], logits, -jnp.inf)
+
+
+def sigmoid_hard_nll(hard: dict | None, t: jax.Array, b: jax.Array) -> jax.Array | None:
+  """Per-row sum of the hard negatives' sigmoid NLL, softplus(t * sim + b), both directions."""
+  total = None
+  for direction in ('q2c', 'c2q'):
+    logits = hard_negative_logits(hard, direction, t, b)
+    if logits is not None:
+      nll = jnp.sum(jnp.where(jnp.isfinite(logits), jax.nn.softplus(logits), 0.0), axis=1)
+      total = nll if total is None else total + nll
+  return total
+
+
+def row_cross_entropy(logits: jax.Array, positives: jax.Array, keep: jax.Array | None,
+                      extra: jax.Array | None) -> jax.Array:
+  """Per-row -log softmax at the positive, over the row's logits (duplicates left out) and its
+  own `extra` [n, K] hard-negative logits."""
+  if keep is not None:
+    logits = jnp.where(keep, logits, -jnp.inf)
+  if extra is not None:
+    logits = jnp.concatenate([logits, extra], axis=1)
+    positives = jnp.pad(positives, ((0, 0), (0, extra.shape[1])))
+  return -jnp.sum(jnp.where(positives, jax.nn.log_softmax(logits, axis=1), 0.0), axis=1)
+
+
 def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array, bias: jax.Array,
-                 groups: jax.Array | None = None, weights: jax.Array | None = None) -> jax.Array:
+                 groups: jax.Array | None = None, weights: jax.Array | None = None,
+                 hard: dict | None = None) -> jax.Array:
   """SigLIP: every (image, text) pair is an independent binary classification.
 
   loss = -1/n * sum_ij log sigmoid(y_ij * (t * <zimg_i, ztxt_j> + b)), y_ij = +1 iff i == j.
@@ -42,23 +87,27 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array, bias:
   keep = duplicate_mask(groups, groups, eye)
   if keep is not None:
     nll = jnp.where(keep, nll, 0.0)
+  nll = jnp.sum(nll, axis=1)
+  extra = sigmoid_hard_nll(hard, temperature, bias)
+  if extra is not None:
+    nll = nll + extra
   if weights is None:
     return jnp.sum(nll) / n
-  return jnp.sum(nll * weights[:, None]) / jnp.sum(weights)
+  return jnp.sum(nll * weights) / jnp.sum(weights)
 
 
 def softmax_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array,
                  bias: jax.Array | None = None, groups: jax.Array | None = None,
-                 weights: jax.Array | None = None) -> jax.Array:
+                 weights: jax.Array | None = None, hard: dict | None = None) -> jax.Array:
   """Symmetric InfoNCE (CLIP): mean of image->text and text->image cross-entropies."""
   del bias
   zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
   logits = temperature * (zimg @ ztxt.T)
-  keep = duplicate_mask(groups, groups, jnp.eye(zimg.shape[0], dtype=bool))
-  if keep is not None:
-    logits = jnp.where(keep, logits, -jnp.inf)
-  i2t = -jnp.diagonal(jax.nn.log_softmax(logits, axis=1))
-  t2i = -jnp.diagonal(jax.nn.log_softmax(logits, axis=0))
+  eye = jnp.eye(zimg.shape[0], dtype=bool)
+  keep = duplicate_mask(groups, groups, eye)
+  i2t = row_cross_entropy(logits, eye, keep, hard_negative_logits(hard, 'q2c', temperature))
+  t2i = row_cross_entropy(logits.T, eye, None if keep is None else keep.T,
+                          hard_negative_logits(hard, 'c2q', temperature))
   if weights is None:
     return 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
   return 0.5 * jnp.sum(weights * (i2t + t2i)) / jnp.sum(weights)

@@ -165,8 +165,9 @@ def num_batch_shards(mesh: Mesh) -> int:
 
 
 def make_loss(kind: str, impl: str = 'auto', mesh: Mesh | None = None) -> LossFn:
-  """loss(zimg, ztxt, t, b, groups=None, weights=None) on global [B, d] arrays sharded over the
-  batch axes (`groups`, `weights`: [B], see `contrastive`)."""
+  """loss(zimg, ztxt, t, b, groups=None, weights=None, hard=None) on global [B, d] arrays
+  sharded over the batch axes (`groups`, `weights`: [B]; `hard`: per-row hard negatives
+  [B, K]; see `contrastive`)."""
   impl = resolve_impl(kind, impl, mesh)
   dense = contrastive.get(kind)
   if impl == 'dense':
@@ -174,15 +175,19 @@ def make_loss(kind: str, impl: str = 'auto', mesh: Mesh | None = None) -> LossFn
   axes = batch_axes(mesh)
   n_dev = num_batch_shards(mesh)
 
-  def local_loss(zimg, ztxt, t, b, groups, weights):
+  def local_loss(zimg, ztxt, t, b, groups, weights, hard):
     zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
     t, b = _vary(t, axes), _vary(b, axes)
     n = zimg.shape[0] * n_dev
     # The normaliser: the number of examples, or their total weight.
     norm = n if weights is None else lax.psum(jnp.sum(weights), axes)
-    row_w = (lambda x: x) if weights is None else (lambda x: x * weights[:, None])
+    row_w = (lambda x: x) if weights is None else (lambda x: x * weights)
+    if kind == 'sigmoid':
+      # Hard negatives are row-local: their terms need no communication.
+      extra = contrastive.sigmoid_hard_nll(hard, t, b)
+      total = 0.0 if extra is None else jnp.sum(row_w(extra))
     if impl == 'ring':
-      total = _ring_sigmoid_sum(axes, n_dev)(zimg, ztxt, t, b, groups, weights)
+      total = total + _ring_sigmoid_sum(axes, n_dev)(zimg, ztxt, t, b, groups, weights)
       return lax.psum(total, axes) / norm
     # all_gather: this device's rows against the whole other tower.
     all_txt = lax.all_gather(ztxt, axes, tiled=True)
@@ -193,29 +198,30 @@ def make_loss(kind: str, impl: str = 'auto', mesh: Mesh | None = None) -> LossFn
     if kind == 'sigmoid':
       logits = t * (zimg @ all_txt.T) + b
       nll = -jax.nn.log_sigmoid(jnp.where(pos, logits, -logits))
-      total = jnp.sum(row_w(nll if keep is None else jnp.where(keep, nll, 0.0)))
-      return lax.psum(total, axes) / norm
+      nll = jnp.sum(nll if keep is None else jnp.where(keep, nll, 0.0), axis=1)
+      return lax.psum(total + jnp.sum(row_w(nll)), axes) / norm
     all_img = lax.all_gather(zimg, axes, tiled=True)
-
-    def cross_entropy(q, keys):  # rows of q against all keys; the positive is at `rows`.
-      logits = t * (q @ keys.T)
-      if keep is not None:
-        logits = jnp.where(keep, logits, -jnp.inf)
-      return -jnp.sum(row_w(jnp.where(pos, jax.nn.log_softmax(logits, axis=1), 0.0)))
-
-    total = cross_entropy(zimg, all_txt) + cross_entropy(ztxt, all_img)
-    return lax.psum(total, axes) / (2 * norm)
+    # Rows of each tower against all of the other; the positive is at `rows`.
+    i2t = contrastive.row_cross_entropy(t * (zimg @ all_txt.T), pos, keep,
+                                        contrastive.hard_negative_logits(hard, 'q2c', t))
+    t2i = contrastive.row_cross_entropy(t * (ztxt @ all_img.T), pos, keep,
+                                        contrastive.hard_negative_logits(hard, 'c2q', t))
+    return lax.psum(jnp.sum(row_w(i2t + t2i)), axes) / (2 * norm)
 
   spec = P(axes)
 
-  def loss(zimg, ztxt, t, b=None, groups=None, weights=None):
+  def loss(zimg, ztxt, t, b=None, groups=None, weights=None, hard=None):
     b = jnp.zeros((), jnp.float32) if b is None else b
     extra = {k: v for k, v in (('groups', groups), ('weights', weights)) if v is not None}
+    if hard:
+      extra['hard'] = dict(hard)
 
     def fn(zi, zt, t, b, extra):
-      return local_loss(zi, zt, t, b, extra.get('groups'), extra.get('weights'))
+      return local_loss(zi, zt, t, b, extra.get('groups'), extra.get('weights'),
+                        extra.get('hard'))
 
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P(), P(), {k: spec for k in extra}),
+    specs = jax.tree.map(lambda _: spec, extra)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, P(), P(), specs),
                          out_specs=P())(zimg, ztxt, t, b, extra)
 
   return loss

@@ -11,6 +11,9 @@ from mmjax.models import layers
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import ViT
 
+# Dropout row ids of the roles beyond the pair start at multiples of this (see embed_batch).
+ROLE_ROW_STRIDE = 1 << 26
+
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   x = x.astype(jnp.float32)
@@ -95,11 +98,32 @@ class TwoTower(nn.Module):
     return l2_normalize(self.txt_head(_locked(
         self.txt(tokens, mask, train=train and not locked, rows=rows), locked)))
 
-  def embed_pairs(self, images: jax.Array, tokens: jax.Array, mask: jax.Array, *,
-                  train: bool = False, rows: jax.Array | None = None):
-    """(image embeddings, text embeddings) of a batch of pairs."""
-    return (self.embed_images(images, train=train, rows=rows),
-            self.embed_texts(tokens, mask, train=train, rows=rows))
+  def embed_batch(self, batch, *, train: bool = False, rows: jax.Array | None = None):
+    """The embeddings of a batch, by role (the train step's model contract):
+    'image' (`image`), 'text' (`tokens`/`mask`), 'query' (text-text pairs: `query_tokens`/
+    `query_mask`), 'neg_text' [B, K, d] (`neg_tokens`/`neg_mask`) and 'neg_image' [B, K, d]
+    (`neg_image`), for the columns the batch has. Roles other than the pair get row ids offset
+    by multiples of `ROLE_ROW_STRIDE`, so no two embeddings share a dropout mask."""
+    n = batch['tokens'].shape[0]
+    rows = jnp.arange(n, dtype=jnp.int32) if rows is None else rows
+    out = {'text': self.embed_texts(batch['tokens'], batch['mask'], train=train, rows=rows)}
+    if 'image' in batch:
+      out['image'] = self.embed_images(batch['image'], train=train, rows=rows)
+    if 'query_tokens' in batch:
+      out['query'] = self.embed_texts(batch['query_tokens'], batch['query_mask'], train=train,
+                                      rows=rows + ROLE_ROW_STRIDE)
+
+    def negatives(embed, offset, *xs):  # [n, K, ...] -> [n, K, d], one row id per negative.
+      k = xs[0].shape[1]
+      neg_rows = offset * ROLE_ROW_STRIDE + (rows[:, None] * k + jnp.arange(k)).reshape(-1)
+      z = embed(*(x.reshape((n * k,) + x.shape[2:]) for x in xs), train=train, rows=neg_rows)
+      return z.reshape(n, k, -1)
+
+    if 'neg_tokens' in batch:
+      out['neg_text'] = negatives(self.embed_texts, 2, batch['neg_tokens'], batch['neg_mask'])
+    if 'neg_image' in batch:
+      out['neg_image'] = negatives(self.embed_images, 3, batch['neg_image'])
+    return out
 
   def logit_params(self) -> tuple[jax.Array, jax.Array]:
     """(temperature, bias): temperature = exp(t'); bias is 0 for the softmax loss."""
@@ -108,6 +132,7 @@ class TwoTower(nn.Module):
 
   def __call__(self, images: jax.Array, tokens: jax.Array, mask: jax.Array, *,
                train: bool = False):
-    zimg, ztxt = self.embed_pairs(images, tokens, mask, train=train)
+    zimg = self.embed_images(images, train=train)
+    ztxt = self.embed_texts(tokens, mask, train=train)
     t, b = self.logit_params()
     return zimg, ztxt, t, b

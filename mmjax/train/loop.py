@@ -123,13 +123,13 @@ def init_or_restore(run: Run, data_iter) -> tuple[Any, jax.Array, int]:
   return state, mesh_lib.replicate(rng, run.mesh), 0
 
 
-def compile_step(run: Run, state, rng):
-  """The jitted, lowered and compiled train step; logs its FLOPs and memory analysis."""
+def compile_step(run: Run, state, rng, columns: tuple[str, ...]):
+  """The jitted, lowered and compiled train step on batches of `columns`; logs its FLOPs and
+  memory analysis."""
   batch_sh = mesh_lib.batch_sharding(run.mesh)
   repl = mesh_lib.replicated(run.mesh)
   spec = pipeline.batch_spec(run.config)
-  batch_spec = {k: jax.ShapeDtypeStruct(*spec[k], sharding=batch_sh)
-                for k in pipeline.TRAIN_COLUMNS}
+  batch_spec = {k: jax.ShapeDtypeStruct(*spec[k], sharding=batch_sh) for k in columns}
   jitted = step_lib.jit_train_step(run.state_shardings, batch_sh, repl,
                                    step_lib.make_options(run.config, run.mesh))
   with mesh_lib.activate(run.mesh, run.axis_rules):
@@ -185,7 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   log.info('Model: %s parameters. Mesh: %s. Start step %d of %d.',
            f'{state_lib.param_count(state.params):,}', dict(run.mesh.shape), start,
            config.total_steps)
-  compiled = compile_step(run, state, rng)
+  columns = pipeline.train_columns(config)
+  compiled = compile_step(run, state, rng, columns)
   evaluator = make_evaluator(config)
   embedder = make_embedder(run, state.params)
 
@@ -201,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   try:
     while step < config.total_steps:
       local = next(data_iter)
-      batch = mesh_lib.global_batch({k: local[k] for k in pipeline.TRAIN_COLUMNS}, run.mesh)
+      batch = mesh_lib.global_batch({k: local[k] for k in columns}, run.mesh)
       state, metrics = compiled(state, batch, rng)
       step += 1
       steps_since_log += 1
