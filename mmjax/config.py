@@ -89,6 +89,9 @@ class ModelConfig:
   image_head: str = ''  # Per-tower head kind; '' uses `head`.
   text_head: str = ''
   head_bias: bool = True  # CLIP's projections have no bias.
+  # Multi-task uncertainty weighting: (task, initial log-variance) pairs, trained as the
+  # 'multitask' params (config.multitask.weighting='uncertainty'); () = none.
+  task_log_vars: tuple[tuple[str, float], ...] = ()
 
   def tower_head(self, tower: str) -> str:
     return (self.image_head if tower == 'image' else self.text_head) or self.head
@@ -101,6 +104,7 @@ class ModelConfig:
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     d = dict(d)
     image = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop('image').items()}
+    d['task_log_vars'] = tuple(tuple(x) for x in d.get('task_log_vars', ()))
     return cls(image=ViTConfig(**image), text=TextConfig(**d.pop('text')), **d)
 
 
@@ -145,7 +149,16 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       image_head=m.image_head,
       text_head=m.text_head,
       head_bias=m.head_bias,
+      task_log_vars=task_log_vars(config),
   )
+
+
+def task_log_vars(config) -> tuple[tuple[str, float], ...]:
+  """Uncertainty weighting's learned log-variances start at the static weights:
+  0.5 exp(-s) = w, s = -log(2 w)."""
+  if config.multitask.weighting != 'uncertainty':
+    return ()
+  return tuple((name, -math.log(2.0 * float(w))) for name, w in config.multitask.tasks)
 
 
 def jnp_dtype(name: str):

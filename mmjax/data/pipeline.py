@@ -40,9 +40,9 @@ def batch_spec(config, *, text_pairs: bool | None = None
   L, k = config.model.text.max_len, config.data.num_hard_negatives
   spec = {'tokens': ((b, L), np.int32), 'mask': ((b, L), np.int32),
           'group': ((b,), np.int32), 'weight': ((b,), np.float32), 'source': ((b,), np.int32)}
-  if text_pairs:
+  if text_pairs or caption_query(config):
     spec |= {'query_tokens': ((b, L), np.int32), 'query_mask': ((b, L), np.int32)}
-  else:
+  if not text_pairs:
     spec['image'] = ((b, s, s, 3), np.uint8)
   if k:
     spec |= {'neg_tokens': ((b, k, L), np.int32), 'neg_mask': ((b, k, L), np.int32),

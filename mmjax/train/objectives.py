@@ -16,6 +16,7 @@ differentiates them exactly like the contrastive loss.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -73,42 +74,58 @@ def tasks(config) -> dict[str, float]:
   return out
 
 
-def initial_log_vars(weights: Mapping[str, float]) -> dict[str, float]:
-  """Uncertainty weighting starts at the static weights: 0.5 exp(-s) = w, s = -log(2 w)."""
-  return {k: -float(jnp.log(2.0 * w)) for k, w in weights.items()}
+@dataclasses.dataclass(frozen=True)
+class Distill:
+  """The distillation term as an objective (embs, t, b, batch) -> (loss, metrics)."""
+
+  kind: str = 'kl'
+  temperature: float = 20.0
+
+  def __call__(self, embs, t, b, batch):
+    del t, b
+    return distill_term(embs, batch, kind=self.kind, temperature=self.temperature)
 
 
-def make_objective(config, contrastive: Callable[[tuple[str, str]], Objective],
-                   roles: tuple[str, str]) -> Objective | None:
-  """The run's objective(embs, t, b, batch[, log_vars]) -> (loss, metrics), or None when the run
-  has a single contrastive task (the step's default objective is then used as it is).
+@dataclasses.dataclass(frozen=True)
+class MultiTask:
+  """Several objective terms combined by static weights or learned uncertainty weighting.
 
-  `contrastive(roles)` builds the run's contrastive loss between two roles (the step's own).
+  With 'uncertainty' the log-variances come from the embeddings dict ('task_log_vars' [B, T],
+  every row the same: TwoTower's 'multitask' params, see `TwoTower.embed_batch`); their row
+  mean is used, so their gradient is exact under GradCache too. Metrics: every term's own
+  metrics, 'loss/<task>', 'weight/<task>' and 'loss/total'.
   """
-  weights = tasks(config)
-  if set(weights) == {'contrastive'} and config.multitask.weighting == 'static' and weights[
-      'contrastive'] == 1.0:
-    return None
-  terms = {}
-  if 'contrastive' in weights:
-    terms['contrastive'] = contrastive(roles)
-  if 'text_text' in weights:
-    terms['text_text'] = contrastive(('query', 'text'))
-  if 'distill' in weights:
-    kind, temperature = config.distill.kind, float(config.distill.temperature)
-    terms['distill'] = lambda embs, t, b, batch: distill_term(embs, batch, kind=kind,
-                                                              temperature=temperature)
-  uncertainty = config.multitask.weighting == 'uncertainty'
 
-  def objective(embs, t, b, batch, log_vars=None):
+  terms: tuple[tuple[str, Objective], ...]
+  weights: tuple[tuple[str, float], ...]
+  uncertainty: bool = False
+
+  def __call__(self, embs, t, b, batch):
     losses, metrics = {}, {}
-    for name, term in terms.items():
+    for name, term in self.terms:
       losses[name], m = term(embs, t, b, batch)
-      metrics.update({k: v for k, v in m.items() if k != 'loss'})
-    if uncertainty:
+      metrics.update(m)
+    if self.uncertainty:
+      s = jnp.mean(embs['task_log_vars'].astype(jnp.float32), axis=0)
+      log_vars = {name: s[i] for i, (name, _) in enumerate(self.weights)}
       loss, m = multitask.uncertainty_weighting(losses, log_vars)
     else:
-      loss, m = multitask.static_weights(losses, weights)
+      loss, m = multitask.static_weights(losses, dict(self.weights))
     return loss, {**metrics, **m}
 
-  return objective
+
+def make_objective(config, contrastive: Callable[[str, str], Objective]) -> Objective:
+  """The run's objective: the contrastive loss alone (`contrastive(query, candidate)`, the
+  step's), or `MultiTask` over config.multitask.tasks / contrastive + distill.weight x distill.
+  """
+  from mmjax.train import step  # pylint: disable=import-outside-toplevel  # step imports us
+
+  weights = tasks(config)
+  roles = step.contrastive_roles(config)
+  if weights == {'contrastive': 1.0} and config.multitask.weighting == 'static':
+    return contrastive(*roles)
+  build = {'contrastive': lambda: contrastive(*roles),
+           'text_text': lambda: contrastive('query', 'text'),
+           'distill': lambda: Distill(config.distill.kind, float(config.distill.temperature))}
+  return MultiTask(tuple((name, build[name]()) for name in weights), tuple(weights.items()),
+                   config.multitask.weighting == 'uncertainty')

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from mmjax.data import pipeline
 from mmjax.losses import contrastive, distributed
+from mmjax.train import objectives
 from mmjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -178,10 +179,14 @@ def contrastive_roles(config) -> tuple[str, str]:
 
 def make_objective(config, mesh):
   """The run's objective: the contrastive loss between its two roles (with hard negatives when
-  the batch has them, and the robust-loss drop)."""
-  query, candidate = contrastive_roles(config)
-  return Contrastive(distributed.make_loss(config.loss.kind, config.loss.impl, mesh),
-                     query, candidate, config.loss.drop_noisy_fraction)
+  the batch has them, and the robust-loss drop); with config.distill / config.multitask, that
+  and the other terms combined (`objectives.make_objective`)."""
+  loss_fn = distributed.make_loss(config.loss.kind, config.loss.impl, mesh)
+
+  def contrastive(query: str, candidate: str) -> Contrastive:
+    return Contrastive(loss_fn, query, candidate, config.loss.drop_noisy_fraction)
+
+  return objectives.make_objective(config, contrastive)
 
 
 def make_options(config, mesh) -> StepOptions:

@@ -14,6 +14,8 @@ both distillation sources (config.distill.source):
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 from typing import Any, Sequence
 
 import jax
@@ -59,8 +61,10 @@ def load(spec: str, *, max_len: int, batch_size: int = 256, mesh=None) -> Teache
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, max_len=max_len))
     encoder = tokenizer_lib.TextEncoder(ckpt.tokenizer(), max_len)
     roles = ('image', 'text') if ckpt.image is not None else ('text',)
-    return Teacher(spec, Embedder(cfg, ckpt.params, encoder, mesh=mesh, batch_size=batch_size),
-                   roles)
+    # A text-only checkpoint has no logit scale/bias; TwoTower declares them (never used here).
+    params = {'t_prime': np.zeros((), np.float32), 'bias': np.zeros((), np.float32),
+              **ckpt.params}
+    return Teacher(spec, Embedder(cfg, params, encoder, mesh=mesh, batch_size=batch_size), roles)
   return Teacher(spec, load_embedder(spec, batch_size=batch_size, mesh=mesh), ('image', 'text'))
 
 
@@ -121,3 +125,66 @@ def _crop(image, size: int) -> np.ndarray:
   if image.ndim == 2:
     image = np.stack([image] * 3, -1)
   return transforms.resize_crop(image, size, None)
+
+
+def distills(config) -> bool:
+  return bool(config.distill.weight or 'distill' in dict(config.multitask.tasks))
+
+
+@dataclasses.dataclass
+class RunTeacher:
+  """A distilling run's teacher side.
+
+  `host_columns`: what the input pipeline adds to each batch (the precomputed teacher columns,
+  or the live teacher's tokens); `step_spec`: the teacher columns the step reads, {name: (global
+  shape, dtype)}; for 'live', `encoder` (the teacher's tokenizer, for the pipeline) and the
+  jitted teacher that turns the tokens into the columns on the device (`__call__`), its params
+  a separate argument: not in the train state, no gradient, no optimizer state.
+  """
+
+  host_columns: tuple[str, ...]
+  step_spec: dict[str, tuple[tuple[int, ...], Any]]
+  encoder: tokenizer_lib.TextEncoder | None = None
+  apply: Any = None
+  params: Any = None
+
+  def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    if self.apply is None:
+      return batch
+    out = {k: v for k, v in batch.items() if k not in self.host_columns}
+    return {**out, **self.apply(self.params, batch)}
+
+
+def _step_columns(roles, text_pairs: bool) -> tuple[str, ...]:
+  cols = ['teacher_text']
+  if text_pairs:
+    cols.append('teacher_query')
+  elif 'image' in roles:
+    cols.append('teacher_image')
+  return tuple(cols)
+
+
+def for_run(config, mesh, *, text_pairs: bool) -> RunTeacher | None:
+  """The run's teacher side (None when it does not distil)."""
+  if not distills(config):
+    return None
+  from mmjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+
+  b = config.batch_size
+  if config.distill.source == 'data':
+    info_file = pathlib.Path(config.distill.embeddings) / 'teacher.json'
+    if not info_file.is_file():
+      raise FileNotFoundError(f'{info_file} not found: write the teacher embeddings with `python '
+                              '-m mmjax.data.teacher_embed --config=...` first.')
+    info = json.loads(info_file.read_text())
+    cols = _step_columns(info['roles'], text_pairs)
+    return RunTeacher(cols, {c: ((b, info['dim']), np.float32) for c in cols})
+  teacher = load(config.distill.teacher, max_len=config.model.text.max_len, mesh=mesh)
+  cols = _step_columns(teacher.roles, text_pairs)
+  host = ('teacher_tokens', 'teacher_mask') + (
+      ('teacher_query_tokens', 'teacher_query_mask') if text_pairs else ())
+  batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+  apply = jax.jit(embed_fn(teacher, config.model.image.image_size),
+                  in_shardings=(repl, batch_sh), out_shardings=batch_sh)
+  return RunTeacher(host, {c: ((b, teacher.dim), np.float32) for c in cols}, teacher.encoder,
+                    apply, jax.device_put(teacher.params, repl))
