@@ -54,8 +54,7 @@ def batch_spec(config, *, text_pairs: bool | None = None
 
 def distills_from_data(config) -> bool:
   """Whether the run distils from teacher embeddings precomputed into the data."""
-  tasks = dict(config.multitask.tasks)
-  return bool(config.distill.weight or 'distill' in tasks) and config.distill.source == 'data'
+  return teacher_embed.distills(config) and config.distill.source == 'data'
 
 
 def caption_query(config) -> bool:

@@ -27,6 +27,11 @@ from mmjax import config as config_lib
 FILE = 'source_{}.npz'
 
 
+def distills(config) -> bool:
+  """Whether the run has a distillation term (config.distill.weight or a 'distill' task)."""
+  return bool(config.distill.weight or 'distill' in dict(config.multitask.tasks))
+
+
 def path(directory: str | pathlib.Path, source_index: int) -> pathlib.Path:
   return pathlib.Path(directory) / FILE.format(source_index)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import hf
-from mmjax.data import records, tokenizer as tokenizer_lib, transforms
+from mmjax.data import records, teacher_embed, tokenizer as tokenizer_lib, transforms
 from mmjax.embedder import Embedder, load_embedder
 from mmjax.models import TwoTower
 from mmjax.models.two_tower import normalize_images
@@ -127,10 +127,6 @@ def _crop(image, size: int) -> np.ndarray:
   return transforms.resize_crop(image, size, None)
 
 
-def distills(config) -> bool:
-  return bool(config.distill.weight or 'distill' in dict(config.multitask.tasks))
-
-
 @dataclasses.dataclass
 class RunTeacher:
   """A distilling run's teacher side.
@@ -166,7 +162,7 @@ def _step_columns(roles, text_pairs: bool) -> tuple[str, ...]:
 
 def for_run(config, mesh, *, text_pairs: bool) -> RunTeacher | None:
   """The run's teacher side (None when it does not distil)."""
-  if not distills(config):
+  if not teacher_embed.distills(config):
     return None
   from mmjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
 
