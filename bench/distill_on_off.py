@@ -12,11 +12,8 @@ reads existing workdirs (ROOT/on, ROOT/off) instead.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -41,13 +38,8 @@ def run(module: str, *args: str) -> float:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--steps', type=int, default=200)
+  p = lit.parser(__doc__, 'runs/distill_bench')
   p.add_argument('--examples', type=int, default=512)
-  p.add_argument('--root', default='runs/distill_bench')
-  p.add_argument('--summarize_only', action='store_true')
-  p.add_argument('--note', default='')
-  p.add_argument('--noappend', action='store_true')
   args = p.parse_args()
   root = pathlib.Path(args.root).absolute()
   common = overrides(args.steps, args.examples, root / 'teacher')
@@ -58,15 +50,9 @@ def main() -> None:
       walls[name] = run('mmjax.main', f'--workdir={root / name}', *common,
                         f'--config.distill.weight={weight}')
   res = {name: lit.summary(root / name) for name in ('on', 'off')}
-  lines = [f'## distill_on_off: {CONFIG}, distill.weight 1 vs 0 '
-           f'({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)', '',
-           f'- commit: `{lit.commit()}`',
-           f'- machine: {platform.processor() or platform.machine()} ({os.cpu_count()} cores), '
-           f'load average {os.getloadavg()[0]:.1f} at the end',
-           f'- budget: {args.steps} steps x batch 128 on {args.examples} demo scenes for both; '
-           f'overrides `{" ".join(common)}`']
-  if args.note:
-    lines.append(f'- note: {args.note}')
+  lines = lit.header(f'distill_on_off: {CONFIG}, distill.weight 1 vs 0',
+                     f'{args.steps} steps x batch 128 on {args.examples} demo scenes for both; '
+                     f'overrides `{" ".join(common)}`', args.note)
   lines += ['', '| metric | distill (MiniLM text KL, weight 1) | no distill |', '|---|---|---|']
   for m in lit.METRICS:
     lines.append(f'| {m} | {res["on"]["eval"][m]:.4f} | {res["off"]["eval"][m]:.4f} |')
@@ -74,11 +60,7 @@ def main() -> None:
     lines.append(f'| train {key} (total) | {res["on"][key]:.4f} | {res["off"][key]:.4f} |')
   for name, wall in walls.items():
     lines.append(f'| wall {name} (s) | {wall:.0f} | |')
-  block = '\n'.join(lines) + '\n'
-  print(block)
-  if not args.noappend:
-    with open(REPO / 'BENCHMARKS.md', 'a') as f:
-      f.write('\n' + block)
+  lit.append(lines, args.noappend)
 
 
 if __name__ == '__main__':
