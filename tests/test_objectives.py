@@ -196,3 +196,34 @@ def test_live_teacher_equals_teacher_embeddings_in_the_data(bert_teacher, tmp_pa
   c.distill.source = 'data'
   with pytest.raises(ValueError, match='rerun `python -m mmjax.data.teacher_embed`'):
     next(iter(pipeline.make_train_dataset(c, encoder)))
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('distill.kind', 'l2', "config.distill.kind='l2' is not one of"),
+    ('distill.source', 'cache', "config.distill.source='cache' is not one of"),
+    ('distill.temperature', 0.0, r'config.distill.temperature=0.0 must be > 0'),
+    ('multitask.tasks', (('contrastive', 1.0), ('ttc', 1.0)), r"entry \('ttc', 1.0\) must be"),
+    ('multitask.tasks', (('distill', 1.0),) * 2, "lists 'distill' twice"),
+    ('multitask.weighting', 'max', "config.multitask.weighting='max' is not one of"),
+])
+def test_bad_distill_and_multitask_fields_name_key_and_value(key, value, match):
+  c = _config()
+  block, field = key.split('.')
+  c[block][field] = value
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(c)
+
+
+def test_distillation_needs_a_teacher_and_one_weight():
+  c = _config()
+  c.distill.weight = 1.0
+  with pytest.raises(config_lib.ConfigError, match="distill.weight=1.0 and config.multitask.tasks"):
+    config_lib.validate(c)
+  c.multitask.tasks, c.distill.teacher = (), ''
+  with pytest.raises(config_lib.ConfigError, match='config.distill.teacher is empty'):
+    config_lib.validate(c)
+  c.distill.teacher, c.distill.embeddings = 'hf:x', ''
+  with pytest.raises(config_lib.ConfigError, match='config.distill.embeddings is empty'):
+    config_lib.validate(c)
+  c.distill.source = 'live'
+  config_lib.validate(c)
