@@ -48,14 +48,37 @@ def summary(workdir: pathlib.Path) -> dict:
           'pairs_per_sec': sum(r['train/pairs_per_sec'] for r in train_rows) / len(train_rows)}
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(doc: str, root: str) -> argparse.ArgumentParser:
+  """The flags of the train-two-configs benchmarks (this one and distill_on_off.py)."""
+  p = argparse.ArgumentParser(description=doc.splitlines()[0])
   p.add_argument('--steps', type=int, default=200)
-  p.add_argument('--batch', type=int, default=64)
-  p.add_argument('--root', default='runs/lit_bench')
+  p.add_argument('--root', default=root)
   p.add_argument('--summarize_only', action='store_true')
   p.add_argument('--note', default='')
   p.add_argument('--noappend', action='store_true')
+  return p
+
+
+def header(title: str, budget: str, note: str) -> list[str]:
+  """The block's title and its commit / machine / budget / note lines."""
+  lines = [f'## {title} ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)', '',
+           f'- commit: `{git_revision()}`',
+           f'- machine: {cpu_model()} ({os.cpu_count()} cores), '
+           f'load average {os.getloadavg()[0]:.1f} at the end', f'- budget: {budget}']
+  return lines + ([f'- note: {note}'] if note else [])
+
+
+def append(lines: list[str], noappend: bool) -> None:
+  block = '\n'.join(lines) + '\n'
+  print(block)
+  if not noappend:
+    with open(REPO / 'BENCHMARKS.md', 'a') as f:
+      f.write('\n' + block)
+
+
+def main() -> None:
+  p = parser(__doc__, 'runs/lit_bench')
+  p.add_argument('--batch', type=int, default=64)
   args = p.parse_args()
   root = pathlib.Path(args.root).absolute()
   walls = {}
@@ -64,15 +87,9 @@ def main() -> None:
       walls[name] = train(name, root / name, args.steps, args.batch)
   res = {name: summary(root / name) for name in RUNS}
 
-  lines = [f'## lit_vs_scratch: configs/lit_minilm.py vs configs/demo.py '
-           f'({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)', '',
-           f'- commit: `{git_revision()}`',
-           f'- machine: {cpu_model()} ({os.cpu_count()} cores), '
-           f'load average {os.getloadavg()[0]:.1f} at the end',
-           f'- budget: {args.steps} steps x batch {args.batch} for both; overrides '
-           f'`{" ".join(overrides(args.steps, args.batch))}`']
-  if args.note:
-    lines.append(f'- note: {args.note}')
+  lines = header('lit_vs_scratch: configs/lit_minilm.py vs configs/demo.py',
+                 f'{args.steps} steps x batch {args.batch} for both; overrides '
+                 f'`{" ".join(overrides(args.steps, args.batch))}`', args.note)
   lines += ['', '| metric | LiT (MiniLM locked) | from scratch |', '|---|---|---|']
   for m in METRICS:
     lines.append(f'| {m} | {res["lit"]["eval"][m]:.4f} | {res["scratch"]["eval"][m]:.4f} |')
@@ -83,11 +100,7 @@ def main() -> None:
   lines.append(f'| eval pairs (chance R@1) | {res["lit"]["eval"]["num_eval_pairs"]} '
                f'({res["lit"]["eval"]["chance/recall@1"]:.4f}) | '
                f'{res["scratch"]["eval"]["num_eval_pairs"]} |')
-  block = '\n'.join(lines) + '\n'
-  print(block)
-  if not args.noappend:
-    with open(REPO / 'BENCHMARKS.md', 'a') as f:
-      f.write('\n' + block)
+  append(lines, args.noappend)
 
 
 if __name__ == '__main__':

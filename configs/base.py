@@ -205,6 +205,28 @@ def get_config() -> ml_collections.ConfigDict:
   # match it (`python -m mmjax.hf DIR` prints the overrides). Its tokenizer is loaded with it.
   c.init.decoder = ''
 
+  # --- Distillation and multi-task (docs/pretrained.md) ---------------------------------------
+  c.distill = ml_collections.ConfigDict()
+  c.distill.weight = 0.0  # Weight of the distillation term next to the contrastive loss; 0: off.
+  # 'kl': teacher vs student in-batch similarity distributions (dimensions may differ) |
+  # 'regression': 1 - cos(student, teacher) per role (equal dimensions) | 'both' (summed).
+  c.distill.kind = 'kl'
+  c.distill.temperature = 20.0  # KL: scale of teacher and student cosines (1/tau), > 0.
+  # 'data': teacher embeddings precomputed into the data (`python -m mmjax.data.teacher_embed`)
+  # | 'live': the frozen teacher runs on each batch (its own tokenizer; no gradient/state).
+  c.distill.source = 'data'
+  c.distill.teacher = ''  # 'hf:DIR' (a Hugging Face checkpoint) or an mmjax export / workdir.
+  c.distill.embeddings = ''  # source='data': the directory teacher_embed writes (source_<i>.npz).
+  c.multitask = ml_collections.ConfigDict()
+  # (task, weight) pairs combined in one step, tasks from 'contrastive' (the run's loss between
+  # model.contrastive_roles), 'text_text' (the same loss between 'query' and 'text': a second
+  # caption of the image, or the query of text-text pairs) and 'distill'. () = contrastive
+  # (+ distill.weight x distill).
+  c.multitask.tasks = ()
+  # 'static': sum of weight x loss | 'uncertainty': learned log-variances s (Kendall et al.),
+  # sum 0.5 (exp(-s) loss + s), started at the given weights; s are trained params ('multitask').
+  c.multitask.weighting = 'static'
+
   # --- Tokenizer -------------------------------------------------------------------------------
   c.tokenizer = ml_collections.ConfigDict()
   # '' trains a WordPiece tokenizer on the demo captions at start-up (saved to the workdir so a

@@ -168,6 +168,9 @@ class ModelConfig:
   image_head: str = ''  # Per-tower head kind; '' uses `head`.
   text_head: str = ''
   head_bias: bool = True  # CLIP's projections have no bias.
+  # Multi-task uncertainty weighting: (task, initial log-variance) pairs, trained as the
+  # 'multitask' params (config.multitask.weighting='uncertainty'); () = none.
+  task_log_vars: tuple[tuple[str, float], ...] = ()
 
   def tower_head(self, tower: str) -> str:
     return (self.image_head if tower == 'image' else self.text_head) or self.head
@@ -180,6 +183,7 @@ class ModelConfig:
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     d = dict(d)
     image = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop('image').items()}
+    d['task_log_vars'] = tuple(tuple(x) for x in d.get('task_log_vars', ()))
     return cls(image=ViTConfig(**image), text=TextConfig(**d.pop('text')), **d)
 
 
@@ -225,7 +229,16 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       image_head=m.image_head,
       text_head=m.text_head,
       head_bias=m.head_bias,
+      task_log_vars=task_log_vars(config),
   )
+
+
+def task_log_vars(config) -> tuple[tuple[str, float], ...]:
+  """Uncertainty weighting's learned log-variances start at the static weights:
+  0.5 exp(-s) = w, s = -log(2 w)."""
+  if config.multitask.weighting != 'uncertainty':
+    return ()
+  return tuple((name, -math.log(2.0 * float(w))) for name, w in config.multitask.tasks)
 
 
 def jnp_dtype(name: str):
@@ -412,6 +425,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _one_of('model.kind', config.model.kind, MODEL_KINDS)
   if config.model.kind == 'llm_embedder':
     _validate_llm_embedder(config)
+  _validate_distill_multitask(config)
   _positive('model.image.patch_size', img.patch_size)
   _require(len(img.pixel_mean) == len(img.pixel_std) and len(img.pixel_mean) in (0, 3)
            and all(s > 0 for s in img.pixel_std),
@@ -520,6 +534,46 @@ def _validate_transfer(config) -> None:
       re.compile(pattern)
     except re.error as e:
       raise ConfigError(f'config.{name}: {pattern!r} is not a valid regex ({e}).') from e
+
+
+DISTILL_KINDS = ('kl', 'regression', 'both')
+DISTILL_SOURCES = ('data', 'live')
+TASKS = ('contrastive', 'text_text', 'distill')
+WEIGHTINGS = ('static', 'uncertainty')
+
+
+def _validate_distill_multitask(config) -> None:
+  """config.distill and config.multitask (docs/pretrained.md)."""
+  d, mt = config.distill, config.multitask
+  _one_of('distill.kind', d.kind, DISTILL_KINDS)
+  _one_of('distill.source', d.source, DISTILL_SOURCES)
+  _one_of('multitask.weighting', mt.weighting, WEIGHTINGS)
+  _require(d.weight >= 0, f'config.distill.weight={d.weight!r} must be >= 0.')
+  _positive('distill.temperature', d.temperature)
+  names = []
+  for entry in mt.tasks:
+    _require(isinstance(entry, (tuple, list)) and len(entry) == 2 and entry[0] in TASKS
+             and isinstance(entry[1], (int, float)) and entry[1] > 0,
+             f'config.multitask.tasks entry {entry!r} must be (task, weight > 0) with task one of '
+             f'{", ".join(map(repr, TASKS))}.')
+    _require(entry[0] not in names, f'config.multitask.tasks lists {entry[0]!r} twice.')
+    names.append(entry[0])
+  _require(config.model.kind != 'llm_embedder' or not (d.weight or names),
+           "config.distill / config.multitask are for model.kind='two_tower'; the LLM embedder "
+           'trains its query/candidate contrastive loss (docs/llm_embedder.md).')
+  _require(not (d.weight and 'distill' in names),
+           f"config.distill.weight={d.weight!r} and config.multitask.tasks both weight 'distill'; "
+           'set distill.weight=0 and keep the weight in the tasks.')
+  _require(mt.weighting == 'static' or names,
+           "config.multitask.weighting='uncertainty' needs config.multitask.tasks (the tasks "
+           'whose weights are learned).')
+  if not (d.weight or 'distill' in names):
+    return
+  _require(bool(d.teacher), "config.distill.teacher is empty: distillation needs 'hf:DIR' or an "
+           'mmjax export directory.')
+  _require(d.source != 'data' or bool(d.embeddings),
+           "config.distill.embeddings is empty: with distill.source='data' it names the directory "
+           'written by `python -m mmjax.data.teacher_embed --config=...`.')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:

@@ -9,12 +9,14 @@ written by tools/make_hf_fixtures.py; nothing here needs torch.
 import dataclasses
 import json
 import pathlib
+import pickle
 import shutil
 
 import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer
 
 from mmjax import hf
 from mmjax.data import tokenizer as tokenizer_lib
@@ -243,3 +245,96 @@ def test_text_encoder_pads_with_the_tokenizers_own_pad_id():
   tok.enable_padding(pad_id=5, pad_token='[UNK]')
   ids, mask = tokenizer_lib.TextEncoder(Tokenizer.from_str(tok.to_str()), 20)(['a red star.'])
   assert (ids[0][mask[0] == 0] == 5).all() and mask[0].sum() < 20
+
+
+def test_siglip_tokenizer_gives_transformers_ids_and_embeddings():
+  """The SigLIP checkpoint's spiece.model, through mmjax's text pipeline, gives exactly the ids
+  of `transformers`' SiglipTokenizer (padded to max_length with '</s>'), and the text tower run
+  on them as mmjax pools (last position, padding attended) gives SiglipModel's text embeddings."""
+  ckpt = hf.load(FIXTURES / 'siglip')
+  ref = reference('siglip')
+  tok = ckpt.tokenizer()
+  encoder = tokenizer_lib.TextEncoder(tok, ckpt.text.max_len)
+  ids, mask = encoder(list(ref['sentences']))
+  np.testing.assert_array_equal(ids, ref['sentence_ids'])
+  np.testing.assert_array_equal(mask, ref['sentence_mask'])
+  # Pad id '</s>'=1 survives the workdir/export JSON and the pickling into data workers.
+  for again in (tokenizer_lib.TextEncoder(Tokenizer.from_str(tok.to_str()), ckpt.text.max_len),
+                tokenizer_lib.TextEncoder(Tokenizer.from_str(encoder.to_str()), 4),
+                pickle.loads(pickle.dumps(encoder))):
+    n = again.max_len
+    np.testing.assert_array_equal(again(list(ref['sentences']))[0][:, :n - 1], ids[:, :n - 1])
+  model = TwoTower(ckpt.model_config())
+  ztxt = jax.jit(lambda p, t, m: model.apply(p, t, m, method=TwoTower.embed_texts))(
+      {'params': ckpt.params}, ids, mask)
+  want = ref['sentence_embeds']  # get_text_features: before the L2 normalisation.
+  want = want / np.linalg.norm(want, axis=-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(ztxt), want, atol=TOL, rtol=0)
+
+
+def test_siglip_tokenizer_against_transformers_on_random_text():
+  """Runs only where transformers and sentencepiece are installed (no torch needed)."""
+  transformers = pytest.importorskip('transformers')
+  pytest.importorskip('sentencepiece')
+  theirs = transformers.SiglipTokenizer(str(FIXTURES / 'siglip' / 'spiece.model'))
+  ours = tokenizer_lib.TextEncoder(tokenizer_lib.load(FIXTURES / 'siglip'), 16)
+  rng = np.random.default_rng(0)
+  words = ('A', 'big', 'RED', 'star', 'Two', 'dogs', 'snow', 'caf\u00e9', '\ufb01ne', '\uff21b',
+           'x', '12', '\u00dcber', '\u65e5\u672c', '\U0001f600', 'e\u0301')
+  seps = (' ', '  ', '\t', '\n', '\u3000', '\xa0', ', ', '. ', '!! ', ' - ', '\u2581', "'s ")
+  texts = [''.join(rng.choice(seps) * (rng.random() < 0.3)) + ''.join(
+      str(rng.choice(words)) + str(rng.choice(seps)) for _ in range(rng.integers(0, 8)))
+           for _ in range(200)]
+  want = theirs(texts, padding='max_length', max_length=16, truncation=True)
+  ids, mask = ours(texts)
+  for i, text in enumerate(texts):
+    assert list(ids[i]) == want['input_ids'][i], text
+    assert list(mask[i]) == want['attention_mask'][i], text
+
+
+def test_sentencepiece_of_another_tokenizer_class_is_refused(tmp_path):
+  shutil.copy(FIXTURES / 'siglip' / 'spiece.model', tmp_path)
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'tokenizer_class': 'T5Tokenizer'}))
+  with pytest.raises(ValueError, match="tokenizer_class='T5Tokenizer': only SiglipTokenizer"):
+    tokenizer_lib.load(tmp_path)
+
+
+@pytest.mark.parametrize('stored', ['bfloat16', 'float16'])
+def test_half_precision_checkpoint_imports_and_exports(stored, tmp_path):
+  """A checkpoint saved in bfloat16/float16 (safetensors' numpy API + ml_dtypes) loads into any
+  parameter dtype, round trips in its own dtype, and exports in the dtype asked for."""
+  half = hf.convert.numpy_dtype(stored, 'test')
+  d = _copy('clip', tmp_path, edit=lambda t: t.update(
+      {k: v.astype(half) for k, v in t.items() if v.dtype == np.float32}))
+  f32 = hf.load(FIXTURES / 'clip')
+  for dtype in ('float32', stored):
+    ckpt = hf.load(d, dtype=dtype)
+    assert {x.dtype.name for x in jax.tree.leaves(ckpt.params)} == {dtype}
+    # Exactly the half-precision values: rounding the f32 fixture gives the same numbers.
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+        a.astype(np.float32), b.astype(half).astype(np.float32)), ckpt.params, f32.params)
+  hf.save(tmp_path / 'same', ckpt)
+  original, written = load_file(d / 'model.safetensors'), load_file(
+      tmp_path / 'same' / 'model.safetensors')
+  assert {k: v.dtype for k, v in written.items()} == {k: v.dtype for k, v in original.items()}
+  for k in original:
+    np.testing.assert_array_equal(original[k], written[k], err_msg=k)
+  hf.save(tmp_path / 'f32', ckpt, dtype='float32')
+  written = load_file(tmp_path / 'f32' / 'model.safetensors')
+  assert {v.dtype.name for v in written.values()} == {'float32'}
+  hf.save(tmp_path / 'bf16', f32, dtype='bfloat16')
+  assert load_file(tmp_path / 'bf16' / 'model.safetensors')['logit_scale'].dtype.name == 'bfloat16'
+  with pytest.raises(hf.CheckpointError, match="hf.save: dtype 'int8' is not supported"):
+    hf.save(tmp_path / 'x', ckpt, dtype='int8')
+
+
+def test_unsupported_dtype_is_refused_by_key(tmp_path):
+  d = _copy('bert', tmp_path, edit=lambda t: t.update({
+      'encoder.layer.0.output.dense.weight': t['encoder.layer.0.output.dense.weight'].astype(
+          np.int8), 'embeddings.LayerNorm.bias': t['embeddings.LayerNorm.bias'].astype(
+              np.float64)}))
+  with pytest.raises(hf.CheckpointError, match=r'unsupported dtype .*: embeddings\.LayerNorm\.bias '
+                     r'\(F64\), encoder\.layer\.0\.output\.dense\.weight \(I8\)'):
+    hf.load(d)
+  with pytest.raises(hf.CheckpointError, match="dtype 'float64' is not supported"):
+    hf.load(FIXTURES / 'bert', dtype='float64')

@@ -11,10 +11,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
 import jax.extend
 import optax
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from mmjax import config as config_lib
 from mmjax import hf
@@ -190,6 +192,21 @@ def test_lit_run_starts_from_checkpoint_and_keeps_it_locked(bert_dir, tmp_path):
   assert json.loads((tmp_path / 'eval.json').read_text())['step'] == 2
   meta = ckpt_lib.shape_signature(state.params)
   assert any(k.startswith("['txt']['type_embedding']") or 'type_embedding' in k for k in meta)
+
+
+def test_init_lands_in_param_dtype_from_a_bf16_checkpoint(bert_dir, tmp_path):
+  d = tmp_path / 'bf16'
+  shutil.copytree(bert_dir, d)
+  f32 = load_file(d / 'model.safetensors')
+  save_file({k: v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v
+             for k, v in f32.items()}, d / 'model.safetensors')
+  c = lit_config(d)
+  for param_dtype in ('bfloat16', 'float32'):
+    c.model.param_dtype = param_dtype
+    flat = transfer.load_init(c, config_lib.model_config(c))
+    assert {x.dtype.name for x in flat.values()} == {param_dtype}
+  np.testing.assert_array_equal(flat['txt/embed_ln/scale'], f32['embeddings.LayerNorm.weight']
+                                .astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def test_describe_gives_the_overrides_that_match(bert_dir):

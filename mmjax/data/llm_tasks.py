@@ -31,7 +31,7 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
-from mmjax.data import demo, records
+from mmjax.data import demo, records, tokenizer as tokenizer_lib
 
 TASKS = ('i2t', 't2i', 'composed')
 ROLE_PREFIX = {'query': 'query_', 'candidate': 'cand_', 'neg_candidate': 'neg_cand_'}
@@ -72,6 +72,10 @@ class MultimodalEncoder:
     self.pad_id = own if own is not None else self.tokenizer.token_to_id('[PAD]') or 0
     self.max_len, self.image_token, self.pad_side = max_len, image_token, pad_side
     self.tokens_per_image, self.max_images = tokens_per_image, max_images
+
+  def to_str(self) -> str:
+    """The tokenizer's JSON with its pad id (what an export keeps)."""
+    return tokenizer_lib.json_with_pad_id(self.tokenizer, self.pad_id)
 
   def ids(self, text: str, num_images: int) -> np.ndarray:
     """The unpadded ids of `text` with placeholders expanded and EOS last; refuses bad input."""

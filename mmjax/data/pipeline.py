@@ -21,7 +21,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from mmjax.data import demo, sources as sources_lib, transforms
+from mmjax.data import demo, sources as sources_lib, teacher_embed, transforms
 from mmjax.data.tokenizer import TextEncoder
 
 # Columns that stay on the host; the train step reads all the others: the pair itself, 'group'
@@ -43,9 +43,9 @@ def batch_spec(config, *, text_pairs: bool | None = None
   L, k = config.model.text.max_len, config.data.num_hard_negatives
   spec = {'tokens': ((b, L), np.int32), 'mask': ((b, L), np.int32),
           'group': ((b,), np.int32), 'weight': ((b,), np.float32), 'source': ((b,), np.int32)}
-  if text_pairs:
+  if text_pairs or caption_query(config):
     spec |= {'query_tokens': ((b, L), np.int32), 'query_mask': ((b, L), np.int32)}
-  else:
+  if not text_pairs:
     spec['image'] = ((b, s, s, 3), np.uint8)
   if k:
     spec |= {'neg_tokens': ((b, k, L), np.int32), 'neg_mask': ((b, k, L), np.int32),
@@ -53,6 +53,17 @@ def batch_spec(config, *, text_pairs: bool | None = None
     if not text_pairs:
       spec |= {'neg_image': ((b, k, s, s, 3), np.uint8), 'neg_image_valid': ((b, k), np.int32)}
   return spec
+
+
+def distills_from_data(config) -> bool:
+  """Whether the run distils from teacher embeddings precomputed into the data."""
+  return teacher_embed.distills(config) and config.distill.source == 'data'
+
+
+def caption_query(config) -> bool:
+  """Image-text batches also carry 'query_tokens': another caption of the same image (the
+  positives of the 'text_text' task)."""
+  return 'text_text' in dict(config.multitask.tasks)
 
 
 def train_columns(config, *, text_pairs: bool | None = None) -> tuple[str, ...]:
@@ -120,8 +131,11 @@ def _concat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
-  """Infinite iterator dataset of this process's batches (batch_size / process_count rows)."""
+                       process_count: int = 1,
+                       teacher_encoder: TextEncoder | None = None) -> grain.IterDataset:
+  """Infinite iterator dataset of this process's batches (batch_size / process_count rows).
+
+  `teacher_encoder`: a live distillation teacher's tokenizer (adds 'teacher_tokens'/'_mask')."""
   if config.model.kind == 'llm_embedder':  # Mixed-modality task batches (mmjax.data.llm_tasks).
     from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
     return llm_tasks.make_train_dataset(config, encoder, process_index=process_index,
@@ -142,6 +156,8 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
   for i, (spec, src) in enumerate(zip(specs, srcs)):
     if len(src) == 0:
       raise ValueError(f'Data source {i} ({spec.name} {spec.path or spec.tfds_name}) is empty.')
+    if distills_from_data(config):  # Precomputed teacher embeddings ride along as columns.
+      src = teacher_embed.TeacherEmbeddings(src, teacher_embed.path(config.distill.embeddings, i))
     ds = grain.MapDataset.source(src).seed(int(np.random.SeedSequence([config.seed, i])
                                                .generate_state(1)[0]))
     ds = ds.shuffle().repeat(None)  # A new permutation every epoch.
@@ -149,7 +165,8 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
     # whatever the process count; only the rows this process keeps below are computed.
     ds = ds.random_map(transforms.Preprocess(
         encoder, image_size=config.model.image.image_size, augment=data.augment,
-        num_negatives=data.num_hard_negatives, source_index=i, text_pairs=text_pairs))
+        num_negatives=data.num_hard_negatives, source_index=i, text_pairs=text_pairs,
+        teacher_encoder=teacher_encoder, caption_query=caption_query(config) and not text_pairs))
     streams.append(ds)
   weights = [s.weight for s in specs]
   if sub:

@@ -1,20 +1,28 @@
 """Tokenizers through the Hugging Face `tokenizers` stack.
 
-Either a WordPiece tokenizer trained on the demo captions (seconds), or any `tokenizer.json`
-from a local directory. Every encoding ends with an EOS token, also after truncation, so
-last-token pooling reads the same position whatever the padding.
+Either a WordPiece tokenizer trained on the demo captions (seconds), any `tokenizer.json` from a
+local directory, or a SigLIP checkpoint's SentencePiece `spiece.model` (converted to a
+`tokenizers` Unigram pipeline that reproduces `transformers`' SiglipTokenizer id for id). Every
+encoding ends with an EOS token, also after truncation, so last-token pooling reads the same
+position whatever the padding.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
+import string
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
+                        pre_tokenizers, processors, trainers)
 
 PAD, UNK, EOS = '[PAD]', '[UNK]', '[EOS]'
 TOKENIZER_FILE = 'tokenizer.json'
+SPM_FILE = 'spiece.model'  # How HF SigLIP (and T5) checkpoints ship their SentencePiece model.
+SPM_CONFIG = 'tokenizer_config.json'
 
 
 def train_wordpiece(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -37,12 +45,16 @@ def _append_eos(tok: Tokenizer) -> None:
 
 
 def load(path: str | pathlib.Path) -> Tokenizer:
-  """Loads `tokenizer.json` (or a directory holding one) from local disk."""
+  """Loads `tokenizer.json` (or a directory holding one, or SigLIP's `spiece.model`) from disk."""
   path = pathlib.Path(path)
   file = path / TOKENIZER_FILE if path.is_dir() else path
+  if path.is_dir() and not file.is_file() and (path / SPM_FILE).is_file():
+    file = path / SPM_FILE
   if not file.is_file():
-    raise FileNotFoundError(f'No tokenizer at {file} (expected a tokenizer.json or a directory '
-                            'holding one).')
+    raise FileNotFoundError(f'No tokenizer at {file} (expected a tokenizer.json, a directory '
+                            f'holding one, or a SigLIP checkpoint directory with {SPM_FILE}).')
+  if file.name == SPM_FILE or file.suffix == '.model':
+    return from_sentencepiece(file)
   tok = Tokenizer.from_file(str(file))
   if tok.token_to_id(EOS) is None and tok.token_to_id('[SEP]') is None and tok.token_to_id(
       '</s>') is None and tok.token_to_id('<|endoftext|>') is None:
@@ -51,17 +63,96 @@ def load(path: str | pathlib.Path) -> Tokenizer:
   return tok
 
 
+# SiglipTokenizer.canonicalize_text: lowercase, drop ASCII punctuation, collapse whitespace, strip.
+# Python's notion of whitespace (str.isspace), spelled out so the regex engines agree.
+_PY_SPACE = ''.join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+_SPACE_CLASS = '[' + ''.join(f'\\x{{{ord(c):x}}}' for c in _PY_SPACE) + ']'
+_PUNCT_CLASS = '[' + ''.join(f'\\x{{{ord(c):x}}}' for c in string.punctuation) + ']'
+SPIECE_UNDERLINE = '\u2581'
+
+
+def _siglip_canonicalize(lowercase: bool) -> list[normalizers.Normalizer]:
+  # SiglipTokenizer encodes canonicalize('▁' + text): the '▁' is prepended *before* the strip,
+  # so leading whitespace survives as one space (an extra '▁' piece); mirrored here.
+  return [normalizers.Replace(SPIECE_UNDERLINE, ' '),
+          *([normalizers.Lowercase()] if lowercase else []),
+          normalizers.Replace(Regex(_PUNCT_CLASS), ''),
+          normalizers.Replace(Regex(_SPACE_CLASS + '+'), ' '),
+          normalizers.Replace(Regex(' $'), ''),
+          normalizers.Prepend(SPIECE_UNDERLINE)]
+
+
+def from_sentencepiece(model_file: str | pathlib.Path) -> Tokenizer:
+  """A SentencePiece Unigram model (a SigLIP checkpoint's `spiece.model`) as a `tokenizers`
+  Tokenizer that gives `transformers`' SiglipTokenizer's ids: its text canonicalisation, the
+  model's own normalisation table, '</s>' appended (kept on truncation), padded with its
+  `pad_token` ('</s>' = 1 in SigLIP: big_vision pads with EOS). Settings come from the
+  `tokenizer_config.json` next to the model; tokenizer classes other than SiglipTokenizer are
+  refused (their conventions differ and are not verified here).
+  """
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+
+  model_file = pathlib.Path(model_file)
+  cfg_file = model_file.parent / SPM_CONFIG
+  cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+  kind = cfg.get('tokenizer_class', 'SiglipTokenizer')
+  if kind != 'SiglipTokenizer':
+    raise ValueError(f'{cfg_file}: tokenizer_class={kind!r}: only SiglipTokenizer is supported '
+                     f'for a {SPM_FILE}; give a tokenizer.json instead.')
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model_file.read_bytes())
+  if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
+    raise ValueError(f'{model_file}: SentencePiece model_type '
+                     f'{proto.trainer_spec.model_type} is not supported (only unigram).')
+  vocab = [(p.piece, p.score) for p in proto.pieces]
+  tok = Tokenizer(models.Unigram(vocab, proto.trainer_spec.unk_id,
+                                 proto.trainer_spec.byte_fallback))
+  spm_norm = proto.normalizer_spec
+  steps = _siglip_canonicalize(cfg.get('do_lower_case', True))
+  if spm_norm.precompiled_charsmap:
+    steps.append(normalizers.Precompiled(spm_norm.precompiled_charsmap))
+  if spm_norm.remove_extra_whitespaces:
+    # SentencePiece collapses runs of spaces and drops trailing spaces *and* '▁'s (so an empty
+    # canonical text, '▁', encodes to nothing).
+    steps += [normalizers.Replace(Regex(' {2,}'), ' '),
+              normalizers.Replace(Regex(f'[ {SPIECE_UNDERLINE}]+$'), '')]
+  tok.normalizer = normalizers.Sequence(steps)
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(SPIECE_UNDERLINE, prepend_scheme='never')
+  tok.decoder = decoders.Metaspace(SPIECE_UNDERLINE, prepend_scheme='always')
+  eos, pad = _token(cfg.get('eos_token', '</s>')), _token(cfg.get('pad_token', '</s>'))
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                          for t in dict.fromkeys((eos, pad, _token(cfg.get('unk_token', '<unk>'))))])
+  tok.post_processor = processors.TemplateProcessing(
+      single=f'$A {eos}', pair=f'$A {eos} $B {eos}', special_tokens=[(eos, tok.token_to_id(eos))])
+  tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad)
+  return tok
+
+
+def _token(value) -> str:
+  """A special token as tokenizer_config.json spells it: a string or an AddedToken dict."""
+  return value['content'] if isinstance(value, dict) else value
+
+
+def json_with_pad_id(tokenizer: Tokenizer, pad_id: int) -> str:
+  """`tokenizer`'s JSON, untruncated, with padding by `pad_id` recorded (so a reload knows it)."""
+  tok = Tokenizer.from_str(tokenizer.to_str())
+  tok.no_truncation()
+  tok.enable_padding(pad_id=pad_id, pad_token=tok.id_to_token(pad_id) or PAD)
+  return tok.to_str()
+
+
 class TextEncoder:
   """Fixed-length encoding: ids and a mask, right padded, truncated with EOS kept last."""
 
-  def __init__(self, tokenizer: Tokenizer, max_len: int):
-    self.tokenizer = tokenizer
-    self.max_len = max_len
+  def __init__(self, tokenizer: Tokenizer, max_len: int, pad_id: int | None = None):
     # The tokenizer's own padding id when it has one (SigLIP's '</s>'=1), else [PAD], else 0.
-    own = (tokenizer.padding or {}).get('pad_id')
+    own = (tokenizer.padding or {}).get('pad_id') if pad_id is None else pad_id
     self.pad_id = own if own is not None else tokenizer.token_to_id(PAD) or 0
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_len)
+    # A copy: padding and truncation are set here, not on the caller's tokenizer.
+    self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    self.max_len = max_len
+    self.tokenizer.no_padding()
+    self.tokenizer.enable_truncation(max_length=max_len)
 
   @property
   def vocab_size(self) -> int:
@@ -81,8 +172,12 @@ class TextEncoder:
     ids, mask = self([text])
     return ids[0], mask[0]
 
-  def __getstate__(self):
-    return {'json': self.tokenizer.to_str(), 'max_len': self.max_len}
+  def to_str(self) -> str:
+    """The tokenizer's JSON with its pad id (what an export or a workdir keeps)."""
+    return json_with_pad_id(self.tokenizer, self.pad_id)
+
+  def __getstate__(self):  # Data workers get it pickled: the pad id travels with it.
+    return {'json': self.tokenizer.to_str(), 'max_len': self.max_len, 'pad_id': self.pad_id}
 
   def __setstate__(self, state):
-    self.__init__(Tokenizer.from_str(state['json']), state['max_len'])
+    self.__init__(Tokenizer.from_str(state['json']), state['max_len'], state.get('pad_id'))

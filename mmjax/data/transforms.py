@@ -60,9 +60,13 @@ class Preprocess(grain.transforms.RandomMap):
   """Common element layout -> fixed-shape arrays (see `pipeline.batch_spec`)."""
 
   def __init__(self, encoder: TextEncoder, *, image_size: int, augment: str = 'none',
-               num_negatives: int = 0, source_index: int = 0, text_pairs: bool = False):
+               num_negatives: int = 0, source_index: int = 0, text_pairs: bool = False,
+               teacher_encoder: TextEncoder | None = None, caption_query: bool = False):
     self.encoder, self.image_size, self.augment = encoder, image_size, augment
     self.num_negatives, self.source_index, self.text_pairs = num_negatives, source_index, text_pairs
+    # Distillation with a live teacher: its own tokens of the same texts ('teacher_tokens').
+    self.teacher_encoder = teacher_encoder
+    self.caption_query = caption_query  # 'query_tokens': another caption of the same image.
 
   def _image(self, image: Any, rng: np.random.Generator | None) -> np.ndarray:
     if isinstance(image, (bytes, bytearray)):
@@ -77,7 +81,8 @@ class Preprocess(grain.transforms.RandomMap):
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     captions = element['captions']
-    caption = records.normalise_caption(captions[int(rng.integers(len(captions)))])
+    which = int(rng.integers(len(captions)))
+    caption = records.normalise_caption(captions[which])
     tokens, mask = self.encoder.encode_one(caption)
     out: dict[str, Any] = {
         'tokens': tokens, 'mask': mask, 'weight': np.float32(element['weight']),
@@ -91,6 +96,10 @@ class Preprocess(grain.transforms.RandomMap):
           records.normalise_caption(element['query']))
       out['image_key'] = np.int64(records.hash31('q:' + records.caption_key(element['query'])))
     else:
+      if self.caption_query:  # Drawn after `which`, so the main caption's draw is unchanged.
+        other = (which + 1 + int(rng.integers(max(1, len(captions) - 1)))) % len(captions)
+        out['query_tokens'], out['query_mask'] = self.encoder.encode_one(
+            records.normalise_caption(captions[other]))
       try:
         out['image'] = self._image(element['image'], aug_rng)
       except Exception:  # pylint: disable=broad-except  # PIL raises many types on bad files
@@ -101,6 +110,23 @@ class Preprocess(grain.transforms.RandomMap):
       out['image_key'] = np.int64(records.hash31(b'i:' + raw))
     if self.num_negatives:
       out.update(self._negatives(element, aug_rng))
+    out.update(self._teacher(element, which, caption))
+    return out
+
+  def _teacher(self, element: dict[str, Any], which: int, caption: str) -> dict[str, Any]:
+    """Distillation columns: precomputed teacher embeddings (`TeacherEmbeddings` sources; the
+    row of the sampled caption) or the live teacher's tokens."""
+    out = {}
+    if 'teacher_text' in element:
+      out['teacher_text'] = np.asarray(element['teacher_text'][which], np.float32)
+    for name in ('teacher_image', 'teacher_query'):
+      if name in element:
+        out[name] = np.asarray(element[name], np.float32)
+    if self.teacher_encoder is not None:
+      out['teacher_tokens'], out['teacher_mask'] = self.teacher_encoder.encode_one(caption)
+      if self.text_pairs:
+        out['teacher_query_tokens'], out['teacher_query_mask'] = self.teacher_encoder.encode_one(
+            records.normalise_caption(element['query']))
     return out
 
   def _negatives(self, element: dict[str, Any], rng) -> dict[str, np.ndarray]:

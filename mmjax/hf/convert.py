@@ -6,6 +6,9 @@ and `*_rules` lists every tensor as (HF key, mmjax path, layout). Import and exp
 the same rules, so a round trip is exact. Every tensor of the file must be mapped or explicitly
 known-and-unused (BERT's pooler, `position_ids` buffers: kept for export); anything else, a
 missing tensor or a wrong shape is a `CheckpointError` naming all offending keys at once.
+
+Checkpoints stored in float32, bfloat16 or float16 are read (via `ml_dtypes`, no torch) into the
+dtype asked for; export writes each tensor in the checkpoint's own dtype or the one asked for.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from mmjax.config import ModelConfig, TextConfig, ViTConfig
@@ -36,6 +41,13 @@ SIDE_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.jso
 
 HF_ACTIVATIONS = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
                   'quick_gelu': 'quick_gelu', 'relu': 'relu'}
+
+
+# safetensors dtype names of the parameter tensors mmjax reads and writes; anything else
+# (quantised int8/float8, float64) is refused by key.
+DTYPES = {'F32': np.dtype(np.float32), 'BF16': np.dtype(ml_dtypes.bfloat16),
+          'F16': np.dtype(np.float16)}
+DTYPE_NAMES = {'float32': 'F32', 'bfloat16': 'BF16', 'float16': 'F16'}
 
 
 class CheckpointError(ValueError):
@@ -66,19 +78,41 @@ def resolve_dir(spec: str | pathlib.Path) -> pathlib.Path:
   return pathlib.Path(spec).expanduser()
 
 
-def read_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
-  """All tensors of `model.safetensors` (or its shards), via `safetensors.numpy` (no pickle)."""
+def weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
+  """`model.safetensors`, or the shards its index names."""
   if (directory / WEIGHTS).is_file():
-    return load_file(directory / WEIGHTS)
+    return [directory / WEIGHTS]
   if (directory / INDEX).is_file():
     shards = sorted(set(json.loads((directory / INDEX).read_text())['weight_map'].values()))
-    out = {}
-    for shard in shards:
-      out.update(load_file(directory / shard))
-    return out
+    return [directory / shard for shard in shards]
   present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
   raise CheckpointError(f'{directory}: no {WEIGHTS} (or {INDEX}); found {present}. Only '
                         'safetensors checkpoints are read (pickle-based .bin files are not).')
+
+
+def read_dtypes(directory: pathlib.Path) -> dict[str, str]:
+  """Every tensor's safetensors dtype name ('F32', 'BF16', ...), from the headers alone."""
+  out = {}
+  for file in weight_files(directory):
+    with safe_open(file, 'np') as f:
+      out.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+  return out
+
+
+def read_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  """All tensors of `model.safetensors` (or its shards), via `safetensors.numpy` (no pickle)."""
+  out = {}
+  for file in weight_files(directory):
+    out.update(load_file(file))
+  return out
+
+
+def numpy_dtype(name: str, where: str) -> np.dtype:
+  """'float32' | 'bfloat16' | 'float16' -> the NumPy dtype (bfloat16 from ml_dtypes)."""
+  if name not in DTYPE_NAMES:
+    raise CheckpointError(f'{where}: dtype {name!r} is not supported (supported: '
+                          f'{", ".join(DTYPE_NAMES)}).')
+  return DTYPES[DTYPE_NAMES[name]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,9 +429,9 @@ class Pretrained:
   """An imported checkpoint: mmjax configs, parameters in TwoTower layout, and what export needs.
 
   `params` holds the subtrees the checkpoint has ('img', 'txt', 'img_head', 'txt_head',
-  't_prime', 'bias') as NumPy arrays; `unused` the tensors mmjax does not use, under their
-  names in the file (written back on export); `prefix` a model-class prefix stripped from the
-  used keys ('bert.').
+  't_prime', 'bias') as NumPy arrays (in the dtype `load` was asked for); `unused` the tensors
+  mmjax does not use (written back on export); `prefix` a model-class prefix stripped from every
+  key ('bert.'); `dtypes` each file tensor's stored dtype (export's default).
   """
 
   family: str
@@ -409,6 +443,7 @@ class Pretrained:
   params: dict[str, Any]
   unused: dict[str, np.ndarray]
   prefix: str = ''
+  dtypes: dict[str, str] = dataclasses.field(default_factory=dict)  # HF key -> 'F32'|'BF16'|...
 
   def model_config(self, **overrides) -> ModelConfig:
     """The TwoTower config (a text-only checkpoint gets mmjax's default image tower)."""
@@ -440,28 +475,43 @@ def read_config(directory: pathlib.Path) -> dict[str, Any]:
   return json.loads(config_file.read_text())
 
 
-def load(directory: str | pathlib.Path) -> Pretrained:
-  """Imports a local HF checkpoint directory (config.json + model.safetensors)."""
+def load(directory: str | pathlib.Path, dtype: str = 'float32') -> Pretrained:
+  """Imports a local HF checkpoint directory (config.json + model.safetensors).
+
+  Parameters come as NumPy arrays of `dtype` ('float32', 'bfloat16', 'float16': a run passes
+  its config.model.param_dtype) whatever the stored float dtype; a parameter tensor stored in
+  another dtype (int8, float8, float64) is refused by key.
+  """
   directory = resolve_dir(directory)
+  param_dtype = numpy_dtype(dtype, f'hf.load({str(directory)!r})')
   hf_config = read_config(directory)
   family, image, text, model = _configs(hf_config, str(directory / 'config.json'))
   rules = RULES[family](image, text, model)
   shapes = tower_shapes(image, text, model)
+  stored = read_dtypes(directory)
+  prefix = _strip_prefix(family, stored)
+  stored = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in stored.items()}
+  bad = sorted(f'{prefix}{k} ({v})' for k, v in stored.items()
+               if v not in DTYPES and not any(re.search(p, k) for p in UNUSED[family]))
+  if bad:
+    raise CheckpointError(f'{directory}: tensors of unsupported dtype (mmjax reads '
+                          f'{", ".join(DTYPES)}): {", ".join(bad)}.')
   raw = read_tensors(directory)
-  prefix = _strip_prefix(family, raw)
   tensors = _unpack({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw.items()})
   flat, unused = match_tensors(tensors, rules, shapes, UNUSED[family],
-                               f'{directory} ({family})', prefix)
+                               f'{directory} ({family})', prefix, param_dtype)
   # Unused tensors keep their own names: BertForPreTraining's 'cls.*' has no 'bert.' prefix.
   unused = {k if k in raw else prefix + k: v for k, v in unused.items()}
   params = traverse_util.unflatten_dict(flat, sep='/')
-  return Pretrained(family, directory, hf_config, image, text, model, params, unused, prefix)
+  return Pretrained(family, directory, hf_config, image, text, model, params, unused, prefix,
+                    stored)
 
 
 def match_tensors(tensors: dict[str, np.ndarray], rules: list[Rule],
                   shapes: dict[str, tuple[int, ...]], unused_patterns, where: str,
-                  prefix: str = '') -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """(mmjax path -> float32 array, unused HF tensors) of a checkpoint's tensors under `rules`;
+                  prefix: str = '', param_dtype=np.float32
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(mmjax path -> `param_dtype` array, unused HF tensors) of a checkpoint's tensors under `rules`;
   a missing, unknown or wrongly shaped tensor is a CheckpointError naming every such key."""
   _check_rules_cover(rules, shapes, where)
   unused = {k: v for k, v in tensors.items()
@@ -480,7 +530,7 @@ def match_tensors(tensors: dict[str, np.ndarray], rules: list[Rule],
       mismatched.append(f'{prefix}{hf}: checkpoint {tuple(x.shape)}, config.json implies '
                         f'{tuple(want)} (mmjax {mm} {shapes[mm]})')
       continue
-    flat[mm] = to_mmjax(layout, np.asarray(x, np.float32), shapes[mm])
+    flat[mm] = to_mmjax(layout, np.asarray(x).astype(param_dtype), shapes[mm])
   problems = []
   if missing:
     problems.append(f'missing tensors: {", ".join(prefix + k for k in missing)}')
@@ -507,7 +557,7 @@ def hf_tensors(flat: dict[str, Any], rules: list[Rule],
   for hf, mm, layout in rules:
     if mm not in flat:
       raise CheckpointError(f'save: params have no {mm!r} (needed for {hf}).')
-    x = np.asarray(flat[mm], np.float32)
+    x = np.asarray(flat[mm])
     if tuple(x.shape) != shapes[mm]:
       raise CheckpointError(f'save: {mm} has shape {x.shape}, the checkpoint needs {shapes[mm]}.')
     # .copy(): C-contiguous without np.ascontiguousarray's promotion of scalars to 1-D.
@@ -516,16 +566,21 @@ def hf_tensors(flat: dict[str, Any], rules: list[Rule],
 
 
 def save(directory: str | pathlib.Path, pretrained: Pretrained,
-         params: dict[str, Any] | None = None) -> pathlib.Path:
+         params: dict[str, Any] | None = None, dtype: str | None = None) -> pathlib.Path:
   """Writes `params` (TwoTower layout, e.g. after fine-tuning; default: the imported ones) in the
   checkpoint's own layout: config.json, model.safetensors, the tokenizer files, and the tensors
-  mmjax did not use, unchanged."""
+  mmjax did not use, unchanged. Parameter tensors are written in `dtype` ('float32',
+  'bfloat16', 'float16'), by default each in the dtype the checkpoint stored it in."""
+  target = None if dtype is None else numpy_dtype(dtype, 'hf.save')
   directory = pathlib.Path(directory)
   params = pretrained.params if params is None else params
   flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
   family, image, text, model = _configs(pretrained.hf_config, 'config')
-  out = hf_tensors(flat, RULES[family](image, text, model), tower_shapes(image, text, model))
-  out = _pack({**{pretrained.prefix + k: v for k, v in out.items()}, **pretrained.unused})
+  out = _pack(hf_tensors(flat, RULES[family](image, text, model),
+                        tower_shapes(image, text, model)))
+  out = {k: v.astype(target if target is not None else DTYPES[pretrained.dtypes.get(k, 'F32')])
+         for k, v in out.items()}
+  out = {**{pretrained.prefix + k: v for k, v in out.items()}, **pretrained.unused}
   return write_checkpoint(directory, out, pretrained.hf_config, pretrained.directory)
 
 

@@ -28,16 +28,21 @@ def _kl_rows(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
 
 def similarity_kl(student_a: jax.Array, student_b: jax.Array, teacher_a: jax.Array,
                   teacher_b: jax.Array, *, student_temperature: jax.Array | float,
-                  teacher_temperature: jax.Array | float, symmetric: bool = True) -> jax.Array:
+                  teacher_temperature: jax.Array | float, symmetric: bool = True,
+                  exclude_self: bool = False) -> jax.Array:
   """KL between teacher and student similarity distributions over the batch.
 
   Rows: each a_i over all b_j (image->text); with `symmetric`, also each b_j over all a_i, and
   the two are averaged. Temperatures multiply the cosine similarities (as the model's exp(t')).
-  The teacher side carries no gradient.
+  The teacher side carries no gradient. `exclude_self` leaves the diagonal out of every row
+  (a == b: text-text relations, where each row's own entry would dominate).
   """
   f32 = jnp.float32
   s = student_temperature * (student_a.astype(f32) @ student_b.astype(f32).T)
   t = jax.lax.stop_gradient(teacher_temperature * (teacher_a.astype(f32) @ teacher_b.astype(f32).T))
+  if exclude_self:  # A large finite logit, not -inf: exp() is 0 and 0 * (t - s) stays 0.
+    eye = jnp.eye(s.shape[0], s.shape[1], dtype=bool)
+    s, t = jnp.where(eye, -1e9, s), jnp.where(eye, -1e9, t)
   kl = _kl_rows(t, s)
   return 0.5 * (kl + _kl_rows(t.T, s.T)) if symmetric else kl
 

@@ -71,13 +71,20 @@ def init_log_vars(names, value: float = 0.0) -> dict[str, jax.Array]:
 
 
 class UncertaintyWeights(nn.Module):
-  """The learned log-variances as a Flax module: `params['log_var_<name>']`."""
+  """The learned log-variances as a Flax module: `params['log_var_<name>']`.
+
+  `init_value`: one start value for all, or one per name. Created in `setup`, so a parent that
+  touches `log_vars` in its own setup owns them from `init` on (TwoTower's 'multitask').
+  """
 
   names: tuple[str, ...]
-  init_value: float = 0.0
+  init_value: float | tuple[float, ...] = 0.0
 
-  @nn.compact
+  def setup(self):
+    init = self.init_value
+    init = init if isinstance(init, (tuple, list)) else (init,) * len(self.names)
+    self.log_vars = {k: self.param(f'log_var_{k}', nn.initializers.constant(v), (), jnp.float32)
+                     for k, v in zip(self.names, init)}
+
   def __call__(self, losses: Losses) -> tuple[jax.Array, dict]:
-    log_vars = {k: self.param(f'log_var_{k}', nn.initializers.constant(self.init_value), (),
-                              jnp.float32) for k in self.names}
-    return uncertainty_weighting(losses, log_vars)
+    return uncertainty_weighting(losses, self.log_vars)

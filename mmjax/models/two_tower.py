@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.config import ModelConfig
+from mmjax.losses import multitask
 from mmjax.models import layers
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import ViT
@@ -80,6 +81,10 @@ class TwoTower(nn.Module):
                               jnp.float32)
     if cfg.bias_init is not None:
       self.bias = self.param('bias', nn.initializers.constant(cfg.bias_init), (), jnp.float32)
+    if cfg.task_log_vars:  # Multi-task uncertainty weighting: params 'multitask/log_var_<task>'.
+      names, init = zip(*cfg.task_log_vars)
+      self.multitask = multitask.UncertaintyWeights(tuple(names), tuple(init))
+      _ = self.multitask.log_vars  # Created in init, not on first use.
 
   # `rows`: the examples' rows in the global batch, which seed their dropout masks (see
   # layers.Dropout); only a call that sees part of the batch (a GradCache micro-batch) passes them.
@@ -123,6 +128,12 @@ class TwoTower(nn.Module):
       out['neg_text'] = negatives(self.embed_texts, 2, batch['neg_tokens'], batch['neg_mask'])
     if 'neg_image' in batch:
       out['neg_image'] = negatives(self.embed_images, 3, batch['neg_image'])
+    if self.config.task_log_vars:
+      # Learned task log-variances ride along as a per-row role [n, T] (every row equal): the
+      # objective takes their row mean, so GradCache's per-micro-batch VJPs sum to their exact
+      # gradient without the step knowing about them.
+      s = jnp.stack([self.multitask.log_vars[k] for k, _ in self.config.task_log_vars])
+      out['task_log_vars'] = jnp.broadcast_to(s, (n, s.shape[0]))
     return out
 
   def logit_params(self) -> tuple[jax.Array, jax.Array]:

@@ -29,7 +29,8 @@ from mmjax.eval.evaluators import Suite, build_suite, format_results
 from mmjax.models import TwoTower, llm_embedder
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train import checkpoint as ckpt_lib
-from mmjax.train import optim, state as state_lib, step as step_lib, transfer
+from mmjax.train import optim, state as state_lib, step as step_lib, teacher as teacher_lib
+from mmjax.train import transfer
 from mmjax.train.writer import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -133,12 +134,12 @@ def init_or_restore(run: Run, data_iter) -> tuple[Any, jax.Array, int]:
   return state, mesh_lib.replicate(rng, run.mesh), 0
 
 
-def compile_step(run: Run, state, rng, columns: tuple[str, ...]):
-  """The jitted, lowered and compiled train step on batches of `columns`; logs its FLOPs and
-  memory analysis."""
+def compile_step(run: Run, state, rng, columns: tuple[str, ...], extra_spec=None):
+  """The jitted, lowered and compiled train step on batches of `columns` (`extra_spec`: shapes
+  of columns beyond the pipeline's, e.g. the teacher's); logs its FLOPs and memory analysis."""
   batch_sh = mesh_lib.batch_sharding(run.mesh)
   repl = mesh_lib.replicated(run.mesh)
-  spec = pipeline.batch_spec(run.config)
+  spec = {**pipeline.batch_spec(run.config), **(extra_spec or {})}
   batch_spec = {k: jax.ShapeDtypeStruct(*spec[k], sharding=batch_sh) for k in columns}
   jitted = step_lib.jit_train_step(run.state_shardings, batch_sh, repl,
                                    step_lib.make_options(run.config, run.mesh))
@@ -189,8 +190,11 @@ def evaluate(run: Run, params, evaluator: Suite,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains `config` into `workdir` (resuming if possible); returns the final eval metrics."""
   run = setup(config, workdir)
+  # Distillation: the teacher's columns (precomputed, or its tokens for the live teacher).
+  teacher = teacher_lib.for_run(config, run.mesh, text_pairs=pipeline.is_text_pairs(config))
   data_iter = iter(pipeline.make_train_dataset(
-      config, run.encoder, process_index=jax.process_index(), process_count=jax.process_count()))
+      config, run.encoder, process_index=jax.process_index(), process_count=jax.process_count(),
+      teacher_encoder=teacher.encoder if teacher else None))
   # Restore (or refuse an incompatible workdir) before writing anything into the workdir.
   state, rng, start = init_or_restore(run, data_iter)
   writer = MetricWriter(run.workdir)
@@ -200,7 +204,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
            f'{state_lib.param_count(state.params):,}', dict(run.mesh.shape), start,
            config.total_steps)
   columns = pipeline.train_columns(config)
-  compiled = compile_step(run, state, rng, columns)
+  host_columns = columns + (teacher.host_columns if teacher else ())
+  compiled = compile_step(run, state, rng, columns + tuple(teacher.step_spec if teacher else ()),
+                          teacher.step_spec if teacher else None)
   evaluator = make_evaluator(config)
   embedder = make_embedder(run, state.params)
 
@@ -216,7 +222,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   try:
     while step < config.total_steps:
       local = pipeline.link_duplicates(next(data_iter), jax.process_index())
-      batch = mesh_lib.global_batch({k: local[k] for k in columns}, run.mesh)
+      batch = mesh_lib.global_batch({k: local[k] for k in host_columns}, run.mesh)
+      if teacher:
+        batch = teacher(batch)
       state, metrics = compiled(state, batch, rng)
       step += 1
       steps_since_log += 1
@@ -302,7 +310,7 @@ def export_checkpoint(config, workdir) -> pathlib.Path:
   if config.model.kind == 'llm_embedder':  # LoRA merged into the base: a plain model.
     model_config, params, extra['llm'] = llm_embedder.export_parts(
         model_config, params, run.encoder, llm_tasks.Instructions.from_config(config))
-  out = export(run.workdir / 'export', model_config, params, run.encoder.tokenizer.to_str(),
+  out = export(run.workdir / 'export', model_config, params, run.encoder.to_str(),
                extra=extra)
   log.info('Exported step %d to %s.', step, out)
   return out

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from mmjax.data import pipeline
 from mmjax.losses import contrastive, distributed
+from mmjax.train import objectives
 from mmjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -178,16 +179,18 @@ def contrastive_roles(config) -> tuple[str, str]:
 
 def make_objective(config, mesh):
   """The run's objective: the contrastive loss between its two roles (with hard negatives when
-  the batch has them, and the robust-loss drop). The LLM embedder's roles are 'query' and
-  'candidate', its loss averaged over its Matryoshka dimensions."""
-  llm = config.model.kind == 'llm_embedder'
-  query, candidate = ('query', 'candidate') if llm else contrastive_roles(config)
-  objective = Contrastive(distributed.make_loss(config.loss.kind, config.loss.impl, mesh),
-                          query, candidate, config.loss.drop_noisy_fraction)
-  if llm:
+  the batch has them, and the robust-loss drop); with config.distill / config.multitask, that
+  and the other terms combined (`objectives.make_objective`). The LLM embedder's roles are
+  'query' and 'candidate', its loss averaged over its Matryoshka dimensions."""
+  loss_fn = distributed.make_loss(config.loss.kind, config.loss.impl, mesh)
+
+  def contrastive(query: str, candidate: str) -> Contrastive:
+    return Contrastive(loss_fn, query, candidate, config.loss.drop_noisy_fraction)
+
+  if config.model.kind == 'llm_embedder':
     from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
-    objective = llm_embedder.make_objective(config, objective)
-  return objective
+    return llm_embedder.make_objective(config, contrastive('query', 'candidate'))
+  return objectives.make_objective(config, contrastive)
 
 
 def make_options(config, mesh) -> StepOptions:

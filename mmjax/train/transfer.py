@@ -69,14 +69,14 @@ def architecture_mismatch(tower: str, run_cfg, ckpt_cfg) -> list[str]:
 
 def load_init(config, model_config: config_lib.ModelConfig) -> dict[str, np.ndarray]:
   """Flat {'txt/encoder/...': array} of every tower that config.init names (heads and the logit
-  scale/bias too when their shapes fit)."""
+  scale/bias too when their shapes fit), in config.model.param_dtype whatever the file stores."""
   flat: dict[str, np.ndarray] = {}
   loaded: dict[str, hf.Pretrained] = {}
   for tower, (prefix, head) in TOWERS.items():
     spec = config.init[tower]
     if not spec:
       continue
-    ckpt = loaded.get(spec) or hf.load(spec)
+    ckpt = loaded.get(spec) or hf.load(spec, dtype=model_config.param_dtype)
     loaded[spec] = ckpt
     ckpt_cfg = getattr(ckpt, tower)
     if ckpt_cfg is None:
