@@ -6,12 +6,15 @@ import pathlib
 import re
 import subprocess
 
+import pytest
+
 from mmjax.data import demo, tokenizer as tokenizer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'launch' / 'local.sh'
 
 
+@pytest.mark.slow  # 30 s; the multi-process launcher runs in test_multiprocess
 def test_local_launcher(tmp_path):
   assert os.access(SCRIPT, os.X_OK), f'{SCRIPT} is not executable'
   # A tokenizer from a small corpus: training one on the default corpus costs ~15 s.

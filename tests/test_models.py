@@ -533,6 +533,7 @@ def test_matmul_nd_value_and_gradients_match_tensordot(x_shape, w_shape, n_in):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # 20 s
 def test_remat_gives_the_same_gradients(tiny_config):
   """`remat` recomputes activations in the backward pass; the gradients must not change."""
   from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel

@@ -50,6 +50,7 @@ def kernel_env() -> dict[str, str]:
   return env
 
 
+@pytest.mark.slow  # 36 s: runs the whole notebook
 def test_quickstart_notebook(tmp_path, monkeypatch):
   monkeypatch.setenv('JUPYTER_RUNTIME_DIR', str(tmp_path / 'runtime'))  # Connection files.
   # A tokenizer from a small corpus: training one on the default corpus costs ~15 s.

@@ -77,6 +77,7 @@ def _run(weighting, micro_batches, devices=1):
   return float(loss), jax.device_get(grads), jax.device_get(metrics), params
 
 
+@pytest.mark.slow  # 30 s; GradCache over extra roles: test_llm_embedder
 def test_distill_multitask_gradcache_equals_plain_backprop():
   """Uncertainty weighting over contrastive + text_text + distill (KL and regression): loss,
   metrics and every gradient (towers, temperature, bias, log-variances) with 2 GradCache
