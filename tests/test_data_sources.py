@@ -352,8 +352,8 @@ def test_copies_of_one_image_stay_one_group_under_augmentation(tiny_config, enco
   assert len(values) == 8 and (counts == 2).all()
 
 
-@pytest.mark.parametrize('text', [pytest.param(False, marks=pytest.mark.slow), True],
-                         ids=['image-text', 'text-text'])
+@pytest.mark.slow  # 33 s each; the query role also trains in test_objectives (text_text task)
+@pytest.mark.parametrize('text', [False, True], ids=['image-text', 'text-text'])
 def test_training_uses_hard_negatives_and_text_pairs(tiny_config, tmp_path, text):
   """Both kinds of batches, with hard negatives, train end to end through the CLI's loop (that
   the negatives change the loss and its gradients: tests/test_distributed.py)."""

@@ -84,6 +84,7 @@ def test_train_writes_metrics_eval_and_checkpoints(trained):
   assert (workdir / 'tokenizer.json').exists() and (workdir / 'config.json').exists()
 
 
+@pytest.mark.slow  # 20 s; every default training test checks a finite loss
 def test_loss_decreases_over_a_short_run(tmp_path, tiny_config):
   tiny_config.total_steps = 30
   tiny_config.log_every_steps = 10
