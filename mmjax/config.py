@@ -14,7 +14,7 @@ import math
 import pathlib
 import re
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import ml_collections
@@ -24,6 +24,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 class ConfigError(ValueError):
   """A config that cannot run: names the offending key and value."""
+
+
+def lists_to_tuples(d: Mapping[str, Any]) -> dict[str, Any]:
+  """A JSON / ConfigDict mapping with list values as tuples (the frozen dataclasses' fields)."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +187,7 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     d = dict(d)
-    image = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop('image').items()}
+    image = lists_to_tuples(d.pop('image'))
     d['task_log_vars'] = tuple(tuple(x) for x in d.get('task_log_vars', ()))
     return cls(image=ViTConfig(**image), text=TextConfig(**d.pop('text')), **d)
 
@@ -216,8 +221,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if t_init is None:
     t_init = default_temperature_init(config.loss.kind)
   return ModelConfig(
-      image=ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in m.image.to_dict().items()}),
+      image=ViTConfig(**lists_to_tuples(m.image.to_dict())),
       text=TextConfig(**m.text.to_dict()),
       embed_dim=m.embed_dim,
       head=m.head,

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.config import DecoderConfig, LoraConfig, ViTConfig
+from mmjax.config import DecoderConfig, LoraConfig, ViTConfig, lists_to_tuples
 from mmjax.data.llm_tasks import IMAGE_SLOT, TASKS
 from mmjax.models import layers, lora, poolers
 from mmjax.models.decoder import Decoder, positions_from_mask
@@ -91,18 +91,17 @@ class LLMEmbedderConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> LLMEmbedderConfig:
     d = dict(d)
-    image = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop('image').items()}
+    image = lists_to_tuples(d.pop('image'))
     return cls(image=ViTConfig(**image), decoder=DecoderConfig(**d.pop('decoder')),
-               lora=LoraConfig(**d.pop('lora', {})), **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+               lora=LoraConfig(**d.pop('lora', {})), **lists_to_tuples(d))
 
 
 def from_run_config(config) -> LLMEmbedderConfig:
   """The typed config of a run config with model.kind='llm_embedder'."""
   m = config.model
-  llm = {k: tuple(v) if isinstance(v, list) else v for k, v in m.llm.to_dict().items()
+  llm = {k: v for k, v in lists_to_tuples(m.llm.to_dict()).items()
          if k not in ('image_token', 'eos_token')}
-  image = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                       for k, v in m.image.to_dict().items()})
+  image = ViTConfig(**lists_to_tuples(m.image.to_dict()))
   lora_cfg = LoraConfig(**m.lora.to_dict())
   return LLMEmbedderConfig(image=image, decoder=DecoderConfig(**m.decoder.to_dict()),
                            lora=lora_cfg, dtype=m.dtype, param_dtype=m.param_dtype, **llm)
