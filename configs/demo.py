@@ -6,7 +6,6 @@ Run:
 """
 
 from configs import base
-from mmjax.eval import specs
 
 
 def get_config():
@@ -44,8 +43,8 @@ def get_config():
   c.eval.num_scenes = 1000
   # Zero-shot shape and colour of one-object scenes, and 10-shot ridge probes (docs/eval.md).
   # The robustness report runs apart: python -m mmjax.eval.robustness --config=... --workdir=...
-  c.evals.zero_shot_shape = specs.spec('zero_shot', attribute='shape')
-  c.evals.zero_shot_colour = specs.spec('zero_shot', attribute='colour')
-  c.evals.probe_shape = specs.spec('linear_probe', attribute='shape', shots=10)
-  c.evals.probe_colour = specs.spec('linear_probe', attribute='colour', shots=10)
+  c.evals.zero_shot_shape = base.spec('zero_shot', attribute='shape')
+  c.evals.zero_shot_colour = base.spec('zero_shot', attribute='colour')
+  c.evals.probe_shape = base.spec('linear_probe', attribute='shape', shots=10)
+  c.evals.probe_colour = base.spec('linear_probe', attribute='colour', shots=10)
   return c

@@ -1,195 +1,30 @@
-"""Typed configs built from the ml_collections ConfigDict in one place, and validated early.
+"""Run-config validation, early and in one place (the layer just below the trainer).
 
-Every run goes through `validate(config)` before any compute: an unknown key, a wrong type or an
-impossible value stops the run with a message that names the key and the value. Layers never see
-the ConfigDict; they get the small frozen dataclasses below.
+Every run goes through `validate(config)` before any compute: an unknown key (against
+`mmjax.schema`), a wrong type or an impossible value stops the run with a message that names the
+key and the value. Layers never see the ConfigDict: `mmjax.kinds` translates it into the frozen
+dataclasses of `mmjax.types` (re-exported here for existing callers).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import json
-import math
 import pathlib
 import re
-import sys
-from typing import Any, Mapping
 
-import jax.numpy as jnp
+import jax
 import ml_collections
 
+from mmjax import kinds, schema
+from mmjax.eval import specs
+from mmjax.parallel.mesh import mesh_shape
+# Re-exported: the typed configs and ConfigError lived here before mmjax.types.
+from mmjax.types import (MESH_AXES, REMAT_POLICIES, ConfigError, DecoderConfig,  # noqa: F401
+                         LoraConfig, ModelConfig, TextConfig, TransformerConfig, ViTConfig,
+                         lists_to_tuples, require)
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-class ConfigError(ValueError):
-  """A config that cannot run: names the offending key and value."""
-
-
-def lists_to_tuples(d: Mapping[str, Any]) -> dict[str, Any]:
-  """A JSON / ConfigDict mapping with list values as tuples (the frozen dataclasses' fields)."""
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-  """The encoder stack every tower shares."""
-
-  width: int = 256
-  depth: int = 6
-  num_heads: int = 4
-  mlp_dim: int = 1024
-  dropout: float = 0.0
-  remat: bool = False
-  # Architecture options of released checkpoints (docs/pretrained.md); the defaults are mmjax's.
-  norm: str = 'pre'  # 'pre' | 'post' (BERT) layer norm placement.
-  act: str = 'gelu_tanh'  # MLP activation: 'gelu_tanh' | 'gelu' | 'quick_gelu' | 'relu'.
-  ln_eps: float = 1e-6
-  embed_ln: bool = False  # LayerNorm on the embeddings before the blocks (BERT, CLIP vision).
-  final_ln: bool = True  # LayerNorm after the last block.
-  locked: bool = False  # LiT: no gradient through the tower, its parameters frozen.
-
-
-@dataclasses.dataclass(frozen=True)
-class ViTConfig(TransformerConfig):
-  image_size: int = 64
-  patch_size: int = 8
-  posemb: str = 'learn'
-  pool: str = 'gap'
-  patch_bias: bool = True
-  posemb_cls: bool = False  # The learned position embedding also covers the CLS token (CLIP).
-  pixel_mean: tuple[float, ...] = ()  # uint8 pixels -> (x/255 - mean)/std; () maps to [-1, 1].
-  pixel_std: tuple[float, ...] = ()
-
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConfig(TransformerConfig):
-  max_len: int = 32
-  vocab_size: int = 32_000
-  causal: bool = True
-  pool: str = 'last'
-  num_positions: int = 0  # Rows of the position embedding; 0: max_len.
-  type_vocab_size: int = 0  # BERT token-type embeddings (type 0 is added); 0: none.
-  attend_padding: bool = False  # Ignore the mask in attention and pooling (SigLIP pads to max_len).
-
-  @property
-  def positions(self) -> int:
-    return self.num_positions or self.max_len
-
-
-# jax.checkpoint_policies a remat'ed decoder layer may use (what it keeps for the backward pass).
-REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
-                  'everything_saveable')
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderConfig:
-  """A Llama/Qwen2-style decoder (mmjax.models.decoder): RMSNorm, RoPE, SwiGLU, grouped-query
-  attention. Checked on construction, so an impossible shape fails before any compute."""
-
-  vocab_size: int = 32_000
-  width: int = 256  # hidden_size.
-  depth: int = 4
-  num_heads: int = 4
-  num_kv_heads: int = 4  # < num_heads: grouped-query attention; 1: multi-query.
-  head_dim: int = 0  # 0: width // num_heads.
-  mlp_dim: int = 1024  # intermediate_size.
-  rope_theta: float = 10_000.0
-  # Llama 3.x rope scaling: (factor, low_freq_factor, high_freq_factor, original context); ().
-  rope_scaling: tuple[float, ...] = ()
-  rms_eps: float = 1e-6
-  max_len: int = 512  # Context length: longer inputs are refused.
-  qkv_bias: bool = False  # Qwen2: biases on q/k/v (not on the output projection).
-  scan_layers: bool = False  # nn.scan over layers: one compiled layer, parameters stacked.
-  remat: bool = False
-  remat_policy: str = 'nothing_saveable'  # One of REMAT_POLICIES.
-  dropout: float = 0.0  # Residual dropout (per example, see layers.Dropout).
-
-  def __post_init__(self):
-    object.__setattr__(self, 'rope_scaling', tuple(self.rope_scaling))  # JSON gives a list.
-    if len(self.rope_scaling) not in (0, 4):
-      raise ConfigError(f'DecoderConfig.rope_scaling={self.rope_scaling} must be () or (factor, '
-                        'low_freq_factor, high_freq_factor, original_max_len).')
-    for name in ('vocab_size', 'width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim',
-                 'max_len'):
-      if getattr(self, name) <= 0:
-        raise ConfigError(f'DecoderConfig.{name}={getattr(self, name)} must be positive.')
-    if self.num_heads % self.num_kv_heads:
-      raise ConfigError(f'DecoderConfig.num_heads={self.num_heads} is not a multiple of '
-                        f'num_kv_heads={self.num_kv_heads} (grouped-query attention).')
-    if not self.head_dim and self.width % self.num_heads:
-      raise ConfigError(f'DecoderConfig.width={self.width} is not divisible by num_heads='
-                        f'{self.num_heads}; set head_dim.')
-    if self.dim_per_head % 2:
-      raise ConfigError(f'DecoderConfig head dimension {self.dim_per_head} must be even (RoPE).')
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ConfigError(f'DecoderConfig.remat_policy={self.remat_policy!r} is not one of '
-                        f'{", ".join(REMAT_POLICIES)}.')
-    if not 0.0 <= self.dropout < 1.0:
-      raise ConfigError(f'DecoderConfig.dropout={self.dropout} must be in [0, 1).')
-
-  @property
-  def dim_per_head(self) -> int:
-    return self.head_dim or self.width // self.num_heads
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """LoRA adapters (mmjax.models.lora) on the DenseND projections whose module path ('llm/
-  layers_0/attn/query') matches `targets`; rank 0 adds none."""
-
-  rank: int = 0
-  alpha: float = 16.0  # The update is (alpha / rank) * x A B.
-  targets: str = r'attn/(query|key|value|out)$'
-
-  def __post_init__(self):
-    if self.rank < 0:
-      raise ConfigError(f'LoraConfig.rank={self.rank} must be >= 0 (0: no adapters).')
-    try:
-      re.compile(self.targets)
-    except re.error as e:
-      raise ConfigError(f'LoraConfig.targets={self.targets!r} is not a valid regex ({e}).') from e
-
-  @property
-  def scale(self) -> float:
-    return self.alpha / self.rank
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  image: ViTConfig
-  text: TextConfig
-  embed_dim: int = 256
-  head: str = 'linear'
-  loss: str = 'sigmoid'
-  temperature_init: float = math.log(10.0)
-  bias_init: float | None = -10.0
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  image_head: str = ''  # Per-tower head kind; '' uses `head`.
-  text_head: str = ''
-  head_bias: bool = True  # CLIP's projections have no bias.
-  # Multi-task uncertainty weighting: (task, initial log-variance) pairs, trained as the
-  # 'multitask' params (config.multitask.weighting='uncertainty'); () = none.
-  task_log_vars: tuple[tuple[str, float], ...] = ()
-
-  def tower_head(self, tower: str) -> str:
-    return (self.image_head if tower == 'image' else self.text_head) or self.head
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-shaped (tuples as lists), so it compares equal to a saved checkpoint's meta."""
-    return json.loads(json.dumps(dataclasses.asdict(self)))
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-    d = dict(d)
-    image = lists_to_tuples(d.pop('image'))
-    d['task_log_vars'] = tuple(tuple(x) for x in d.get('task_log_vars', ()))
-    return cls(image=ViTConfig(**image), text=TextConfig(**d.pop('text')), **d)
+model_config = kinds.dual_encoder_config  # The typed config of a two_tower run config.
 
 
 IMAGE_POOLS = ('cls', 'gap', 'map')
@@ -205,53 +40,10 @@ LOSS_IMPLS = ('auto', 'dense', 'all_gather', 'ring')
 CPU_COLLECTIVES = ('gloo', 'mpi')
 NORMS = ('pre', 'post')
 ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu', 'relu')
-MESH_AXES = ('data', 'fsdp', 'tensor')
-MODEL_KINDS = ('two_tower', 'llm_embedder')
-
-
-def default_temperature_init(loss: str) -> float:
-  """SigLIP starts at t' = log 10; CLIP at log(1/0.07)."""
-  return math.log(10.0) if loss == 'sigmoid' else math.log(1 / 0.07)
-
-
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """The typed model config of a (validated) run config."""
-  m = config.model
-  t_init = config.loss.temperature_init
-  if t_init is None:
-    t_init = default_temperature_init(config.loss.kind)
-  return ModelConfig(
-      image=ViTConfig(**lists_to_tuples(m.image.to_dict())),
-      text=TextConfig(**m.text.to_dict()),
-      embed_dim=m.embed_dim,
-      head=m.head,
-      loss=config.loss.kind,
-      temperature_init=float(t_init),
-      bias_init=float(config.loss.bias_init) if config.loss.kind == 'sigmoid' else None,
-      dtype=m.dtype,
-      param_dtype=m.param_dtype,
-      image_head=m.image_head,
-      text_head=m.text_head,
-      head_bias=m.head_bias,
-      task_log_vars=task_log_vars(config),
-  )
-
-
-def task_log_vars(config) -> tuple[tuple[str, float], ...]:
-  """Uncertainty weighting's learned log-variances start at the static weights:
-  0.5 exp(-s) = w, s = -log(2 w)."""
-  if config.multitask.weighting != 'uncertainty':
-    return ()
-  return tuple((name, -math.log(2.0 * float(w))) for name, w in config.multitask.tasks)
-
-
-def jnp_dtype(name: str):
-  return jnp.dtype(name)
 
 
 def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   """Loads `get_config()` from a config file, the way `config_flags` does (for notebooks/tests)."""
-  ensure_configs_importable()
   path = pathlib.Path(path)
   spec = importlib.util.spec_from_file_location(f'_mmjax_config_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
@@ -259,17 +51,8 @@ def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def ensure_configs_importable() -> None:
-  """Config files import `configs.base`; make the repository's `configs/` importable."""
-  if (REPO_ROOT / 'configs').is_dir() and str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-
 def base_config() -> ml_collections.ConfigDict:
-  ensure_configs_importable()
-  from configs import base  # pylint: disable=import-outside-toplevel
-
-  return base.get_config()
+  return schema.get_config()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,10 +98,7 @@ def _field_type(schema, key):
   return type(ref)
 
 
-def _require(cond: bool, msg: str) -> None:
-  if not cond:
-    raise ConfigError(msg)
-
+_require = require  # The one check-and-raise of every validator.
 
 def _one_of(name: str, value, choices) -> None:
   _require(value in choices, f'config.{name}={value!r} is not one of {", ".join(map(repr, choices))}.')
@@ -370,10 +150,7 @@ def validate_schema(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
              num_processes: int | None = None) -> None:
   """Raises ConfigError naming the key and value of the first problem found."""
-  import jax  # pylint: disable=import-outside-toplevel
-
   validate_schema(config)
-  from mmjax.eval import specs  # pylint: disable=import-outside-toplevel
   try:
     specs.validate(config)
     specs.resolved({'type': 'retrieval', 'metrics': config.eval.metrics,
@@ -426,9 +203,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _one_of('model.image_head', config.model.image_head, ('',) + HEADS)
   _one_of('model.text_head', config.model.text_head, ('',) + HEADS)
   _validate_transfer(config)
-  _one_of('model.kind', config.model.kind, MODEL_KINDS)
-  if config.model.kind == 'llm_embedder':
-    _validate_llm_embedder(config)
+  _one_of('model.kind', config.model.kind, tuple(kinds.KINDS))
+  kinds.get(config).validate(config)
   _validate_distill_multitask(config)
   _positive('model.image.patch_size', img.patch_size)
   _require(len(img.pixel_mean) == len(img.pixel_std) and len(img.pixel_mean) in (0, 3)
@@ -496,32 +272,8 @@ def _validate_distributed(d) -> None:
            f'config.distributed.num_processes={d.num_processes}).')
 
 
-def _validate_llm_embedder(config) -> None:
-  """model.llm, model.decoder and data.llm (docs/llm_embedder.md); the typed config checks the
-  shapes."""
-  from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
-
-  llm = config.data.llm
-  _one_of('data.llm.pad_side', llm.pad_side, ('right', 'left'))
-  for group in ('weights', 'instructions'):
-    keys = sorted(llm[group].keys())
-    _require(keys == sorted(llm_embedder.TASKS),
-             f'config.data.llm.{group} has keys {keys}; expected {sorted(llm_embedder.TASKS)}.')
-  _require(all(w >= 0 for w in llm.weights.values()) and sum(llm.weights.values()) > 0,
-           f'config.data.llm.weights={dict(llm.weights)} must be >= 0 and not all 0.')
-  _require(config.loss.kind == 'softmax',
-           f"config.loss.kind={config.loss.kind!r}: the LLM embedder trains with InfoNCE at a "
-           "fixed temperature; set config.loss.kind='softmax'.")
-  try:
-    llm_embedder.from_run_config(config)
-  except ValueError as e:
-    raise ConfigError(str(e) if str(e).startswith('config.') else f'config.{e}') from e
-
-
 def _validate_transfer(config) -> None:
   """config.init and the optimizer's frozen / lr_multipliers regexes (docs/pretrained.md)."""
-  import re  # pylint: disable=import-outside-toplevel
-
   for tower in ('image', 'text'):
     spec = config.init[tower]
     _require(not spec or spec.startswith('hf:'),
@@ -562,9 +314,6 @@ def _validate_distill_multitask(config) -> None:
              f'{", ".join(map(repr, TASKS))}.')
     _require(entry[0] not in names, f'config.multitask.tasks lists {entry[0]!r} twice.')
     names.append(entry[0])
-  _require(config.model.kind != 'llm_embedder' or not (d.weight or names),
-           "config.distill / config.multitask are for model.kind='two_tower'; the LLM embedder "
-           'trains its query/candidate contrastive loss (docs/llm_embedder.md).')
   _require(not (d.weight and 'distill' in names),
            f"config.distill.weight={d.weight!r} and config.multitask.tasks both weight 'distill'; "
            'set distill.weight=0 and keep the weight in the tasks.')
@@ -578,25 +327,6 @@ def _validate_distill_multitask(config) -> None:
   _require(d.source != 'data' or bool(d.embeddings),
            "config.distill.embeddings is empty: with distill.source='data' it names the directory "
            'written by `python -m mmjax.data.teacher_embed --config=...`.')
-
-
-def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
-  """Resolves the mesh axis sizes (one may be -1) against the device count."""
-  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
-  free = [a for a, s in sizes.items() if s == -1]
-  _require(len(free) <= 1, f'config.mesh: at most one axis may be -1, got {sizes}.')
-  for a, s in sizes.items():
-    _require(s == -1 or s >= 1, f'config.mesh.{a}={s} must be >= 1 or -1.')
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if free:
-    _require(num_devices % fixed == 0,
-             f'config.mesh {sizes}: the fixed axes ({fixed} devices) do not divide the '
-             f'{num_devices} available devices.')
-    sizes[free[0]] = num_devices // fixed
-  _require(math.prod(sizes.values()) == num_devices,
-           f'config.mesh {sizes} needs {math.prod(sizes.values())} devices, but '
-           f'{num_devices} are available.')
-  return sizes
 
 
 def _get(config, dotted: str):

@@ -18,17 +18,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from mmjax.config import ModelConfig
-from mmjax.data import tokenizer as tokenizer_lib
-from mmjax.models import TwoTower
+from mmjax.data import llm_tasks, tokenizer as tokenizer_lib
+from mmjax.models.llm_embedder import LLMEmbedder
+from mmjax.models.two_tower import TwoTower
 from mmjax.parallel import mesh as mesh_lib
+from mmjax.types import LLMEmbedderConfig, ModelConfig
 
 EXPORT_FORMAT = 'mmjax.dual_encoder.v1'
 LLM_EXPORT_FORMAT = 'mmjax.llm_embedder.v1'  # LoRA merged; 'llm' holds the encoder settings.
 
 
 class Embedder:
-  """Embeds images (uint8 [N, H, W, 3]) and texts (list of str) into the shared space."""
+  """Embeds images (uint8 [N, H, W, 3]) and texts (list of str) into the shared space: the dual
+  encoder's runner (the `mmjax.types.Embedder` protocol evaluators use)."""
+
+  FORMAT = EXPORT_FORMAT  # model.json 'format' of its exports.
 
   def __init__(self, model_config: ModelConfig, params: Any, encoder: tokenizer_lib.TextEncoder,
                mesh: Mesh | None = None, batch_size: int = 256):
@@ -36,11 +40,8 @@ class Embedder:
     self.model = TwoTower(model_config)
     self.params = params
     self.encoder = encoder
-    self.mesh = mesh or mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-    shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
-    self.batch_size = -(-batch_size // shards) * shards
-    batch_sh = mesh_lib.batch_sharding(self.mesh)
-    self._batch_sharding = batch_sh
+    self._set_mesh(mesh, batch_size)
+    batch_sh = self._batch_sharding
     repl = mesh_lib.replicated(self.mesh)
     apply = self.model.apply
     self._embed_images = jax.jit(
@@ -49,6 +50,24 @@ class Embedder:
     self._embed_texts = jax.jit(
         lambda p, t, m: apply({'params': p}, t, m, method=TwoTower.embed_texts),
         in_shardings=(None, batch_sh, batch_sh), out_shardings=repl)
+
+  def _set_mesh(self, mesh: Mesh | None, batch_size: int) -> None:
+    """The mesh (default: every device on 'data') and a batch size that divides its shards."""
+    self.mesh = mesh or mesh_lib.default_mesh()
+    shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    self.batch_size = -(-batch_size // shards) * shards
+    self._batch_sharding = mesh_lib.batch_sharding(self.mesh)
+
+  @classmethod
+  def from_export(cls, info: dict[str, Any], tokenizer, params, *, mesh: Mesh,
+                  batch_size: int) -> Embedder:
+    model_config = ModelConfig.from_dict(info['model'])
+    return cls(model_config, params, tokenizer_lib.TextEncoder(tokenizer, model_config.text.max_len),
+               mesh=mesh, batch_size=batch_size)
+
+  @staticmethod
+  def model_from_info(info: dict[str, Any]) -> TwoTower:
+    return TwoTower(ModelConfig.from_dict(info['model']))
 
   @property
   def embed_dim(self) -> int:
@@ -85,9 +104,11 @@ class Embedder:
     return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
 
-def export(directory: str | pathlib.Path, model_config: ModelConfig, params: Any,
-           tokenizer_json: str, extra: dict[str, Any] | None = None) -> pathlib.Path:
-  """Writes params (Orbax, no optimizer state), the model config and the tokenizer."""
+def export(directory: str | pathlib.Path, model_config: ModelConfig | LLMEmbedderConfig,
+           params: Any, tokenizer_json: str, extra: dict[str, Any] | None = None, *,
+           fmt: str = EXPORT_FORMAT) -> pathlib.Path:
+  """Writes params (Orbax, no optimizer state), the model config and the tokenizer; `fmt` is
+  the runner's FORMAT (the model kind's `export_format`)."""
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
   params_dir = directory / 'params'
@@ -95,7 +116,6 @@ def export(directory: str | pathlib.Path, model_config: ModelConfig, params: Any
     ckptr.save(params_dir, params, force=True)
   if jax.process_index() == 0:
     (directory / tokenizer_lib.TOKENIZER_FILE).write_text(tokenizer_json)
-    fmt = EXPORT_FORMAT if isinstance(model_config, ModelConfig) else LLM_EXPORT_FORMAT
     info = {'format': fmt, 'model': model_config.to_dict(), **(extra or {})}
     (directory / 'model.json').write_text(json.dumps(info, indent=2, sort_keys=True))
   return directory
@@ -112,37 +132,25 @@ def load_embedder(path: str | pathlib.Path, *, batch_size: int = 256,
     raise FileNotFoundError(f'{path} is not an mmjax export (no model.json). Create one with '
                             '`python -m mmjax.main --mode=export --workdir=DIR --config=...`.')
   info = json.loads(info_file.read_text())
-  if info.get('format') not in (EXPORT_FORMAT, LLM_EXPORT_FORMAT):
-    raise ValueError(f'{info_file}: unknown export format {info.get("format")!r}, expected '
-                     f'{EXPORT_FORMAT!r} or {LLM_EXPORT_FORMAT!r}.')
-  tok = tokenizer_lib.load(path)
-  if info['format'] == LLM_EXPORT_FORMAT:
-    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
-    from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
-    model_config = llm_embedder.LLMEmbedderConfig.from_dict(info['model'])
-    model = llm_embedder.LLMEmbedder(model_config)
-    llm = info['llm']
-    encoder = llm_tasks.MultimodalEncoder(tok, **llm['encoder'])
-    instructions = llm_tasks.Instructions(**llm['instructions'])
-  else:
-    model_config = ModelConfig.from_dict(info['model'])
-    encoder = tokenizer_lib.TextEncoder(tok, model_config.text.max_len)
-    model = TwoTower(model_config)
-  from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
+  runner = RUNNERS.get(info.get('format'))
+  if runner is None:
+    raise ValueError(f'{info_file}: unknown export format {info.get("format")!r}, expected one '
+                     f'of {", ".join(map(repr, RUNNERS))}.')
+  model = runner.model_from_info(info)
   abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
-                                                        *dummy_inputs(model_config))['params']))
-  mesh = mesh or mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+                                                        *model.init_inputs())['params']))
+  mesh = mesh or mesh_lib.default_mesh()
   repl = mesh_lib.replicated(mesh)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(path / 'params', target)
-  if info['format'] == LLM_EXPORT_FORMAT:
-    return MultimodalEmbedder(model_config, params, encoder, instructions, mesh=mesh,
-                              batch_size=batch_size)
-  return Embedder(model_config, params, encoder, mesh=mesh, batch_size=batch_size)
+  return runner.from_export(info, tokenizer_lib.load(path), params, mesh=mesh,
+                            batch_size=batch_size)
 
 
 class MultimodalEmbedder(Embedder):
+  FORMAT = LLM_EXPORT_FORMAT
+
   """The LLM embedder's runner: embeds (text with image placeholders, images) inputs.
 
   `embed_queries(task, contents, images)` prefixes the task's instruction, `embed_candidates`
@@ -154,28 +162,31 @@ class MultimodalEmbedder(Embedder):
 
   def __init__(self, model_config, params: Any, encoder, instructions, mesh: Mesh | None = None,
                batch_size: int = 256):
-    from mmjax.models.llm_embedder import LLMEmbedder  # pylint: disable=import-outside-toplevel
     self.config, self.params, self.encoder = model_config, params, encoder
     self.instructions = instructions
     self.model = LLMEmbedder(model_config)
-    self.mesh = mesh or mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-    shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
-    self.batch_size = -(-batch_size // shards) * shards
-    self._batch_sharding = mesh_lib.batch_sharding(self.mesh)
+    self._set_mesh(mesh, batch_size)
     self._embed = jax.jit(
         lambda p, t, m, x: self.model.apply({'params': p}, t, m, x, method=LLMEmbedder.embed),
         in_shardings=(None,) + (self._batch_sharding,) * 3,
         out_shardings=mesh_lib.replicated(self.mesh))
 
-  @property
-  def embed_dim(self) -> int:
-    return self.config.embed_dim
+  @classmethod
+  def from_export(cls, info: dict[str, Any], tokenizer, params, *, mesh: Mesh,
+                  batch_size: int) -> MultimodalEmbedder:
+    llm = info['llm']
+    return cls(LLMEmbedderConfig.from_dict(info['model']), params,
+               llm_tasks.MultimodalEncoder(tokenizer, **llm['encoder']),
+               llm_tasks.Instructions(**llm['instructions']), mesh=mesh, batch_size=batch_size)
+
+  @staticmethod
+  def model_from_info(info: dict[str, Any]) -> LLMEmbedder:
+    return LLMEmbedder(LLMEmbedderConfig.from_dict(info['model']))
 
   def embed(self, texts: Sequence[str], images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
     """[N, embed_dim] of texts whose placeholders take `images[i]` (a list per text), in order."""
     if len(texts) != len(images):
       raise ValueError(f'{len(texts)} texts but {len(images)} image lists.')
-    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
     enc, size = self.encoder, self.config.image.image_size
     rows = [enc(t, len(ims)) for t, ims in zip(texts, images)]
     tokens = np.stack([r[0] for r in rows]) if rows else np.zeros((0, enc.max_len), np.int32)
@@ -188,14 +199,12 @@ class MultimodalEmbedder(Embedder):
 
   def embed_queries(self, task: str, contents: Sequence[str],
                     images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-    from mmjax.data.llm_tasks import format_text  # pylint: disable=import-outside-toplevel
     instruction = self.instructions.query[task]
-    return self.embed([format_text(instruction, c) for c in contents], images)
+    return self.embed([llm_tasks.format_text(instruction, c) for c in contents], images)
 
   def embed_candidates(self, contents: Sequence[str],
                        images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-    from mmjax.data.llm_tasks import format_text  # pylint: disable=import-outside-toplevel
-    return self.embed([format_text(self.instructions.candidate, c) for c in contents], images)
+    return self.embed([llm_tasks.format_text(self.instructions.candidate, c) for c in contents], images)
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
     return self.embed_candidates([self.encoder.image_token] * len(images),
@@ -205,3 +214,7 @@ class MultimodalEmbedder(Embedder):
     if isinstance(texts, str):
       raise TypeError('embed_texts takes a list of strings, got one string.')
     return self.embed_candidates(list(texts), [[] for _ in texts])
+
+
+# The runner of each export format (load_embedder picks by model.json's 'format').
+RUNNERS = {runner.FORMAT: runner for runner in (Embedder, MultimodalEmbedder)}

@@ -10,10 +10,6 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from mmjax import config as config_lib  # noqa: E402
-
-config_lib.ensure_configs_importable()
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

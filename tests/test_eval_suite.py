@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mmjax import config as config_lib
-from mmjax.eval import evaluators, robustness, specs
+from mmjax.cli import robustness
+from mmjax.eval import evaluators, specs
 from mmjax.train import loop
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data import filter as filter_lib, mine_negatives, pipeline, prepare, sources
+from mmjax.cli import mine_negatives
+from mmjax.data import filter as filter_lib, pipeline, prepare, sources
 
 
 def test_near_duplicates_match_brute_force():

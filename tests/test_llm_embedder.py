@@ -194,16 +194,15 @@ def small_run_config():
 def test_gradcache_equals_plain_backprop(tmp_path):
   """Through the generic step: Matryoshka InfoNCE with a hard negative per query gives the same
   loss and gradients with 2 GradCache micro-batches per device as with plain backprop."""
-  from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel
   from mmjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from mmjax.train import loop, step as step_lib  # pylint: disable=import-outside-toplevel
   config = small_run_config()
   run = loop.setup(config, tmp_path)
   state, _, _ = loop.init_or_restore(run, None)
   run.checkpointer.close()
-  local = next(iter(pipeline.make_train_dataset(config, run.encoder)))
+  local = next(iter(run.kind.train_dataset(config, run.encoder, run.contract)))
   assert local['neg_candidate_valid'].all()
-  batch = mesh_lib.global_batch({k: local[k] for k in pipeline.train_columns(config)}, run.mesh)
+  batch = mesh_lib.global_batch({k: local[k] for k in run.contract.columns}, run.mesh)
   results = []
   for m in (1, 2):
     opts = dataclasses.replace(step_lib.make_options(config, run.mesh), micro_batches=m)

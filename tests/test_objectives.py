@@ -1,4 +1,4 @@
-"""Distillation and multi-task objectives through the train step (mmjax.train.objectives):
+"""Distillation and multi-task objectives through the train step (mmjax.losses.objectives):
 exact under GradCache, static weights = the weighted sum, learned uncertainty weights get
 gradients and move, and the live teacher gives the same columns as the precomputed one."""
 
@@ -15,11 +15,12 @@ import optax
 import pytest
 
 from mmjax import config as config_lib
-from mmjax.data import demo, pipeline, teacher_embed, tokenizer as tokenizer_lib
-from mmjax.losses import distill
+from mmjax.cli import teacher_embed
+from mmjax.data import demo, pipeline, tokenizer as tokenizer_lib
+from mmjax.losses import distill, objectives
 from mmjax.models import TwoTower
 from mmjax.parallel import mesh as mesh_lib
-from mmjax.train import objectives, step as step_lib, teacher as teacher_lib
+from mmjax.train import step as step_lib, teacher as teacher_lib
 
 from test_hf import FIXTURES
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 import jax.extend
 import optax
 import pytest
@@ -219,4 +220,4 @@ def test_describe_gives_the_overrides_that_match(bert_dir):
   c.init.text = f'hf:{bert_dir}'
   c.model.text_head, c.model.embed_dim = 'none', 32
   assert set(transfer.load_init(c, config_lib.model_config(c))) == {
-      k for k in transfer.traverse_util.flatten_dict(hf.load(bert_dir).params, sep='/')}
+      k for k in traverse_util.flatten_dict(hf.load(bert_dir).params, sep='/')}

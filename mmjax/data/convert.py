@@ -23,8 +23,8 @@ Interleaved documents: `{"id": .., "segments": [{"text": ..} | {"image": path}, 
 is paired with its adjacent text segments (the one before and the one after, both kept as
 captions and sampled per epoch); pairs of one document share a group (`--no_group_by_document`
 to turn off), so they are never each other's in-batch negatives. `--documents_out` also writes
-whole documents (`segments` rows), ingested as-is for the LLM embedder (see
-`mmjax.data.documents`).
+whole documents (`segments` rows), ingested as-is (records keep their `segments`) for a
+document-level embedder to read.
 """
 
 from __future__ import annotations

@@ -31,14 +31,13 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
-from mmjax.data import demo, records, tokenizer as tokenizer_lib
+from mmjax.data import demo, pipeline, records, tokenizer as tokenizer_lib
+from mmjax.types import IMAGE_SLOT, LLM_TASKS as TASKS, ViTConfig, check_batch_divides
+from mmjax.types import tokens_per_image as _tokens_per_image
 
-TASKS = ('i2t', 't2i', 'composed')
-ROLE_PREFIX = {'query': 'query_', 'candidate': 'cand_', 'neg_candidate': 'neg_cand_'}
 PAD_SIDES = ('right', 'left')
-# Marks a visual-token slot in the ids (LLaVA's IMAGE_TOKEN_INDEX): never a vocabulary id. The
-# model writes one visual token into each (mmjax.models.llm_embedder.splice).
-IMAGE_SLOT = -200
+# IMAGE_SLOT marks a visual-token slot in the ids (LLaVA's IMAGE_TOKEN_INDEX): never a vocabulary
+# id. The model writes one visual token into each (mmjax.models.llm_embedder.splice).
 _SALT = 0x6C6C6D74  # "llmt": keeps these streams apart from the demo source's
 
 
@@ -364,7 +363,8 @@ def stack_images(images: Sequence[np.ndarray], max_images: int, size: int) -> np
 
 def tokens_per_image(config) -> int:
   img = config.model.image
-  return (img.image_size // img.patch_size // config.model.llm.merge) ** 2
+  return _tokens_per_image(ViTConfig(image_size=img.image_size, patch_size=img.patch_size),
+                           config.model.llm.merge)
 
 
 def make_encoder(config, tokenizer: Tokenizer) -> MultimodalEncoder:
@@ -407,9 +407,7 @@ def make_train_dataset(config, encoder: MultimodalEncoder, *, process_index: int
   if data.name != 'demo' or data.mixture:
     raise ValueError("The LLM embedder trains on the demo tasks only (config.data.name='demo', no "
                      f'mixture); got config.data.name={data.name!r}.')
-  if config.batch_size % process_count:
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
-                     f'{process_count} processes.')
+  check_batch_divides(config.batch_size, process_count)
   src = DemoTasks('train', data.num_train_examples, config.model.image.image_size, config.seed,
                   dict(data.llm.weights), config.model.llm.image_token, data.num_hard_negatives)
   ds = grain.MapDataset.source(src).seed(int(np.random.SeedSequence([config.seed, 7])
@@ -420,5 +418,4 @@ def make_train_dataset(config, encoder: MultimodalEncoder, *, process_index: int
   read = grain.ReadOptions(num_threads=data.read_threads,
                            prefetch_buffer_size=2 * config.batch_size // process_count)
   it = ds[process_index::process_count].to_iter_dataset(read)
-  from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel  (imports us)
   return pipeline.prefetch(it.batch(config.batch_size // process_count, drop_remainder=True), data)

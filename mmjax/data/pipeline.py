@@ -23,6 +23,7 @@ from absl import flags
 
 from mmjax.data import demo, sources as sources_lib, teacher_embed, transforms
 from mmjax.data.tokenizer import TextEncoder
+from mmjax.types import check_batch_divides
 
 # Columns that stay on the host; the train step reads all the others: the pair itself, 'group'
 # (masks duplicates out of the loss), 'weight' (scales each example's terms: click
@@ -34,9 +35,6 @@ def batch_spec(config, *, text_pairs: bool | None = None
                ) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{column: (shape, dtype)} of one global batch (divide B by the process count for local).
   `text_pairs`: whether the sources hold text-text pairs (None: look at them)."""
-  if config.model.kind == 'llm_embedder':
-    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
-    return llm_tasks.batch_spec(config)
   if text_pairs is None:
     text_pairs = is_text_pairs(config)
   b, s = config.batch_size, config.model.image.image_size
@@ -131,18 +129,14 @@ def _concat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
-                       process_count: int = 1,
-                       teacher_encoder: TextEncoder | None = None) -> grain.IterDataset:
-  """Infinite iterator dataset of this process's batches (batch_size / process_count rows).
+                       process_count: int = 1, teacher_encoder: TextEncoder | None = None,
+                       text_pairs: bool | None = None) -> grain.IterDataset:
+  """Infinite iterator dataset of this process's dual-encoder batches (batch_size /
+  process_count rows); the LLM embedder's are `mmjax.data.llm_tasks.make_train_dataset`.
 
-  `teacher_encoder`: a live distillation teacher's tokenizer (adds 'teacher_tokens'/'_mask')."""
-  if config.model.kind == 'llm_embedder':  # Mixed-modality task batches (mmjax.data.llm_tasks).
-    from mmjax.data import llm_tasks  # pylint: disable=import-outside-toplevel
-    return llm_tasks.make_train_dataset(config, encoder, process_index=process_index,
-                                        process_count=process_count)
-  if config.batch_size % process_count:
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
-                     f'{process_count} processes.')
+  `teacher_encoder`: a live distillation teacher's tokenizer (adds 'teacher_tokens'/'_mask').
+  `text_pairs`: the run's data contract (None: look at the sources)."""
+  check_batch_divides(config.batch_size, process_count)
   local_batch = config.batch_size // process_count
   data = config.data
   sub = data.sub_batches
@@ -150,7 +144,7 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
     raise ValueError(f'config.data.sub_batches={sub} does not divide the {local_batch} rows per '
                      'process.')
   specs, srcs = make_sources(config)
-  text_pairs = _text_pairs(srcs)
+  text_pairs = _text_pairs(srcs) if text_pairs is None else text_pairs
   read = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=2 * local_batch)
   streams = []
   for i, (spec, src) in enumerate(zip(specs, srcs)):

@@ -57,7 +57,7 @@ def _element(image=None, query=None, captions=(), group='', weight=1.0, neg_imag
              neg_texts=(), segments=None) -> dict[str, Any]:
   out = {'image': image, 'query': query, 'captions': list(captions), 'group': group,
          'weight': float(weight), 'neg_images': list(neg_images), 'neg_texts': list(neg_texts)}
-  if segments is not None:  # Interleaved documents (mmjax.data.documents).
+  if segments is not None:  # Interleaved documents (mmjax.data.convert documents).
     out['segments'] = segments
   return out
 

@@ -1,9 +1,10 @@
 r"""Teacher embeddings precomputed into the data (config.distill.source = 'data').
 
-  python -m mmjax.data.teacher_embed --config=configs/distill_minilm.py [--config.xxx=...] \
+  python -m mmjax.cli.teacher_embed --config=configs/distill_minilm.py [--config.xxx=...] \
       [--out=DIR]
 
-embeds every example of each source of the run's `config.data` with `config.distill.teacher`
+(`mmjax.cli.teacher_embed`) embeds every example of each source of the run's `config.data` with
+`config.distill.teacher`
 ('hf:DIR' or an mmjax export/workdir) and writes `DIR/source_<i>.npz` (DIR defaults to
 `config.distill.embeddings`): 'text' [N, C, dt] per caption, 'num_captions' [N], and 'image'
 [N, dt] (dual-encoder teachers) or 'query' [N, dt] (text-text pairs). The train pipeline wraps
@@ -14,15 +15,11 @@ centre-cropped: with `config.data.augment='light'` the student sees a jittered c
 
 from __future__ import annotations
 
-import json
 import pathlib
-import sys
 from typing import Any
 
 import grain
 import numpy as np
-
-from mmjax import config as config_lib
 
 FILE = 'source_{}.npz'
 
@@ -77,48 +74,6 @@ class TeacherEmbeddings(grain.sources.RandomAccessDataSource):
     return f'TeacherEmbeddings({self.source!r}, {self.file})'
 
 
-def write(config, out: str | pathlib.Path, *, batch_size: int = 256) -> list[pathlib.Path]:
-  """Embeds every source of `config.data` with `config.distill.teacher`; returns the files."""
-  from mmjax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from mmjax.train import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
-
-  teacher = teacher_lib.load(config.distill.teacher, max_len=config.model.text.max_len,
-                             batch_size=batch_size)
-  _, srcs = pipeline.make_sources(config)
-  files = []
-  for i, src in enumerate(srcs):
-    arrays = teacher_lib.embed_source(teacher, [src[j] for j in range(len(src))])
-    file = path(out, i)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(file, fingerprint=np.array(fingerprint(src)), **arrays)
-    files.append(file)
-    print(f'{file}: {len(src)} examples, teacher {teacher.spec} ({teacher.dim}-d, '
-          f'{", ".join(sorted(arrays))})')
-  (pathlib.Path(out) / 'teacher.json').write_text(json.dumps(
-      {'teacher': config.distill.teacher, 'dim': teacher.dim, 'roles': list(teacher.roles)}))
-  return files
-
-
-def main(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  if len(argv) > 1:
-    raise SystemExit(f'Unexpected arguments: {argv[1:]}')
-  config = flags.FLAGS.config
-  if not config.distill.teacher:
-    raise SystemExit('Config error: config.distill.teacher is empty (set it to hf:DIR or an '
-                     'mmjax export).')
-  out = flags.FLAGS.out or config.distill.embeddings
-  if not out:
-    raise SystemExit('Give --out=DIR or set config.distill.embeddings.')
-  write(config, out, batch_size=flags.FLAGS.batch_size)
-
-
-if __name__ == '__main__':
-  config_lib.ensure_configs_importable()
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('out', '', 'Output directory (default: config.distill.embeddings).')
-  flags.DEFINE_integer('batch_size', 256, 'Teacher batch size.')
-  config_flags.DEFINE_config_file('config', None, 'The run config.', lock_config=True)
-  flags.mark_flags_as_required(['config'])
-  sys.exit(app.run(main))
+if __name__ == '__main__':  # The command moved to the CLI layer; this name still runs it.
+  import runpy
+  runpy.run_module('mmjax.cli.teacher_embed', run_name='__main__')

@@ -15,10 +15,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mmjax.embedder import Embedder
+from mmjax import kinds
 from mmjax.eval import classification as cls_lib
 from mmjax.eval import specs as specs_lib
+from mmjax.data import sources
+from mmjax.eval import llm_retrieval, robustness
 from mmjax.eval.retrieval import RetrievalEvaluator, format_table
+from mmjax.types import Embedder
 
 
 
@@ -78,7 +81,6 @@ def retrieval_evaluator(spec: dict[str, Any], image_size: int) -> RetrievalEvalu
   if spec['dataset'] == 'demo_validation':
     return RetrievalEvaluator.demo_validation(spec['num_scenes'], image_size, spec['seed'],
                                               **kwargs)
-  from mmjax.data import sources  # pylint: disable=import-outside-toplevel
   source = sources.make(sources.SourceSpec(name=spec['dataset'], path=spec['path'],
                                            tfds_name=spec['tfds_name'], split=spec['split'],
                                            image_key=spec['image_key'],
@@ -96,9 +98,7 @@ def make(spec: dict[str, Any], image_size: int) -> Callable[[Embedder], dict[str
   if spec['type'] == 'linear_probe':
     return LinearProbeEvaluator(spec, image_size)
   if spec['type'] == 'llm_retrieval':
-    from mmjax.eval import llm_retrieval  # pylint: disable=import-outside-toplevel
     return llm_retrieval.LLMRetrievalEvaluator(spec, image_size)
-  from mmjax.eval import robustness  # pylint: disable=import-outside-toplevel
   return robustness.RobustnessEvaluator(spec, image_size)
 
 
@@ -153,18 +153,19 @@ class Suite:
     return out
 
 
+def primary_spec(config) -> dict[str, Any]:
+  """The resolved spec of the model kind's primary evaluator, from the config.eval fields its
+  type takes."""
+  kind = kinds.get(config).primary_eval_type
+  return specs_lib.resolved({'type': kind, **{k: config.eval[k] for k in specs_lib.DEFAULTS[kind]
+                                              if k in config.eval}})
+
+
 def build_suite(config) -> Suite:
   """`config.eval` (primary validation retrieval) + every `config.evals.<name>`."""
   size = config.model.image.image_size
   default_every = config.eval.every_steps
-  primary = specs_lib.resolved({'type': 'retrieval', 'num_scenes': config.eval.num_scenes,
-                                'seed': config.eval.seed, 'metrics': config.eval.metrics,
-                                'index_min_corpus': config.eval.index_min_corpus,
-                                **{k: config.eval[k] for k in specs_lib.INDEX_FIELDS}})
-  if config.model.get('kind', 'two_tower') == 'llm_embedder':  # i2t, t2i and composed queries.
-    primary = specs_lib.resolved({'type': 'llm_retrieval', 'num_scenes': config.eval.num_scenes,
-                                  'seed': config.eval.seed, 'metrics': config.eval.metrics,
-                                  'num_composed': config.eval.num_composed})
+  primary = primary_spec(config)
   evaluators = [Named('', default_every, primary, size)]
   evals = config.get('evals', None) or {}
   for name in sorted(evals.keys()):

@@ -15,6 +15,8 @@ import numpy as np
 from mmjax.data import demo
 from mmjax.eval import metrics as metrics_lib
 from mmjax.embedder import Embedder
+from mmjax.data import records, transforms
+from mmjax.index.ann import ScannIndex
 
 DEFAULT_KS = (1, 5, 10)
 ranks_of_true = metrics_lib.ranks_of_true
@@ -63,7 +65,6 @@ def indexed_retrieval_metrics(zimg: np.ndarray, ztxt: np.ndarray, names: Sequenc
   come from the top-`depth` results (MRR@depth, median rank inf beyond depth). The index's own
   recall@10 against exact search on the same queries is reported as '<dir>/index_recall@10'.
   """
-  from mmjax.index import ScannIndex  # pylint: disable=import-outside-toplevel
 
   image_labels = np.arange(len(zimg)) if image_labels is None else np.asarray(image_labels)
   text_labels = np.arange(len(ztxt)) if text_labels is None else np.asarray(text_labels)
@@ -128,7 +129,6 @@ class RetrievalEvaluator:
     """The first `max_examples` elements of a data source (`mmjax.data.sources`: ingested
     records or TFDS), every caption of each; unreadable images are skipped and counted
     (`self.skipped`)."""
-    from mmjax.data import records, transforms  # pylint: disable=import-outside-toplevel
     images, queries, captions, owners, skipped = [], [], [], [], 0
     for index in range(min(max_examples, len(source))):
       ex = source[index]

@@ -12,6 +12,8 @@ from typing import Any
 
 import ml_collections
 
+from mmjax.eval import metrics as metrics_lib
+
 RETRIEVAL_METRICS = ('recall@1', 'recall@5', 'recall@10', 'mrr', 'median_rank')
 CLASSIFICATION_METRICS = ('top1', 'top5', 'mean_per_class', 'per_class')
 CORRUPTIONS = ('gaussian_noise', 'blur', 'jpeg', 'brightness', 'contrast', 'rotation', 'crop')
@@ -107,7 +109,6 @@ def resolved(entry) -> dict[str, Any]:
 
 
 def _check_values(s: dict[str, Any]) -> None:
-  from mmjax.eval import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
 
   if s['every_steps'] < 0:
     raise SpecError(f'every_steps={s["every_steps"]} must be >= 0 (0: config.eval.every_steps).')

@@ -7,8 +7,8 @@ decoder the fields are the LLM embedder's `model.decoder.*`.
 
 import sys
 
-from mmjax.hf import convert, llama
-from mmjax.train import transfer
+import mmjax.hf.convert as convert
+import mmjax.hf.llama as llama
 
 if __name__ == '__main__':
   if len(sys.argv) != 2:
@@ -17,4 +17,4 @@ if __name__ == '__main__':
   if hf_config.get('model_type') in convert.DECODER_FAMILIES:
     print(llama.describe(sys.argv[1]))
   else:
-    print(transfer.describe(sys.argv[1]))
+    print(convert.describe(sys.argv[1]))

@@ -31,7 +31,9 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from mmjax.config import ModelConfig, TextConfig, ViTConfig
+from mmjax.types import ModelConfig, TextConfig, ViTConfig
+import mmjax.data.tokenizer as tokenizer_lib
+import mmjax.models.two_tower as two_tower
 
 WEIGHTS = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'
@@ -385,7 +387,6 @@ def tower_shapes(image: ViTConfig | None, text: TextConfig | None,
                  model: dict[str, Any]) -> dict[str, tuple[int, ...]]:
   """'img/...', 'txt/...', heads and logit parameters -> shape, via `jax.eval_shape` of the
   TwoTower modules (nothing is allocated)."""
-  from mmjax.models import two_tower  # pylint: disable=import-outside-toplevel
 
   shapes: dict[str, tuple[int, ...]] = {}
 
@@ -450,7 +451,6 @@ class Pretrained:
     return dataclasses.replace(_model_config(self.image, self.text, self.model), **overrides)
 
   def tokenizer(self):
-    from mmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
 
     return tokenizer_lib.load(self.directory)
 
@@ -595,3 +595,15 @@ def write_checkpoint(directory: pathlib.Path, tensors: dict[str, np.ndarray],
     if src.is_file() and src.resolve() != (directory / name).resolve():
       shutil.copyfile(src, directory / name)
   return directory
+
+
+def describe(directory: str | pathlib.Path) -> str:
+  """The config overrides that make a run's towers match a checkpoint (for docs and errors)."""
+  ckpt = load(directory)
+  lines = []
+  for tower in ('image', 'text'):
+    cfg = getattr(ckpt, tower)
+    if cfg is not None:
+      lines += [f'--config.model.{tower}.{f.name}={getattr(cfg, f.name)!r}'
+                for f in dataclasses.fields(cfg) if f.name not in ('dropout', 'remat', 'locked')]
+  return '\n'.join(lines)

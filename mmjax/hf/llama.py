@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mmjax.config import ConfigError, DecoderConfig
-from mmjax.hf import convert
+from mmjax.types import ConfigError, DecoderConfig
+import mmjax.data.tokenizer as tokenizer_lib
+import mmjax.hf.convert as convert
 from mmjax.hf.convert import CheckpointError, Rule
 from mmjax.hf.convert import _dense as dense
 from mmjax.models import decoder as decoder_lib
@@ -126,7 +127,6 @@ class DecoderCheckpoint:
         self.params)
 
   def tokenizer(self):
-    from mmjax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
 
     return tokenizer_lib.load(self.directory)
 

@@ -28,6 +28,12 @@ import jax
 import jax.numpy as jnp
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Unit rows in f32 (the towers' outputs, and Matryoshka's truncated prefixes)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
 def duplicate_mask(groups_a: jax.Array | None, groups_b: jax.Array | None,
                    positives: jax.Array) -> jax.Array | None:
   """True where (i, j) takes part in the loss: a positive, or a pair from different groups."""
@@ -35,8 +41,6 @@ def duplicate_mask(groups_a: jax.Array | None, groups_b: jax.Array | None,
     return None
   return positives | (groups_a[:, None] != groups_b[None, :])
 
-
-HARD_KEYS = ('q2c_sim', 'q2c_valid', 'c2q_sim', 'c2q_valid')
 
 
 def hard_negative_logits(hard: dict | None, direction: str, t: jax.Array,

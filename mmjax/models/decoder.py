@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.config import DecoderConfig
-from mmjax.models import layers
+from mmjax.types import DecoderConfig
+import mmjax.models.layers as layers
 
 Dtype = layers.Dtype
 

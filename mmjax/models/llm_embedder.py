@@ -18,93 +18,21 @@ dimensions are applied by the objective (`matryoshka_objective`) and the evaluat
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.config import DecoderConfig, LoraConfig, ViTConfig, lists_to_tuples
-from mmjax.data.llm_tasks import IMAGE_SLOT, TASKS
-from mmjax.models import layers, lora, poolers
+from mmjax.losses.contrastive import l2_normalize
+import mmjax.models.layers as layers
+import mmjax.models.lora as lora
+import mmjax.models.poolers as poolers
 from mmjax.models.decoder import Decoder, positions_from_mask
-from mmjax.models.two_tower import l2_normalize, normalize_images
+from mmjax.models.two_tower import normalize_images
 from mmjax.models.vit import ViT
-
-ROLES = {'query': 'query_', 'candidate': 'cand_', 'neg_candidate': 'neg_cand_'}
-POOLS = ('last', 'mean')
-PROJECTORS = ('mlp', 'linear')
-
-
-@dataclasses.dataclass(frozen=True)
-class LLMEmbedderConfig:
-  """What the LLM embedder's layers need (built from config.model by `from_run_config`)."""
-
-  image: ViTConfig
-  decoder: DecoderConfig
-  max_len: int = 128  # Sequence length of every row (visual tokens included).
-  max_images: int = 1  # Image slots per sequence.
-  merge: int = 1  # merge x merge neighbouring patches become one visual token.
-  projector: str = 'mlp'
-  pool: str = 'last'
-  matryoshka_dims: tuple[int, ...] = ()
-  temperature: float = 0.02
-  lora: LoraConfig = LoraConfig()  # rank 0: no adapters.
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-
-  def __post_init__(self):
-    grid = self.image.image_size // self.image.patch_size
-    if self.merge < 1 or grid % self.merge:
-      raise ValueError(f'model.llm.merge={self.merge} must divide the {grid}x{grid} patch grid.')
-    if self.pool not in POOLS:
-      raise ValueError(f'model.llm.pool={self.pool!r} is not one of {POOLS}.')
-    if self.projector not in PROJECTORS:
-      raise ValueError(f'model.llm.projector={self.projector!r} is not one of {PROJECTORS}.')
-    bad = [d for d in self.matryoshka_dims if not 0 < d <= self.embed_dim]
-    if bad or list(self.matryoshka_dims) != sorted(set(self.matryoshka_dims)):
-      raise ValueError(f'model.llm.matryoshka_dims={self.matryoshka_dims} must be increasing, '
-                       f'each in 1..{self.embed_dim} (the decoder width).')
-    if self.max_len > self.decoder.max_len:
-      raise ValueError(f'model.llm.max_len={self.max_len} exceeds the decoder context '
-                       f'model.decoder.max_len={self.decoder.max_len}.')
-    if not self.temperature > 0:
-      raise ValueError(f'model.llm.temperature={self.temperature} must be > 0.')
-
-  @property
-  def embed_dim(self) -> int:
-    return self.decoder.width
-
-  @property
-  def tokens_per_image(self) -> int:
-    return (self.image.image_size // self.image.patch_size // self.merge) ** 2
-
-  @property
-  def eval_dims(self) -> tuple[int, ...]:
-    """The dimensions trained (and evaluated): the Matryoshka ones and always the full one."""
-    return tuple(sorted(set(self.matryoshka_dims) | {self.embed_dim}))
-
-  def to_dict(self) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> LLMEmbedderConfig:
-    d = dict(d)
-    image = lists_to_tuples(d.pop('image'))
-    return cls(image=ViTConfig(**image), decoder=DecoderConfig(**d.pop('decoder')),
-               lora=LoraConfig(**d.pop('lora', {})), **lists_to_tuples(d))
-
-
-def from_run_config(config) -> LLMEmbedderConfig:
-  """The typed config of a run config with model.kind='llm_embedder'."""
-  m = config.model
-  llm = {k: v for k, v in lists_to_tuples(m.llm.to_dict()).items()
-         if k not in ('image_token', 'eos_token')}
-  image = ViTConfig(**lists_to_tuples(m.image.to_dict()))
-  lora_cfg = LoraConfig(**m.lora.to_dict())
-  return LLMEmbedderConfig(image=image, decoder=DecoderConfig(**m.decoder.to_dict()),
-                           lora=lora_cfg, dtype=m.dtype, param_dtype=m.param_dtype, **llm)
+# Re-exported: the config and constants lived here before mmjax.types.
+from mmjax.types import IMAGE_SLOT, LLM_ROLE_PREFIX, LLMEmbedderConfig, LoraConfig  # noqa: F401
 
 
 def merge_patches(x: jax.Array, merge: int) -> jax.Array:
@@ -160,6 +88,10 @@ class LLMEmbedder(nn.Module):
     self.llm = (lora.freeze_base(Decoder) if cfg.lora.rank else Decoder)(cfg.decoder, dtype,
                                                                           pdtype)
 
+  def init_inputs(self, batch: int = 1) -> tuple[dict[str, jax.Array]]:
+    """The inputs `init` traces the model with: one batch dict."""
+    return (dummy_batch(self.config, batch),)
+
   def visual_tokens(self, images: jax.Array, *, train: bool = False,
                     rows: jax.Array | None = None) -> jax.Array:
     """uint8 [B, I, S, S, 3] -> [B, I * tokens_per_image, width]."""
@@ -192,7 +124,7 @@ class LLMEmbedder(nn.Module):
     u = batch['query_tokens'].shape[0]
     rows = jnp.arange(u, dtype=jnp.int32) if rows is None else rows
     out = {}
-    for role, prefix in ROLES.items():
+    for role, prefix in LLM_ROLE_PREFIX.items():
       if f'{prefix}tokens' not in batch:
         continue
       tokens, mask, images = (batch[f'{prefix}{k}'] for k in ('tokens', 'mask', 'images'))
@@ -212,39 +144,6 @@ class LLMEmbedder(nn.Module):
 
   def __call__(self, batch: Mapping[str, jax.Array], *, train: bool = False):
     return self.embed_batch(batch, train=train)
-
-
-def truncate(embs: Mapping[str, jax.Array], dim: int) -> dict[str, jax.Array]:
-  """Matryoshka: the first `dim` coordinates of every role's embeddings, re-normalised."""
-  return {k: l2_normalize(v[..., :dim]) for k, v in embs.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class Matryoshka:
-  """The mean of `objective` over the nested dimensions `dims` (MRL, Kusupati et al. 2022):
-  every prefix is trained jointly. Metrics gain 'loss/dim<d>' per dimension."""
-
-  objective: Callable
-  dims: tuple[int, ...]
-
-  def __call__(self, embs, t, b, batch):
-    losses, metrics = [], {}
-    for d in self.dims:
-      loss, m = self.objective(truncate(embs, d), t, b, batch)
-      losses.append(loss)
-      metrics[f'loss/dim{d}'] = loss
-    return sum(losses) / len(losses), {**m, **metrics}  # `m`: the full dimension's metrics.
-
-
-def matryoshka_objective(objective: Callable, dims: tuple[int, ...]) -> Callable:
-  """`objective` averaged over `dims` (the objective itself when there is one dimension)."""
-  return Matryoshka(objective, tuple(dims)) if len(dims) > 1 else objective
-
-
-def make_objective(config, contrastive: Callable) -> Callable:
-  """The LLM embedder's objective: `contrastive` (InfoNCE between the 'query' and 'candidate'
-  roles, with 'neg_candidate' hard negatives) averaged over the Matryoshka dimensions."""
-  return matryoshka_objective(contrastive, from_run_config(config).eval_dims)
 
 
 def export_parts(cfg: LLMEmbedderConfig, params, encoder, instructions):

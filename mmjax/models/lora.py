@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from mmjax.config import LoraConfig
-from mmjax.models import layers
+from mmjax.types import LoraConfig
+import mmjax.models.layers as layers
 
 NAMES = ('lora_a', 'lora_b')
 # PEFT's default for A (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).

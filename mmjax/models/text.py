@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.config import TextConfig
-from mmjax.models import layers, poolers
+from mmjax.types import TextConfig
+import mmjax.models.layers as layers
+import mmjax.models.poolers as poolers
 
 
 class TextTransformer(nn.Module):

@@ -6,19 +6,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.config import ModelConfig
 from mmjax.losses import multitask
-from mmjax.models import layers
+from mmjax.losses.contrastive import l2_normalize  # noqa: F401  (re-exported)
+import mmjax.models.layers as layers
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import ViT
+from mmjax.types import ModelConfig
 
 # Dropout row ids of the roles beyond the pair start at multiples of this (see embed_batch).
 ROLE_ROW_STRIDE = 1 << 26
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 class ProjectionHead(nn.Module):
@@ -88,6 +84,12 @@ class TwoTower(nn.Module):
 
   # `rows`: the examples' rows in the global batch, which seed their dropout masks (see
   # layers.Dropout); only a call that sees part of the batch (a GradCache micro-batch) passes them.
+  def init_inputs(self, batch: int = 1) -> tuple[jax.Array, ...]:
+    """The inputs `init` traces the model with."""
+    s, n = self.config.image.image_size, self.config.text.max_len
+    return (jnp.zeros((batch, s, s, 3), jnp.uint8), jnp.zeros((batch, n), jnp.int32),
+            jnp.ones((batch, n), jnp.int32))
+
   def embed_images(self, images: jax.Array, *, train: bool = False,
                    rows: jax.Array | None = None) -> jax.Array:
     img = self.config.image

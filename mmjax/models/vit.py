@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.config import ViTConfig
-from mmjax.models import layers, poolers
+from mmjax.types import ViTConfig
+import mmjax.models.layers as layers
+import mmjax.models.poolers as poolers
 
 
 def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:

@@ -7,6 +7,7 @@ runs on a laptop is the code that runs on a pod: only the axis sizes change.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -14,9 +15,31 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mmjax.config import MESH_AXES, mesh_shape
+from mmjax.types import BATCH_AXES, DEFAULT_MESH, MESH_AXES, require
 
-BATCH_AXES = ('data', 'fsdp')
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Resolves the mesh axis sizes (one may be -1) against the device count."""
+  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  require(len(free) <= 1, f'config.mesh: at most one axis may be -1, got {sizes}.')
+  for a, s in sizes.items():
+    require(s == -1 or s >= 1, f'config.mesh.{a}={s} must be >= 1 or -1.')
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    require(num_devices % fixed == 0,
+             f'config.mesh {sizes}: the fixed axes ({fixed} devices) do not divide the '
+             f'{num_devices} available devices.')
+    sizes[free[0]] = num_devices // fixed
+  require(math.prod(sizes.values()) == num_devices,
+           f'config.mesh {sizes} needs {math.prod(sizes.values())} devices, but '
+           f'{num_devices} are available.')
+  return sizes
+
+
+def default_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Every device on the 'data' axis: the mesh of a runner or tool that is given none."""
+  return make_mesh(DEFAULT_MESH, devices)
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:

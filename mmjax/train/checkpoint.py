@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mmjax.config import ConfigError, ModelConfig, TextConfig, ViTConfig
+from mmjax.types import ConfigError, ModelConfig, TextConfig, ViTConfig
 
 log = logging.getLogger(__name__)
 

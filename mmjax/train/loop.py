@@ -23,10 +23,10 @@ import numpy as np
 import tqdm
 
 from mmjax import config as config_lib
-from mmjax.data import llm_tasks, pipeline, tokenizer as tokenizer_lib
-from mmjax.embedder import Embedder, MultimodalEmbedder, export
+from mmjax import kinds
+from mmjax.data import pipeline, tokenizer as tokenizer_lib
+from mmjax.embedder import Embedder, export
 from mmjax.eval.evaluators import Suite, build_suite, format_results
-from mmjax.models import TwoTower, llm_embedder
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import optim, state as state_lib, step as step_lib, teacher as teacher_lib
@@ -44,11 +44,13 @@ class Run:
   workdir: pathlib.Path
   mesh: Any
   axis_rules: Any
-  model_config: config_lib.ModelConfig | llm_embedder.LLMEmbedderConfig
-  model: TwoTower | llm_embedder.LLMEmbedder
+  kind: kinds.ModelKind
+  contract: kinds.DataContract  # Computed once: the batches' columns, roles, text pairs.
+  model_config: Any  # The kind's typed config (mmjax.types).
+  model: Any  # The kind's Flax module.
   tx: Any
   schedule: Any
-  encoder: tokenizer_lib.TextEncoder | llm_tasks.MultimodalEncoder
+  encoder: Any  # Texts (and images) -> model inputs (tokenizer.TextEncoder, MultimodalEncoder).
   abstract_state: Any
   state_shardings: Any
   checkpointer: ckpt_lib.Checkpointer
@@ -60,16 +62,12 @@ def get_tokenizer(config, workdir: pathlib.Path):
   saved = workdir / tokenizer_lib.TOKENIZER_FILE
   if saved.exists():
     return tokenizer_lib.load(saved)
-  llm = config.model.kind == 'llm_embedder'
+  kind = kinds.get(config)
   if path := transfer.tokenizer_path(config):  # config.init.text brings its tokenizer.
     tok = tokenizer_lib.load(path)
   else:
-    corpus = llm_tasks.corpus(config) if llm else pipeline.caption_corpus(config)
-    tok = tokenizer_lib.train_wordpiece(corpus, config.tokenizer.vocab_size)
-  if llm:  # The image placeholder: one special token, never split.
-    llm_tasks.add_image_token(tok, config.model.llm.image_token)
-  key = 'model.decoder.vocab_size' if llm else 'model.text.vocab_size'
-  vocab = config.model.decoder.vocab_size if llm else config.model.text.vocab_size
+    tok = tokenizer_lib.train_wordpiece(kind.tokenizer_corpus(config), config.tokenizer.vocab_size)
+  tok, (key, vocab) = kind.prepare_tokenizer(tok, config)
   if tok.get_vocab_size() > vocab:
     raise config_lib.ConfigError(
         f'The tokenizer has {tok.get_vocab_size()} tokens but config.{key}={vocab}; raise '
@@ -87,14 +85,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run
   workdir = pathlib.Path(workdir).absolute()
   mesh = mesh_lib.make_mesh(config.mesh)
   axis_rules = mesh_lib.rules(config)
-  if config.model.kind == 'llm_embedder':
-    model_config = llm_embedder.from_run_config(config)
-    model = llm_embedder.LLMEmbedder(model_config)
-    encoder = llm_tasks.make_encoder(config, get_tokenizer(config, workdir))
-  else:
-    model_config = config_lib.model_config(config)
-    model = TwoTower(model_config)
-    encoder = tokenizer_lib.TextEncoder(get_tokenizer(config, workdir), config.model.text.max_len)
+  kind = kinds.get(config)
+  model_config = kind.model_config(config)
+  model = kind.model(model_config)
+  encoder = kind.encoder(config, get_tokenizer(config, workdir))
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
                                       frozen=transfer.frozen_pattern(config))
   abstract, shardings = state_lib.state_layout(model, tx, mesh, axis_rules,
@@ -103,8 +97,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run
           'param_shapes': ckpt_lib.shape_signature(abstract.params)}
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
-  return Run(config, workdir, mesh, axis_rules, model_config, model, tx, schedule, encoder,
-             abstract, shardings, checkpointer, meta)
+  return Run(config, workdir, mesh, axis_rules, kind, kind.contract(config), model_config, model,
+             tx, schedule, encoder, abstract, shardings, checkpointer, meta)
 
 
 def _state_tree(state, rng) -> dict[str, Any]:
@@ -139,10 +133,10 @@ def compile_step(run: Run, state, rng, columns: tuple[str, ...], extra_spec=None
   of columns beyond the pipeline's, e.g. the teacher's); logs its FLOPs and memory analysis."""
   batch_sh = mesh_lib.batch_sharding(run.mesh)
   repl = mesh_lib.replicated(run.mesh)
-  spec = {**pipeline.batch_spec(run.config), **(extra_spec or {})}
+  spec = {**run.contract.spec, **(extra_spec or {})}
   batch_spec = {k: jax.ShapeDtypeStruct(*spec[k], sharding=batch_sh) for k in columns}
   jitted = step_lib.jit_train_step(run.state_shardings, batch_sh, repl,
-                                   step_lib.make_options(run.config, run.mesh))
+                                   step_lib.make_options(run.config, run.mesh, run.contract))
   with mesh_lib.activate(run.mesh, run.axis_rules):
     compiled = jitted.lower(state, batch_spec, rng).compile()
   flops = step_flops(compiled)
@@ -164,12 +158,9 @@ def step_flops(compiled) -> float | None:
 
 
 def make_embedder(run: Run, params) -> Embedder:
-  if run.config.model.kind == 'llm_embedder':
-    return MultimodalEmbedder(run.model_config, params, run.encoder,
-                              llm_tasks.Instructions.from_config(run.config), mesh=run.mesh,
-                              batch_size=run.config.eval.batch_size)
-  return Embedder(run.model_config, params, run.encoder, mesh=run.mesh,
-                  batch_size=run.config.eval.batch_size)
+  """The model kind's runner over `params` (what the evaluators embed through)."""
+  return run.kind.embedder(run.model_config, params, run.encoder, run.config, mesh=run.mesh,
+                           batch_size=run.config.eval.batch_size)
 
 
 def make_evaluator(config) -> Suite:
@@ -191,10 +182,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Trains `config` into `workdir` (resuming if possible); returns the final eval metrics."""
   run = setup(config, workdir)
   # Distillation: the teacher's columns (precomputed, or its tokens for the live teacher).
-  teacher = teacher_lib.for_run(config, run.mesh, text_pairs=pipeline.is_text_pairs(config))
-  data_iter = iter(pipeline.make_train_dataset(
-      config, run.encoder, process_index=jax.process_index(), process_count=jax.process_count(),
-      teacher_encoder=teacher.encoder if teacher else None))
+  teacher = teacher_lib.for_run(config, run.mesh, text_pairs=run.contract.text_pairs)
+  data_iter = iter(run.kind.train_dataset(
+      config, run.encoder, run.contract, process_index=jax.process_index(),
+      process_count=jax.process_count(), teacher_encoder=teacher.encoder if teacher else None))
   # Restore (or refuse an incompatible workdir) before writing anything into the workdir.
   state, rng, start = init_or_restore(run, data_iter)
   writer = MetricWriter(run.workdir)
@@ -203,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   log.info('Model: %s parameters. Mesh: %s. Start step %d of %d.',
            f'{state_lib.param_count(state.params):,}', dict(run.mesh.shape), start,
            config.total_steps)
-  columns = pipeline.train_columns(config)
+  columns = run.contract.columns
   host_columns = columns + (teacher.host_columns if teacher else ())
   compiled = compile_step(run, state, rng, columns + tuple(teacher.step_spec if teacher else ()),
                           teacher.step_spec if teacher else None)
@@ -306,11 +297,9 @@ def export_checkpoint(config, workdir) -> pathlib.Path:
   """`--mode=export`: params only + config + tokenizer into DIR/export."""
   run, state, step = load_for_inference(config, workdir)
   run.checkpointer.close()
-  model_config, params, extra = run.model_config, state.params, {'step': step}
-  if config.model.kind == 'llm_embedder':  # LoRA merged into the base: a plain model.
-    model_config, params, extra['llm'] = llm_embedder.export_parts(
-        model_config, params, run.encoder, llm_tasks.Instructions.from_config(config))
+  model_config, params, extra = run.kind.export_parts(run.model_config, state.params, run.encoder,
+                                                      config)
   out = export(run.workdir / 'export', model_config, params, run.encoder.to_str(),
-               extra=extra)
+               extra={'step': step, **extra}, fmt=run.kind.export_format)
   log.info('Exported step %d to %s.', step, out)
   return out

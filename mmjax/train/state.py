@@ -6,31 +6,19 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from mmjax.config import ModelConfig
 from mmjax.parallel import mesh as mesh_lib
 
 
 TrainState = train_state.TrainState
 
 
-def dummy_inputs(cfg: ModelConfig, batch: int = 1) -> tuple[jax.Array, ...]:
-  """The inputs `init` traces the model with (the LLM embedder's: one batch dict)."""
-  if not isinstance(cfg, ModelConfig):
-    from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
-    return (llm_embedder.dummy_batch(cfg, batch),)
-  s = cfg.image.image_size
-  return (jnp.zeros((batch, s, s, 3), jnp.uint8), jnp.zeros((batch, cfg.text.max_len), jnp.int32),
-          jnp.ones((batch, cfg.text.max_len), jnp.int32))
-
-
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation):
   def init(rng):
-    variables = model.init({'params': rng}, *dummy_inputs(model.config))
+    variables = model.init({'params': rng}, *model.init_inputs())
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx)
   return init
 

@@ -17,50 +17,12 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from mmjax.data import pipeline
-from mmjax.losses import contrastive, distributed
-from mmjax.train import objectives
+from mmjax import kinds
+from mmjax.kinds.base import DataContract
+from mmjax.losses import distributed
+from mmjax.losses.objectives import Contrastive  # noqa: F401  (re-exported: the step's objective)
 from mmjax.train.state import TrainState
-
-Batch = dict[str, jax.Array]
-Embeddings = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class Contrastive:
-  """The contrastive objective between a query role and a candidate role of the embeddings.
-
-  Hard negatives come as the role `neg_<candidate>` [B, K, d] (negatives for each query row) and
-  `neg_<query>` (negatives for each candidate row), each with the batch column
-  `neg_<role>_valid` [B, K]; see `contrastive` for how each loss uses them.
-  """
-
-  loss_fn: Callable[..., jax.Array]
-  query: str = 'image'
-  candidate: str = 'text'
-  drop_noisy_fraction: float = 0.0  # Robust loss: share of each batch left out.
-
-  def weights(self, zq, zc, batch: Batch):
-    """The loss's per-example weights: the batch's `weight` column, robust-loss drops applied."""
-    if not self.drop_noisy_fraction:
-      return batch.get('weight')
-    return contrastive.drop_noisy_pairs(zq, zc, self.drop_noisy_fraction, batch.get('weight'))
-
-  def hard_negatives(self, embs: Embeddings, batch: Batch) -> dict[str, jax.Array]:
-    hard = {}
-    for direction, own, neg in (('q2c', self.query, self.candidate),
-                                ('c2q', self.candidate, self.query)):
-      if f'neg_{neg}' in embs:
-        z = embs[own].astype(jnp.float32)
-        hard[f'{direction}_sim'] = jnp.einsum('bd,bkd->bk', z, embs[f'neg_{neg}'].astype(z.dtype))
-        hard[f'{direction}_valid'] = batch[f'neg_{neg}_valid'].astype(bool)
-    return hard
-
-  def __call__(self, embs: Embeddings, t: jax.Array, b: jax.Array, batch: Batch):
-    zq, zc = embs[self.query], embs[self.candidate]
-    loss = self.loss_fn(zq, zc, t, b, batch.get('group'), self.weights(zq, zc, batch),
-                        self.hard_negatives(embs, batch) or None)
-    return loss, {}
+from mmjax.types import BATCH_AXES, Batch, Embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,14 +57,14 @@ def _to_micro(x: jax.Array, num_shards: int, micro_batches: int) -> jax.Array:
   u = b // micro_batches
   x = x.reshape((num_shards, micro_batches, u) + x.shape[1:]).swapaxes(0, 1)
   x = x.reshape((micro_batches, num_shards * u) + x.shape[3:])
-  return lax.with_sharding_constraint(x, P(None, distributed.BATCH_AXES))
+  return lax.with_sharding_constraint(x, P(None, BATCH_AXES))
 
 
 def _from_micro(x: jax.Array, num_shards: int) -> jax.Array:
   """The inverse of `_to_micro`: [M, B / M, ...] -> [B, ...] in the original row order."""
   m, rest = x.shape[0], x.shape[2:]
   x = x.reshape((m, num_shards, x.shape[1] // num_shards) + rest).swapaxes(0, 1)
-  return lax.with_sharding_constraint(x.reshape((-1,) + rest), P(distributed.BATCH_AXES))
+  return lax.with_sharding_constraint(x.reshape((-1,) + rest), P(BATCH_AXES))
 
 
 def _with_rows(batch: Batch) -> Batch:
@@ -127,18 +89,18 @@ def gradcache_loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opt
 
   _, embs = lax.scan(lambda c, mb: (c, _embed(apply_fn, params, mb, rng)), None, micro)
   embs = jax.tree.map(lambda x: _from_micro(x, n), embs)
-  (t, b), logit_vjp = jax.vjp(lambda p: _logit_params(apply_fn, p), params)
-  (loss, metrics), (dembs, dt, db) = jax.value_and_grad(
-      opts.objective, argnums=(0, 1, 2), has_aux=True)(embs, t, b, batch)
+  (temperature, bias), logit_vjp = jax.vjp(lambda p: _logit_params(apply_fn, p), params)
+  (loss, metrics), (dembs, dtemperature, dbias) = jax.value_and_grad(
+      opts.objective, argnums=(0, 1, 2), has_aux=True)(embs, temperature, bias, batch)
 
   def accumulate(grads, xs):
     mb, g = xs
     _, vjp = jax.vjp(lambda p: _embed(apply_fn, p, mb, rng), params)
     return jax.tree.map(jnp.add, grads, vjp(g)[0]), None
 
-  grads, _ = lax.scan(accumulate, logit_vjp((dt, db))[0],
+  grads, _ = lax.scan(accumulate, logit_vjp((dtemperature, dbias))[0],
                       (micro, jax.tree.map(lambda x: _to_micro(x, n, k), dembs)))
-  return loss, grads, t, b, metrics
+  return loss, grads, temperature, bias, metrics
 
 
 def loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opts: StepOptions):
@@ -148,12 +110,13 @@ def loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opts: StepOpt
 
   def compute_loss(p):
     embs = _embed(apply_fn, p, _with_rows(batch), rng)
-    t, b = _logit_params(apply_fn, p)
-    loss, metrics = opts.objective(embs, t, b, batch)
-    return loss, (t, b, metrics)
+    temperature, bias = _logit_params(apply_fn, p)
+    loss, metrics = opts.objective(embs, temperature, bias, batch)
+    return loss, (temperature, bias, metrics)
 
-  (loss, (t, b, metrics)), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
-  return loss, grads, t, b, metrics
+  (loss, (temperature, bias, metrics)), grads = jax.value_and_grad(compute_loss,
+                                                                   has_aux=True)(params)
+  return loss, grads, temperature, bias, metrics
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
@@ -164,38 +127,33 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   of (seed, step, example row) and a resumed run draws exactly the same masks.
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  loss, grads, t, b, aux = loss_and_grads(state.apply_fn, state.params, batch, step_rng, opts)
+  loss, grads, temperature, bias, aux = loss_and_grads(state.apply_fn, state.params, batch,
+                                                       step_rng, opts)
   new_state = state.apply_gradients(grads=grads)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'temperature': t, 'bias': b,
-             **aux}
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'temperature': temperature,
+             'bias': bias, **aux}
   return new_state, metrics
 
 
-def contrastive_roles(config) -> tuple[str, str]:
+def contrastive_roles(config, contract: DataContract | None = None) -> tuple[str, str]:
   """(query role, candidate role) of the run's contrastive loss: text-text pairs train
-  ('query', 'text'), image-text pairs ('image', 'text')."""
-  return ('query', 'text') if pipeline.is_text_pairs(config) else ('image', 'text')
+  ('query', 'text'), image-text pairs ('image', 'text'), the LLM embedder ('query',
+  'candidate')."""
+  return (contract or kinds.contract(config)).roles
 
 
-def make_objective(config, mesh):
-  """The run's objective: the contrastive loss between its two roles (with hard negatives when
-  the batch has them, and the robust-loss drop); with config.distill / config.multitask, that
-  and the other terms combined (`objectives.make_objective`). The LLM embedder's roles are
-  'query' and 'candidate', its loss averaged over its Matryoshka dimensions."""
+def make_objective(config, mesh, contract: DataContract | None = None):
+  """The run's objective, as its model kind builds it (`mmjax.kinds`): the contrastive loss
+  between the contract's two roles, spanning the mesh (with hard negatives when the batch has
+  them, and the robust-loss drop); distillation / multi-task terms; Matryoshka averaging."""
   loss_fn = distributed.make_loss(config.loss.kind, config.loss.impl, mesh)
-
-  def contrastive(query: str, candidate: str) -> Contrastive:
-    return Contrastive(loss_fn, query, candidate, config.loss.drop_noisy_fraction)
-
-  if config.model.kind == 'llm_embedder':
-    from mmjax.models import llm_embedder  # pylint: disable=import-outside-toplevel
-    return llm_embedder.make_objective(config, contrastive('query', 'candidate'))
-  return objectives.make_objective(config, contrastive)
+  return kinds.get(config).objective(config, loss_fn, contract or kinds.contract(config))
 
 
-def make_options(config, mesh) -> StepOptions:
-  """The step's static options from the run config and the mesh."""
-  return StepOptions(objective=make_objective(config, mesh), micro_batches=config.micro_batches,
+def make_options(config, mesh, contract: DataContract | None = None) -> StepOptions:
+  """The step's static options from the run config, the mesh and the data contract."""
+  return StepOptions(objective=make_objective(config, mesh, contract),
+                     micro_batches=config.micro_batches,
                      num_shards=distributed.num_batch_shards(mesh))
 
 

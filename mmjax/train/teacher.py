@@ -25,8 +25,9 @@ import numpy as np
 from mmjax import hf
 from mmjax.data import records, teacher_embed, tokenizer as tokenizer_lib, transforms
 from mmjax.embedder import Embedder, load_embedder
-from mmjax.models import TwoTower
+from mmjax.models.two_tower import TwoTower
 from mmjax.models.two_tower import normalize_images
+from mmjax.parallel import mesh as mesh_lib
 
 TEACHER_COLUMNS = ('teacher_image', 'teacher_text', 'teacher_query')
 
@@ -164,8 +165,6 @@ def for_run(config, mesh, *, text_pairs: bool) -> RunTeacher | None:
   """The run's teacher side (None when it does not distil)."""
   if not teacher_embed.distills(config):
     return None
-  from mmjax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-
   b = config.batch_size
   if config.distill.source == 'data':
     info_file = pathlib.Path(config.distill.embeddings) / 'teacher.json'

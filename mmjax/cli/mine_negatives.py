@@ -1,0 +1,105 @@
+r"""Offline hard-negative mining with an earlier model's embeddings (exact top-k).
+
+  python -m mmjax.cli.mine_negatives --data=data/pairs --model=runs/base/export --k=8 \
+      --max_similarity=0.9 --out=negatives.npy --scores_out=scores.npy
+
+Every example's first caption (or its query, for text-text pairs) is embedded with the exported
+model, and so is every image (or first caption); for each example the k most similar *other*
+examples' images (captions) are its hard negatives. False negatives are filtered first: a
+candidate is dropped when its similarity passes `--max_similarity` (likely another true match),
+when it shares the example's group, or when it has the same image or normalised caption.
+Output, in the dataset directory: `--out` int64 [N, k] of example indices (-1: fewer than k
+survived), named by `config.data.negatives` so that batches carry them as `neg_image` /
+`neg_tokens` columns; and with `--scores_out` float32 [N], each pair's own image-caption
+similarity, the input of `mmjax.data.filter --scores` (noisy-pair filtering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+from mmjax.data import records, sources, transforms
+from mmjax.embedder import load_embedder
+
+
+def mine(queries: np.ndarray, keys: np.ndarray, duplicate_of: np.ndarray, *, k: int,
+         max_similarity: float, chunk: int = 1024) -> np.ndarray:
+  """int64 [N, k]: for each query row, the k most similar key rows that are not duplicates.
+
+  `duplicate_of` int [N]: rows with equal values are duplicates of each other (never negatives;
+  this includes the row itself). Embeddings are L2-normalised, so dot products are cosines.
+  """
+  n = len(queries)
+  out = np.full((n, k), -1, np.int64)
+  for start in range(0, n, chunk):
+    sims = queries[start:start + chunk] @ keys.T
+    rows = np.arange(start, min(start + chunk, n))
+    sims[duplicate_of[rows][:, None] == duplicate_of[None, :]] = -np.inf
+    sims[sims > max_similarity] = -np.inf
+    take = min(k, sims.shape[1])
+    top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+    order = np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind='stable')
+    top = np.take_along_axis(top, order, 1)
+    valid = np.isfinite(np.take_along_axis(sims, top, 1))
+    out[rows, :take] = np.where(valid, top, -1)
+  return out
+
+
+def duplicate_ids(index: list[dict]) -> np.ndarray:
+  """One id per duplicate class: shared group, image or first caption (transitively)."""
+  keys = {name: np.array([records.hash31(f'{name}:{v}') if v else -1 for v in values])
+          for name, values in (
+              ('group_key', [e.get('group', '') for e in index]),
+              ('image_key', [e.get('sha256') or e.get('query', '') for e in index]),
+              ('caption_key', [e['captions'][0] for e in index]))}
+  return transforms.assign_groups(keys)['group']
+
+
+def main(argv: list[str] | None = None) -> np.ndarray:
+  p = argparse.ArgumentParser(prog='python -m mmjax.cli.mine_negatives', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--data', required=True, help='An ingested dataset (prepare --out).')
+  p.add_argument('--model', required=True, help='An mmjax export directory (or its workdir).')
+  p.add_argument('--k', type=int, default=8)
+  p.add_argument('--max_similarity', type=float, default=0.9)
+  p.add_argument('--out', default='negatives.npy', help='Relative to --data.')
+  p.add_argument('--scores_out', default='', help='Also write pair similarities (relative).')
+  p.add_argument('--batch_size', type=int, default=256)
+  args = p.parse_args(argv)
+  if args.k < 1:
+    raise SystemExit(f'--k={args.k} must be >= 1.')
+  data = pathlib.Path(args.data)
+  src = sources.RecordSource(data)
+  index = json.loads((data / 'index.json').read_text())
+  emb = load_embedder(args.model, batch_size=args.batch_size)
+  size = emb.config.image.image_size
+  elements = [src[i] for i in range(len(src))]
+  text_pairs = elements and elements[0]['query'] is not None
+  captions = [records.normalise_caption(e['captions'][0]) for e in elements]
+  ztxt = emb.embed_texts(captions)
+  if text_pairs:
+    zquery = emb.embed_texts([e['query'] for e in elements])
+    negatives = mine(zquery, ztxt, duplicate_ids(index), k=args.k,
+                     max_similarity=args.max_similarity)
+    pair = np.sum(zquery * ztxt, 1)
+  else:
+    images = np.stack([transforms.resize_crop(records.decode_image(e['image']), size, None)
+                       for e in elements])
+    zimg = emb.embed_images(images)
+    negatives = mine(ztxt, zimg, duplicate_ids(index), k=args.k,
+                     max_similarity=args.max_similarity)
+    pair = np.sum(zimg * ztxt, 1)
+  np.save(data / args.out, negatives)
+  if args.scores_out:
+    np.save(data / args.scores_out, pair.astype(np.float32))
+  print(f'{int((negatives >= 0).sum())} negatives for {len(negatives)} examples -> '
+        f'{data / args.out}')
+  return negatives
+
+
+if __name__ == '__main__':
+  main()

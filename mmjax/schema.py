@@ -1,0 +1,294 @@
+r"""The config schema: every field mmjax reads, each commented once, with its default.
+
+It is data (it imports nothing of mmjax), so every layer may read it; `mmjax.config` validates a
+run config against it. Config files start from it through `configs/base.py`:
+  python -m mmjax.main --config=configs/base.py --workdir=runs/base
+
+Any field can be overridden on the command line, e.g. `--config.batch_size=512
+--config.model.image.depth=12`. The config is locked: a key not listed here is an error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.seed = 0  # Seeds parameter init, dropout and the data order.
+  c.batch_size = 256  # Global batch (pairs per step), summed over all devices and processes.
+  # GradCache: each device's share of the batch is embedded in this many micro-batches, so the
+  # activation memory is that of batch_size / (data x fsdp x micro_batches) pairs; loss and
+  # gradients stay exactly those of the whole batch (costs one extra forward pass).
+  c.micro_batches = 1
+  c.total_steps = 1000  # Optimizer steps of the whole run.
+  c.log_every_steps = 50  # Train metrics go to metrics.jsonl / TensorBoard this often.
+
+  # --- Model -----------------------------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 256  # Size of the shared, L2-normalised embedding space.
+  c.model.head = 'linear'  # Projection head of both towers: 'linear' | 'mlp' | 'none'.
+  c.model.dtype = 'float32'  # Compute dtype of the towers ('bfloat16' on TPU/GPU).
+  c.model.param_dtype = 'float32'  # Storage dtype of the parameters and optimizer state.
+  # Per-tower projection head ('' = `head`), e.g. SigLIP: image 'none' (MAP head output), text
+  # 'linear'; head_bias=False for CLIP's bias-free projections.
+  c.model.image_head = ''
+  c.model.text_head = ''
+  c.model.head_bias = True
+
+  c.model.image = ml_collections.ConfigDict()
+  c.model.image.image_size = 64  # Square input resolution in pixels.
+  c.model.image.patch_size = 8  # Patch side; image_size must be a multiple of it.
+  c.model.image.width = 256  # Transformer width.
+  c.model.image.depth = 6  # Number of transformer blocks.
+  c.model.image.num_heads = 4  # Attention heads; width must be a multiple of it.
+  c.model.image.mlp_dim = 1024  # Hidden size of the MLP in each block.
+  c.model.image.posemb = 'learn'  # Position embedding: 'learn' | 'sincos2d'.
+  c.model.image.pool = 'gap'  # Pooling: 'cls' | 'gap' (mean over patches) | 'map' (attention).
+  c.model.image.dropout = 0.0  # Dropout rate inside the blocks (train mode only).
+  c.model.image.remat = False  # Recompute each block's activations in the backward pass.
+  # Architecture options of released checkpoints (docs/pretrained.md); defaults are mmjax's own.
+  c.model.image.norm = 'pre'  # LayerNorm placement: 'pre' | 'post' (BERT).
+  c.model.image.act = 'gelu_tanh'  # MLP activation: 'gelu_tanh' | 'gelu' | 'quick_gelu' | 'relu'.
+  c.model.image.ln_eps = 1e-6  # LayerNorm epsilon (BERT 1e-12, CLIP 1e-5).
+  c.model.image.embed_ln = False  # LayerNorm on the embeddings before the blocks (CLIP vision).
+  c.model.image.final_ln = True  # LayerNorm after the last block (False for post-LN stacks).
+  c.model.image.locked = False  # LiT: frozen, run in eval mode, no gradient computed through it.
+  c.model.image.patch_bias = True  # Bias on the patch embedding (CLIP has none).
+  c.model.image.posemb_cls = False  # The learned position embedding covers the CLS token (CLIP).
+  # uint8 pixels -> (x/255 - mean)/std per RGB channel (CLIP's statistics); () maps to [-1, 1].
+  c.model.image.pixel_mean = ()
+  c.model.image.pixel_std = ()
+
+  c.model.text = ml_collections.ConfigDict()
+  c.model.text.max_len = 32  # Tokens per caption, EOS included; longer captions are truncated.
+  c.model.text.vocab_size = 32_000  # Embedding rows; must be >= the tokenizer's vocabulary.
+  c.model.text.width = 256
+  c.model.text.depth = 6
+  c.model.text.num_heads = 4
+  c.model.text.mlp_dim = 1024
+  c.model.text.causal = True  # Causal (GPT/CLIP-style) or bidirectional (BERT-style) attention.
+  c.model.text.pool = 'last'  # 'last' (EOS token, by mask) | 'first' | 'mean' | 'map'.
+  c.model.text.dropout = 0.0
+  c.model.text.remat = False
+  # The architecture options of model.image, the same defaults.
+  c.model.text.norm, c.model.text.act, c.model.text.ln_eps = 'pre', 'gelu_tanh', 1e-6
+  c.model.text.embed_ln, c.model.text.final_ln, c.model.text.locked = False, True, False
+  c.model.text.num_positions = 0  # Position-embedding rows (BERT: 512); 0 means max_len.
+  c.model.text.type_vocab_size = 0  # BERT token-type embedding rows (type 0 is used); 0: none.
+  # Attend to (and pool over) padding too: SigLIP pads to max_len and reads the last position.
+  c.model.text.attend_padding = False
+
+  # --- LLM embedder (docs/llm_embedder.md) ------------------------------------------------------
+  # 'two_tower': the dual encoder above (model.image + model.text). 'llm_embedder': model.image
+  # -> projector -> visual tokens in a decoder LLM's sequence (model.decoder), pooled (model.llm).
+  c.model.kind = 'two_tower'
+  c.model.llm = ml_collections.ConfigDict()
+  c.model.llm.max_len = 128  # Tokens per sequence (visual tokens, instruction, text, EOS).
+  c.model.llm.max_images = 1  # Image slots per sequence; more images in one input are refused.
+  c.model.llm.merge = 1  # merge x merge neighbouring ViT patches -> one visual token.
+  c.model.llm.projector = 'mlp'  # Vision -> decoder width: 'mlp' (Dense-GELU-Dense) | 'linear'.
+  c.model.llm.pool = 'last'  # 'last' (the EOS token's hidden state) | 'mean' (over the mask).
+  # Matryoshka: nested prefix dimensions trained jointly (the loss is averaged over them and the
+  # full width) and evaluated truncated; () trains the full width only.
+  c.model.llm.matryoshka_dims = ()
+  c.model.llm.temperature = 0.02  # Fixed InfoNCE temperature (logits = cos / temperature).
+  c.model.llm.image_token = '<image>'  # Image placeholder in texts; added to the tokenizer.
+  c.model.llm.eos_token = ''  # EOS appended to every sequence; '' finds [EOS], </s>, ...
+  # The decoder tower (mmjax.config.DecoderConfig; Llama/Qwen2 sizes).
+  c.model.decoder = ml_collections.ConfigDict()
+  c.model.decoder.vocab_size = 32_000
+  c.model.decoder.width = 256  # hidden_size; also the embedding dimension.
+  c.model.decoder.depth = 4
+  c.model.decoder.num_heads = 4
+  c.model.decoder.num_kv_heads = 4  # < num_heads: grouped-query attention.
+  c.model.decoder.head_dim = 0  # 0: width // num_heads.
+  c.model.decoder.mlp_dim = 1024
+  c.model.decoder.rope_theta = 10_000.0
+  # Llama 3.x rope scaling (factor, low_freq_factor, high_freq_factor, original context); ().
+  c.model.decoder.rope_scaling = ()
+  c.model.decoder.rms_eps = 1e-6
+  c.model.decoder.max_len = 512  # The decoder's context; model.llm.max_len must fit in it.
+  c.model.decoder.qkv_bias = False  # Qwen2: True.
+  c.model.decoder.scan_layers = False  # nn.scan over the layers (one compiled layer).
+  c.model.decoder.remat = False
+  c.model.decoder.remat_policy = 'nothing_saveable'  # A jax.checkpoint_policies name.
+  c.model.decoder.dropout = 0.0
+  # LoRA adapters (mmjax.models.lora, mmjax.config.LoraConfig) on the projections whose module
+  # path matches `targets` ('llm/layers_0/attn/query'); rank 0: none. With rank > 0 the
+  # decoder's base weights are frozen (the optimizer trains the adapters, projector and ViT).
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0
+  c.model.lora.alpha = 16.0  # The update is (alpha / rank) * x A B.
+  c.model.lora.targets = r'attn/(query|key|value|out)$'
+
+  # --- Loss ------------------------------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kind = 'sigmoid'  # 'sigmoid' (SigLIP) | 'softmax' (symmetric InfoNCE, CLIP).
+  # Initial log-temperature t' (temperature = exp(t')). None: log(10) for sigmoid, log(1/0.07)
+  # for softmax. The bias b (sigmoid only) starts at bias_init (SigLIP: -10).
+  c.loss.temperature_init = ml_collections.config_dict.placeholder(float)
+  c.loss.bias_init = -10.0
+  # How the loss spans devices: 'auto' ('ring' for sigmoid, 'all_gather' for softmax, 'dense' on
+  # one batch shard) | 'ring' (sigmoid: text blocks circulate, O(b^2) memory per device) |
+  # 'all_gather' (each device: its rows vs the gathered other tower, O(b*B)) | 'dense' (the
+  # global [B, B] logits; the reference). b = batch_size / (data x fsdp).
+  c.loss.impl = 'auto'
+  # Robust loss for noisy pairs: each step, this fraction of the batch whose image and caption
+  # agree least (lowest positive similarity = highest positive-pair loss) is left out of the loss.
+  c.loss.drop_noisy_fraction = 0.0
+
+  # --- Optimizer -------------------------------------------------------------------------------
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3  # Peak learning rate, reached after warmup.
+  c.optimizer.warmup_steps = 100  # Linear warmup from 0.
+  c.optimizer.schedule = 'cosine'  # After warmup: 'cosine' (to end_lr_ratio) | 'constant'.
+  c.optimizer.end_lr_ratio = 0.0  # Final learning rate as a fraction of the peak.
+  c.optimizer.weight_decay = 1e-4  # Decoupled (AdamW) weight decay on matrices only.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.grad_clip_norm = 1.0  # Global-norm gradient clipping; 0 disables it.
+  # Parameters whose path ('txt/encoder/block0/attn/query/kernel') matches this regex (re.search)
+  # are frozen: no update, no optimizer state. '' freezes nothing. Locked towers are added.
+  c.optimizer.frozen = ''
+  # (regex, multiplier) pairs: the learning rate of matching parameters is scaled (first match
+  # wins), e.g. (('txt/.*', 0.1),).
+  c.optimizer.lr_multipliers = ()
+
+  # --- Data ------------------------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  # Training source: 'demo' (procedural scenes shipped with mmjax) | 'records' (shards written by
+  # `python -m mmjax.data.prepare`) | 'tfds' (a TFDS dataset in ArrayRecord format). docs/data.md.
+  c.data.name = 'demo'
+  c.data.path = ''  # records: the `prepare --out` directory; tfds: the TFDS data_dir ('' default).
+  c.data.tfds_name = ''  # tfds: the dataset name (e.g. 'coco_captions', 'my_set:1.0.0').
+  c.data.split = 'train'  # tfds: the split (slicing such as 'train[:90%]' allowed).
+  c.data.image_key = 'image'  # tfds: '/'-separated path of the image feature.
+  c.data.captions_key = 'captions'  # tfds: path of the caption text(s), e.g. 'captions/text'.
+  c.data.group_key = ''  # tfds: path of a duplicate-group id ('' none), e.g. 'image/id'.
+  c.data.keep = ''  # records: a keep file of `python -m mmjax.data.filter` ('' = every example).
+  c.data.negatives = ''  # records: a negatives file of `python -m mmjax.data.mine_negatives`.
+  # Weighted mixture; when non-empty it replaces the single source above. A tuple of dicts with
+  # the fields above (name, path, tfds_name, split, image_key, captions_key, group_key, keep,
+  # negatives) plus `weight`, e.g. (dict(name='records', path='data/a', weight=3.0),
+  # dict(name='demo', weight=1.0)).
+  c.data.mixture = ()
+  # 0: rows of all sources interleaved in each batch; k: each batch is k single-source
+  # sub-batches of batch_size/k rows (harder in-batch negatives).
+  c.data.sub_batches = 0
+  c.data.augment = 'none'  # 'none' | 'light' (random crop >= 80% and +-10% brightness/contrast).
+  c.data.num_hard_negatives = 0  # K: columns neg_image/neg_tokens [B, K, ...] when > 0.
+  # The run fails with a clear message when more than this fraction of images cannot be decoded.
+  c.data.max_skip_fraction = 0.01
+  c.data.num_train_examples = 200_000  # Size of one epoch of the demo source (scenes are rendered on the fly).
+  c.data.num_workers = 0  # Grain worker processes (0: decode in the main process).
+  c.data.worker_buffer_size = 2  # Batches each worker prepares ahead.
+  c.data.read_threads = 2  # Threads reading/transforming elements per process.
+  # LLM embedder tasks on the demo scenes (mmjax.data.llm_tasks): the share of each task in the
+  # batches, the query instruction of each task and the candidates' instruction ('' = none).
+  c.data.llm = ml_collections.ConfigDict()
+  c.data.llm.weights = ml_collections.ConfigDict({'i2t': 1.0, 't2i': 1.0, 'composed': 1.0})
+  c.data.llm.instructions = ml_collections.ConfigDict({
+      'i2t': 'Find a caption that describes this image:',
+      't2i': 'Find an image that matches this caption:',
+      'composed': 'Find the image after this change:'})
+  c.data.llm.candidate_instruction = ''
+  c.data.llm.pad_side = 'right'  # 'right' | 'left': last-token pooling is exact either way.
+
+  # --- Transfer (docs/pretrained.md) -----------------------------------------------------------
+  # Start a tower from a released checkpoint: 'hf:DIR' (config.json + model.safetensors) or
+  # 'hf:pkg:MODULE/sub/dir' inside an installed package. The tower's config must match the
+  # checkpoint (the error lists the fields to set). '' initialises it randomly.
+  c.init = ml_collections.ConfigDict()
+  c.init.image = ''
+  c.init.text = ''
+  # LLM embedder: the decoder from a local Llama/Qwen2 checkpoint ('hf:DIR'); model.decoder must
+  # match it (`python -m mmjax.hf DIR` prints the overrides). Its tokenizer is loaded with it.
+  c.init.decoder = ''
+
+  # --- Distillation and multi-task (docs/pretrained.md) ---------------------------------------
+  c.distill = ml_collections.ConfigDict()
+  c.distill.weight = 0.0  # Weight of the distillation term next to the contrastive loss; 0: off.
+  # 'kl': teacher vs student in-batch similarity distributions (dimensions may differ) |
+  # 'regression': 1 - cos(student, teacher) per role (equal dimensions) | 'both' (summed).
+  c.distill.kind = 'kl'
+  c.distill.temperature = 20.0  # KL: scale of teacher and student cosines (1/tau), > 0.
+  # 'data': teacher embeddings precomputed into the data (`python -m mmjax.data.teacher_embed`)
+  # | 'live': the frozen teacher runs on each batch (its own tokenizer; no gradient/state).
+  c.distill.source = 'data'
+  c.distill.teacher = ''  # 'hf:DIR' (a Hugging Face checkpoint) or an mmjax export / workdir.
+  c.distill.embeddings = ''  # source='data': the directory teacher_embed writes (source_<i>.npz).
+  c.multitask = ml_collections.ConfigDict()
+  # (task, weight) pairs combined in one step, tasks from 'contrastive' (the run's loss between
+  # model.contrastive_roles), 'text_text' (the same loss between 'query' and 'text': a second
+  # caption of the image, or the query of text-text pairs) and 'distill'. () = contrastive
+  # (+ distill.weight x distill).
+  c.multitask.tasks = ()
+  # 'static': sum of weight x loss | 'uncertainty': learned log-variances s (Kendall et al.),
+  # sum 0.5 (exp(-s) loss + s), started at the given weights; s are trained params ('multitask').
+  c.multitask.weighting = 'static'
+
+  # --- Tokenizer -------------------------------------------------------------------------------
+  c.tokenizer = ml_collections.ConfigDict()
+  # '' trains a WordPiece tokenizer on the demo captions at start-up (saved to the workdir so a
+  # resumed run uses the same one); otherwise a local tokenizer.json or a directory holding one.
+  c.tokenizer.path = ''
+  c.tokenizer.vocab_size = 1024  # Size of the trained vocabulary (when path is '').
+
+  # --- Parallelism -----------------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel axis; -1 takes all devices left over by the other axes.
+  c.mesh.fsdp = 1  # Fully sharded data parallel (parameters and optimizer state sharded).
+  c.mesh.tensor = 1  # Tensor parallel (attention heads / MLP hidden sharded).
+  # Logical axis name -> mesh axis (or None: replicated). Parameters and activations name their
+  # axes; this table decides where they live.
+  c.logical_axis_rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('mlp', 'tensor'),
+      ('heads', 'tensor'),
+      ('kv', None),
+      ('vocab', 'tensor'),
+      ('length', None),
+      ('patch', None),
+  )
+
+  # --- Multi-process (multi-host) ---------------------------------------------------------------
+  c.distributed = ml_collections.ConfigDict()
+  # '' : one process. 'host:port' : address of process 0's coordinator service (every process
+  # gets the same value plus its own process_id). 'auto' : let jax.distributed detect the cluster
+  # (Cloud TPU, SLURM, Open MPI, Kubernetes); num_processes/process_id are then ignored.
+  c.distributed.coordinator_address = ''
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.timeout_s = 300  # How long processes wait for each other at start-up.
+  # CPU-only runs: the cross-process collectives library ('gloo'; 'mpi' needs an MPI install).
+  c.distributed.cpu_collectives = 'gloo'
+
+  # --- Checkpoints -----------------------------------------------------------------------------
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 200  # Save this often (and always at the last step).
+  c.checkpoint.keep = 3  # Most recent checkpoints kept.
+  c.checkpoint.async_save = True  # Write in a background thread while training continues.
+
+  # --- Evaluation ------------------------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 500  # Retrieval eval on the validation split this often and at the end.
+  c.eval.num_scenes = 1000  # Validation scenes (half of them in one-attribute near-duplicate pairs).
+  c.eval.batch_size = 256  # Embedding batch (padded for the last partial batch).
+  c.eval.seed = 1234  # Which validation scenes are drawn.
+  # Metrics of this validation retrieval eval: recall|precision|ndcg@K, map, mrr, median_rank.
+  c.eval.metrics = ('recall@1', 'recall@5', 'recall@10', 'mrr', 'median_rank')
+  c.eval.num_composed = 500  # LLM embedder: composed (image + edit) queries of the eval split.
+  c.eval.index_min_corpus = 100_000  # Corpora this large or larger are searched with ScaNN.
+  # ScaNN index parameters; 0 derives them from the corpus size (mmjax.index.default_params).
+  c.eval.index_num_leaves = 0
+  c.eval.index_num_leaves_to_search = 0
+  c.eval.index_reorder = 0
+  # More evaluators, by name: each is `mmjax.eval.specs.spec(type, **fields)` with type
+  # 'retrieval' | 'zero_shot' | 'linear_probe' | 'robustness', its own every_steps (0: the
+  # eval.every_steps above), dataset and metrics (docs/eval.md lists every field). Their results
+  # go to metrics.jsonl / TensorBoard as eval/<name>/... and to eval.json as <name>/....
+  c.evals = ml_collections.ConfigDict()
+
+  return c

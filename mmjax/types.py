@@ -1,0 +1,295 @@
+"""The bottom layer: plain types every other mmjax module may import; it imports nothing of mmjax.
+
+- `ConfigError`, the frozen dataclasses each layer receives instead of the ConfigDict (tower,
+  decoder, LoRA and model configs), and the names shared across layers: mesh axes, the batch
+  axes, the LLM embedder's roles, tasks and image-slot id.
+- `Embedder`: the protocol evaluators embed through (the dual encoder's and the LLM embedder's
+  runners in `mmjax.embedder` implement it), so evaluation never depends on the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+# The mesh always has these three axes (mmjax.parallel.mesh); the batch is split over the first
+# two, so `data x fsdp` is the number of batch shards.
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+# The mesh of a runner or tool given none: every device on 'data'.
+DEFAULT_MESH = {'data': -1, 'fsdp': 1, 'tensor': 1}
+
+# The LLM embedder: its training tasks, the batch-column prefix of each of its roles, and the
+# token id that marks one visual token's place in a sequence (spliced in by the model).
+LLM_TASKS = ('i2t', 't2i', 'composed')
+LLM_ROLE_PREFIX = {'query': 'query_', 'candidate': 'cand_', 'neg_candidate': 'neg_cand_'}
+IMAGE_SLOT = -200
+
+Batch = dict[str, Any]  # Column name -> [B, ...] array (numpy on the host, jax.Array on device).
+Embeddings = dict[str, Any]  # Role -> [B, d] (hard negatives [B, K, d]) L2-normalised embeddings.
+
+
+class Embedder(Protocol):
+  """What evaluators embed through: images uint8 [N, H, W, 3] and texts -> [N, d] numpy."""
+
+  embed_dim: int
+
+  def embed_images(self, images: np.ndarray) -> np.ndarray: ...
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def require(cond: bool, msg: str) -> None:
+  """Raises ConfigError(msg) unless `cond`: the one check of every config validator."""
+  if not cond:
+    raise ConfigError(msg)
+
+
+def check_batch_divides(batch_size: int, processes: int) -> None:
+  """Every process loads batch_size / processes rows: refuse a batch that does not divide."""
+  if batch_size % processes:
+    raise ConfigError(f'config.batch_size={batch_size} is not divisible by the {processes} '
+                      'processes.')
+
+
+class ConfigError(ValueError):
+  """A config that cannot run: names the offending key and value."""
+
+
+def lists_to_tuples(d: Mapping[str, Any]) -> dict[str, Any]:
+  """A JSON / ConfigDict mapping with list values as tuples (the frozen dataclasses' fields)."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """The encoder stack every tower shares."""
+
+  width: int = 256
+  depth: int = 6
+  num_heads: int = 4
+  mlp_dim: int = 1024
+  dropout: float = 0.0
+  remat: bool = False
+  # Architecture options of released checkpoints (docs/pretrained.md); the defaults are mmjax's.
+  norm: str = 'pre'  # 'pre' | 'post' (BERT) layer norm placement.
+  act: str = 'gelu_tanh'  # MLP activation: 'gelu_tanh' | 'gelu' | 'quick_gelu' | 'relu'.
+  ln_eps: float = 1e-6
+  embed_ln: bool = False  # LayerNorm on the embeddings before the blocks (BERT, CLIP vision).
+  final_ln: bool = True  # LayerNorm after the last block.
+  locked: bool = False  # LiT: no gradient through the tower, its parameters frozen.
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(TransformerConfig):
+  image_size: int = 64
+  patch_size: int = 8
+  posemb: str = 'learn'
+  pool: str = 'gap'
+  patch_bias: bool = True
+  posemb_cls: bool = False  # The learned position embedding also covers the CLS token (CLIP).
+  pixel_mean: tuple[float, ...] = ()  # uint8 pixels -> (x/255 - mean)/std; () maps to [-1, 1].
+  pixel_std: tuple[float, ...] = ()
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig(TransformerConfig):
+  max_len: int = 32
+  vocab_size: int = 32_000
+  causal: bool = True
+  pool: str = 'last'
+  num_positions: int = 0  # Rows of the position embedding; 0: max_len.
+  type_vocab_size: int = 0  # BERT token-type embeddings (type 0 is added); 0: none.
+  attend_padding: bool = False  # Ignore the mask in attention and pooling (SigLIP pads to max_len).
+
+  @property
+  def positions(self) -> int:
+    return self.num_positions or self.max_len
+
+
+# jax.checkpoint_policies a remat'ed decoder layer may use (what it keeps for the backward pass).
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'everything_saveable')
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """A Llama/Qwen2-style decoder (mmjax.models.decoder): RMSNorm, RoPE, SwiGLU, grouped-query
+  attention. Checked on construction, so an impossible shape fails before any compute."""
+
+  vocab_size: int = 32_000
+  width: int = 256  # hidden_size.
+  depth: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4  # < num_heads: grouped-query attention; 1: multi-query.
+  head_dim: int = 0  # 0: width // num_heads.
+  mlp_dim: int = 1024  # intermediate_size.
+  rope_theta: float = 10_000.0
+  # Llama 3.x rope scaling: (factor, low_freq_factor, high_freq_factor, original context); ().
+  rope_scaling: tuple[float, ...] = ()
+  rms_eps: float = 1e-6
+  max_len: int = 512  # Context length: longer inputs are refused.
+  qkv_bias: bool = False  # Qwen2: biases on q/k/v (not on the output projection).
+  scan_layers: bool = False  # nn.scan over layers: one compiled layer, parameters stacked.
+  remat: bool = False
+  remat_policy: str = 'nothing_saveable'  # One of REMAT_POLICIES.
+  dropout: float = 0.0  # Residual dropout (per example, see layers.Dropout).
+
+  def __post_init__(self):
+    object.__setattr__(self, 'rope_scaling', tuple(self.rope_scaling))  # JSON gives a list.
+    if len(self.rope_scaling) not in (0, 4):
+      raise ConfigError(f'DecoderConfig.rope_scaling={self.rope_scaling} must be () or (factor, '
+                        'low_freq_factor, high_freq_factor, original_max_len).')
+    for name in ('vocab_size', 'width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim',
+                 'max_len'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'DecoderConfig.{name}={getattr(self, name)} must be positive.')
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(f'DecoderConfig.num_heads={self.num_heads} is not a multiple of '
+                        f'num_kv_heads={self.num_kv_heads} (grouped-query attention).')
+    if not self.head_dim and self.width % self.num_heads:
+      raise ConfigError(f'DecoderConfig.width={self.width} is not divisible by num_heads='
+                        f'{self.num_heads}; set head_dim.')
+    if self.dim_per_head % 2:
+      raise ConfigError(f'DecoderConfig head dimension {self.dim_per_head} must be even (RoPE).')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f'DecoderConfig.remat_policy={self.remat_policy!r} is not one of '
+                        f'{", ".join(REMAT_POLICIES)}.')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f'DecoderConfig.dropout={self.dropout} must be in [0, 1).')
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA adapters (mmjax.models.lora) on the DenseND projections whose module path ('llm/
+  layers_0/attn/query') matches `targets`; rank 0 adds none."""
+
+  rank: int = 0
+  alpha: float = 16.0  # The update is (alpha / rank) * x A B.
+  targets: str = r'attn/(query|key|value|out)$'
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ConfigError(f'LoraConfig.rank={self.rank} must be >= 0 (0: no adapters).')
+    try:
+      re.compile(self.targets)
+    except re.error as e:
+      raise ConfigError(f'LoraConfig.targets={self.targets!r} is not a valid regex ({e}).') from e
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  image: ViTConfig
+  text: TextConfig
+  embed_dim: int = 256
+  head: str = 'linear'
+  loss: str = 'sigmoid'
+  temperature_init: float = math.log(10.0)
+  bias_init: float | None = -10.0
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  image_head: str = ''  # Per-tower head kind; '' uses `head`.
+  text_head: str = ''
+  head_bias: bool = True  # CLIP's projections have no bias.
+  # Multi-task uncertainty weighting: (task, initial log-variance) pairs, trained as the
+  # 'multitask' params (config.multitask.weighting='uncertainty'); () = none.
+  task_log_vars: tuple[tuple[str, float], ...] = ()
+
+  def tower_head(self, tower: str) -> str:
+    return (self.image_head if tower == 'image' else self.text_head) or self.head
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-shaped (tuples as lists), so it compares equal to a saved checkpoint's meta."""
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    image = lists_to_tuples(d.pop('image'))
+    d['task_log_vars'] = tuple(tuple(x) for x in d.get('task_log_vars', ()))
+    return cls(image=ViTConfig(**image), text=TextConfig(**d.pop('text')), **d)
+
+
+LLM_POOLS = ('last', 'mean')
+LLM_PROJECTORS = ('mlp', 'linear')
+
+
+def tokens_per_image(image: ViTConfig, merge: int) -> int:
+  """Visual tokens one image becomes in the LLM embedder: (patch grid / merge)^2."""
+  return (image.image_size // image.patch_size // merge) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMEmbedderConfig:
+  """What the LLM embedder's layers need (built from config.model by `from_run_config`)."""
+
+  image: ViTConfig
+  decoder: DecoderConfig
+  max_len: int = 128  # Sequence length of every row (visual tokens included).
+  max_images: int = 1  # Image slots per sequence.
+  merge: int = 1  # merge x merge neighbouring patches become one visual token.
+  projector: str = 'mlp'
+  pool: str = 'last'
+  matryoshka_dims: tuple[int, ...] = ()
+  temperature: float = 0.02
+  lora: LoraConfig = LoraConfig()  # rank 0: no adapters.
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    grid = self.image.image_size // self.image.patch_size
+    if self.merge < 1 or grid % self.merge:
+      raise ValueError(f'model.llm.merge={self.merge} must divide the {grid}x{grid} patch grid.')
+    if self.pool not in LLM_POOLS:
+      raise ValueError(f'model.llm.pool={self.pool!r} is not one of {LLM_POOLS}.')
+    if self.projector not in LLM_PROJECTORS:
+      raise ValueError(f'model.llm.projector={self.projector!r} is not one of {LLM_PROJECTORS}.')
+    bad = [d for d in self.matryoshka_dims if not 0 < d <= self.embed_dim]
+    if bad or list(self.matryoshka_dims) != sorted(set(self.matryoshka_dims)):
+      raise ValueError(f'model.llm.matryoshka_dims={self.matryoshka_dims} must be increasing, '
+                       f'each in 1..{self.embed_dim} (the decoder width).')
+    if self.max_len > self.decoder.max_len:
+      raise ValueError(f'model.llm.max_len={self.max_len} exceeds the decoder context '
+                       f'model.decoder.max_len={self.decoder.max_len}.')
+    if not self.temperature > 0:
+      raise ValueError(f'model.llm.temperature={self.temperature} must be > 0.')
+
+  @property
+  def embed_dim(self) -> int:
+    return self.decoder.width
+
+  @property
+  def tokens_per_image(self) -> int:
+    return tokens_per_image(self.image, self.merge)
+
+  @property
+  def eval_dims(self) -> tuple[int, ...]:
+    """The dimensions trained (and evaluated): the Matryoshka ones and always the full one."""
+    return tuple(sorted(set(self.matryoshka_dims) | {self.embed_dim}))
+
+  def to_dict(self) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> LLMEmbedderConfig:
+    d = dict(d)
+    image = lists_to_tuples(d.pop('image'))
+    return cls(image=ViTConfig(**image), decoder=DecoderConfig(**d.pop('decoder')),
+               lora=LoraConfig(**d.pop('lora', {})), **lists_to_tuples(d))
