@@ -30,7 +30,6 @@ if str(REPO) not in sys.path:
 
 from mmjax import config as config_lib  # noqa: E402
 
-config_lib.ensure_configs_importable()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.linen as nn  # noqa: E402

@@ -74,10 +74,9 @@ def test_every_evaluator_on_an_initialised_model(tiny_config, tmp_path):
   """All evaluator types run through the real Embedder on the 8-device mesh."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
   config = eval_config(tiny_config)
   run = loop.setup(config, tmp_path)
-  params = nn.unbox(run.model.init(jax.random.key(0), *dummy_inputs(run.model_config))['params'])
+  params = nn.unbox(run.model.init(jax.random.key(0), *run.model.init_inputs())['params'])
   suite = evaluators.build_suite(config)
   m = loop.evaluate(run, params, suite)
   for key in ('i2t/recall@1', 'i2t/ndcg@5', 't2i/map', 'zs/top1', 'zs/top5', 'zs/mean_per_class',

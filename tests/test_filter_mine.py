@@ -106,11 +106,10 @@ def test_mine_negatives_cli_with_an_exported_model(tiny_config, tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   from mmjax import config as config_lib, embedder  # pylint: disable=import-outside-toplevel
   from mmjax.models import TwoTower  # pylint: disable=import-outside-toplevel
-  from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
   data, captions = ingest_colours(tmp_path)
   model_config = config_lib.model_config(tiny_config)
   params = nn.unbox(TwoTower(model_config).init(jax.random.key(0),
-                                                *dummy_inputs(model_config))['params'])
+                                                *TwoTower(model_config).init_inputs())['params'])
   embedder.export(tmp_path / 'export', model_config, params,
                   tok_encoder(captions).tokenizer.to_str())
   neg = mine_negatives.main([f'--data={data}', f'--model={tmp_path / "export"}', '--k=3',

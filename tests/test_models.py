@@ -536,9 +536,8 @@ def test_matmul_nd_value_and_gradients_match_tensordot(x_shape, w_shape, n_in):
 @pytest.mark.slow  # 20 s
 def test_remat_gives_the_same_gradients(tiny_config):
   """`remat` recomputes activations in the backward pass; the gradients must not change."""
-  from mmjax.train.state import dummy_inputs  # pylint: disable=import-outside-toplevel
   cfg = config_lib.model_config(tiny_config)
-  inputs = dummy_inputs(cfg, 4)
+  inputs = TwoTower(cfg).init_inputs(4)
   images = jax.random.randint(jax.random.key(2), inputs[0].shape, 0, 255).astype(jnp.uint8)
   tokens = jax.random.randint(jax.random.key(3), inputs[1].shape, 3, cfg.text.vocab_size)
   params = nn.unbox(TwoTower(cfg).init(jax.random.key(0), images, tokens, inputs[2]))
