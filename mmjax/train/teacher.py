@@ -29,8 +29,6 @@ from mmjax.models.two_tower import TwoTower
 from mmjax.models.two_tower import normalize_images
 from mmjax.parallel import mesh as mesh_lib
 
-TEACHER_COLUMNS = ('teacher_image', 'teacher_text', 'teacher_query')
-
 
 @dataclasses.dataclass
 class Teacher:
