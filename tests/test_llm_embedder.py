@@ -10,6 +10,8 @@ import pytest
 
 from mmjax.config import DecoderConfig, ViTConfig
 from mmjax.data import demo, llm_tasks, tokenizer as tokenizer_lib
+from mmjax import kinds
+from mmjax.losses import objectives
 from mmjax.models import llm_embedder as lm
 
 TOKEN = '<image>'
@@ -159,12 +161,12 @@ def test_matryoshka_objective_averages_the_nested_dimensions():
   rng = np.random.default_rng(0)
   embs = {k: lm.l2_normalize(jnp.asarray(rng.normal(size=(4, 16)), jnp.float32))
           for k in ('query', 'candidate')}
-  loss, metrics = lm.matryoshka_objective(objective, (4, 8, 16))(embs, 50.0, 0.0, {})
-  parts = [float(objective(lm.truncate(embs, d), 0, 0, {})[0]) for d in (4, 8, 16)]
+  loss, metrics = objectives.matryoshka_objective(objective, (4, 8, 16))(embs, 50.0, 0.0, {})
+  parts = [float(objective(objectives.truncate(embs, d), 0, 0, {})[0]) for d in (4, 8, 16)]
   np.testing.assert_allclose(loss, np.mean(parts), rtol=1e-6)
   np.testing.assert_allclose(metrics['loss/dim4'], parts[0], rtol=1e-6)
-  np.testing.assert_allclose(np.linalg.norm(lm.truncate(embs, 4)['query'], axis=-1), 1, atol=1e-4)
-  assert lm.matryoshka_objective(objective, (16,)) is objective
+  np.testing.assert_allclose(np.linalg.norm(objectives.truncate(embs, 4)['query'], axis=-1), 1, atol=1e-4)
+  assert objectives.matryoshka_objective(objective, (16,)) is objective
 
 
 def test_logit_params_are_fixed_constants(tiny):
@@ -261,7 +263,7 @@ def test_init_decoder_from_a_qwen2_checkpoint():
   config.model.llm.max_len = 64
   config_lib.validate(config)
   mesh, rules = mesh_lib.make_mesh(config.mesh), mesh_lib.rules(config)
-  cfg = lm.from_run_config(config)
+  cfg = kinds.llm_embedder_config(config)
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
   state, shardings = state_lib.create_train_state(lm.LLMEmbedder(cfg), tx, mesh, rules,
                                                   jax.random.key(0))
@@ -273,4 +275,4 @@ def test_init_decoder_from_a_qwen2_checkpoint():
     np.testing.assert_array_equal(got[k], v)
   d.mlp_dim = 64
   with pytest.raises(config_lib.ConfigError, match=r"differs from the checkpoint in \['mlp_dim'\]"):
-    transfer.apply_init(config, state, shardings, lm.from_run_config(config))
+    transfer.apply_init(config, state, shardings, kinds.llm_embedder_config(config))
