@@ -7,7 +7,8 @@ larger than any training resolution. Three rules keep ingestion and every later 
   (PIL's `Image.open` reads the header only) before anything is decoded, and reported as
   `too large: WxH px > limit N px`. Pillow's own DecompressionBomb warning/error is switched off
   inside ingestion (`configure_pillow`), so its limits (89M px warns, 179M px fails, reported as a
-  generic decode error) never decide.
+  generic decode error) never decide (`read_image` switches it off while it runs and restores it,
+  so the rest of the process keeps Pillow's default).
 - An image whose longest side exceeds `max_size` is stored downscaled (aspect kept): JPEGs are
   decoded at a reduced DCT scale (`Image.draft`), everything else is reduced while decoding
   (`Image.thumbnail`'s reducing gap). Training then never decodes the huge original.
@@ -21,7 +22,7 @@ import io
 import os
 import pathlib
 import signal
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 import numpy as np
 from PIL import Image
@@ -41,9 +42,14 @@ class Skip(Exception):
   """This example cannot be ingested; the message is the reason in the report."""
 
 
-def configure_pillow() -> None:
-  """Ingestion decides sizes itself (from the header, before decoding): Pillow's bomb check off."""
-  Image.MAX_IMAGE_PIXELS = None
+@contextlib.contextmanager
+def pillow_bomb_check_off() -> Iterator[None]:
+  """Ingestion decides sizes itself (from the header, before decoding): Pillow's check is off."""
+  saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+  try:
+    yield
+  finally:
+    Image.MAX_IMAGE_PIXELS = saved
 
 
 def no_budget(pixels: int) -> ContextManager[None]:
@@ -67,6 +73,12 @@ def read_image(path: str, max_pixels: int, max_size: int,
   worker processes (`mmjax.data.ingest_workers`), which bounds their memory together.
   """
   _maybe_test_kill(path)
+  with pillow_bomb_check_off():
+    return _read(path, max_pixels, max_size, budget)
+
+
+def _read(path: str, max_pixels: int, max_size: int, budget
+          ) -> tuple[bytes, np.ndarray, dict[str, Any]]:
   try:
     f = open(path, 'rb')  # pylint: disable=consider-using-with  # closed below
   except OSError as e:
@@ -102,9 +114,13 @@ def _shrink(im: Image.Image, max_size: int) -> bytes:
   """`im` with its longest side at most `max_size` (aspect kept), as PNG, or JPEG for a JPEG."""
   fmt = im.format
   im.load()
-  im = _eight_bit(im)
+  wide = im.mode.startswith('I') or im.mode == 'F'
+  # 16/32-bit greys are resized as they are (a full-size 8-bit copy would cost more memory);
+  # palette and bilevel images are converted first (Pillow resizes them by nearest neighbour).
+  im = im if wide else _eight_bit(im)
   if max_size:
     im.thumbnail((max_size, max_size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+  im = _eight_bit(im) if wide else im
   buf = io.BytesIO()
   if fmt == 'JPEG' and im.mode in ('RGB', 'L'):
     im.save(buf, format='JPEG', quality=95)

@@ -147,11 +147,17 @@ def _next_result(result_q, procs, slots) -> tuple[Any, float]:
   while True:
     try:
       _, summary, rss_mb = result_q.get(timeout=POLL_S)
-      return summary, rss_mb
     except queue.Empty:
-      pass
-    for i, p in enumerate(procs):
-      if p.exitcode is not None:
-        raw = bytes(slots[i * SLOT_BYTES:(i + 1) * SLOT_BYTES]).split(b'\0')[0]
-        doing = raw.decode('utf-8', 'replace') or 'no input (between tasks)'
-        raise WorkerDied(p.pid, p.exitcode, doing)
+      summary = None
+    _check_alive(procs, slots)
+    if summary is not None:
+      return summary, rss_mb
+
+
+def _check_alive(procs, slots) -> None:
+  """Raises WorkerDied for the first worker that ended (workers end only when told to)."""
+  for i, p in enumerate(procs):
+    if p.exitcode is not None:
+      raw = bytes(slots[i * SLOT_BYTES:(i + 1) * SLOT_BYTES]).split(b'\0')[0]
+      doing = raw.decode('utf-8', 'replace') or 'no input (between tasks)'
+      raise WorkerDied(p.pid, p.exitcode, doing)

@@ -267,7 +267,6 @@ def _fail(opts: Options, e: ingest_workers.WorkerDied, done: int, total: int) ->
 def prepare(rows: list[dict[str, Any]], problems: list[dict[str, Any]], opts: Options, *,
             workers: int = 1, source: str = '', progress: bool = True) -> dict[str, Any]:
   """Ingests `rows` into `opts.out` (resuming a previous run); returns the metadata."""
-  ingest_images.configure_pillow()
   opts.out.mkdir(parents=True, exist_ok=True)
   digest = plan_hash(rows, opts)
   _check_plan(opts, digest)
@@ -400,11 +399,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   meta = prepare(rows, problems, opts, workers=args.workers, source=source,
                  progress=not args.no_progress)
   run = meta['last_run']
+  workers = (f' + {run["worker_peak_rss_mb"]:.0f} MiB per worker'
+             if run['worker_peak_rss_mb'] else ' (no worker processes)')
   print(f'{meta["num_examples"]} examples in {len(meta["shards"])} shards under {opts.out} '
         f'({meta["num_resized"]} downscaled); {meta["num_skipped"]} skipped '
         f'{meta["skipped_by_reason"]} (see report.json). {run["seconds"]:.1f} s, peak RSS '
-        f'{run["parent_peak_rss_mb"]:.0f} MiB main + {run["worker_peak_rss_mb"]:.0f} MiB per '
-        'worker.')
+        f'{run["parent_peak_rss_mb"]:.0f} MiB main{workers}.')
   return meta
 
 
