@@ -19,6 +19,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import ml_collections
 
+from mmjax.data import augment
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -200,7 +202,6 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 POSEMBS = ('learn', 'sincos2d')
 SCHEDULES = ('cosine', 'constant')
 DATASETS = ('demo', 'records', 'tfds')
-AUGMENTS = ('none', 'light')
 LOSS_IMPLS = ('auto', 'dense', 'all_gather', 'ring')
 CPU_COLLECTIVES = ('gloo', 'mpi')
 NORMS = ('pre', 'post')
@@ -335,7 +336,7 @@ SOURCE_FIELDS = ('name', 'path', 'tfds_name', 'split', 'image_key', 'captions_ke
 def _validate_data(config) -> None:
   """The `data` block: sources (single or mixture), sub-batches, transforms (docs/data.md)."""
   data = config.data
-  _one_of('data.augment', data.augment, AUGMENTS)
+  augment.validate_config(data, ConfigError)  # Image and augmentation keys.
   _require(data.num_hard_negatives >= 0,
            f'config.data.num_hard_negatives={data.num_hard_negatives} must be >= 0.')
   _require(0.0 <= data.max_skip_fraction <= 1.0,

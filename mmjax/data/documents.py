@@ -21,7 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax.data import records, transforms
+from mmjax.data import images as images_lib
 from mmjax.data.tokenizer import TextEncoder
 
 
@@ -47,7 +47,7 @@ class PackDocument(grain.transforms.Map):
         if k == m or n + self.tokens_per_image > L - 1:
           continue
         try:
-          images[k] = transforms.resize_crop(records.decode_image(seg['image']), s, None)
+          images[k] = images_lib.load(seg['image'], images_lib.View(s))
         except Exception:  # pylint: disable=broad-except  # a bad image drops only itself
           continue
         index[n:n + self.tokens_per_image] = k

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from mmjax import config as config_lib
+from mmjax.data import augment
 
 FILE = 'source_{}.npz'
 
@@ -87,7 +88,8 @@ def write(config, out: str | pathlib.Path, *, batch_size: int = 256) -> list[pat
   _, srcs = pipeline.make_sources(config)
   files = []
   for i, src in enumerate(srcs):
-    arrays = teacher_lib.embed_source(teacher, [src[j] for j in range(len(src))])
+    arrays = teacher_lib.embed_source(teacher, [src[j] for j in range(len(src))],
+                                      augment.view(config.data, 0))
     file = path(out, i)
     file.parent.mkdir(parents=True, exist_ok=True)
     np.savez(file, fingerprint=np.array(fingerprint(src)), **arrays)
