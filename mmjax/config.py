@@ -22,6 +22,7 @@ from mmjax.parallel.mesh import mesh_shape
 from mmjax.types import (MESH_AXES, REMAT_POLICIES, ConfigError, DecoderConfig,  # noqa: F401
                          LoraConfig, ModelConfig, TextConfig, TransformerConfig, ViTConfig,
                          lists_to_tuples, require)
+from mmjax.data import augment
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 model_config = kinds.dual_encoder_config  # The typed config of a two_tower run config.
@@ -35,7 +36,6 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 POSEMBS = ('learn', 'sincos2d')
 SCHEDULES = ('cosine', 'constant')
 DATASETS = ('demo', 'records', 'tfds')
-AUGMENTS = ('none', 'light')
 LOSS_IMPLS = ('auto', 'dense', 'all_gather', 'ring')
 CPU_COLLECTIVES = ('gloo', 'mpi')
 NORMS = ('pre', 'post')
@@ -115,7 +115,7 @@ SOURCE_FIELDS = ('name', 'path', 'tfds_name', 'split', 'image_key', 'captions_ke
 def _validate_data(config) -> None:
   """The `data` block: sources (single or mixture), sub-batches, transforms (docs/data.md)."""
   data = config.data
-  _one_of('data.augment', data.augment, AUGMENTS)
+  augment.validate_config(data, ConfigError)  # Image and augmentation keys.
   _require(data.num_hard_negatives >= 0,
            f'config.data.num_hard_negatives={data.num_hard_negatives} must be >= 0.')
   _require(0.0 <= data.max_skip_fraction <= 1.0,

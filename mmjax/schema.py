@@ -176,7 +176,6 @@ def get_config() -> ml_collections.ConfigDict:
   # 0: rows of all sources interleaved in each batch; k: each batch is k single-source
   # sub-batches of batch_size/k rows (harder in-batch negatives).
   c.data.sub_batches = 0
-  c.data.augment = 'none'  # 'none' | 'light' (random crop >= 80% and +-10% brightness/contrast).
   c.data.num_hard_negatives = 0  # K: columns neg_image/neg_tokens [B, K, ...] when > 0.
   # The run fails with a clear message when more than this fraction of images cannot be decoded.
   c.data.max_skip_fraction = 0.01
@@ -184,6 +183,36 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # Grain worker processes (0: decode in the main process).
   c.data.worker_buffer_size = 2  # Batches each worker prepares ahead.
   c.data.read_threads = 2  # Threads reading/transforming elements per process.
+  # --- Image preprocessing and augmentation (mmjax.data.images, mmjax.data.augment) ----------
+  # The deterministic resize, used by every evaluator and teacher embedding, and in training
+  # when data.aug.crop does not crop: 'crop' (the centred square of the shorter side, resized)
+  # | 'letterbox' (the whole image, aspect kept, centred on a square of `background`).
+  c.data.resize = 'crop'
+  c.data.background = (255, 255, 255)  # RGB under transparent pixels and in letterbox padding.
+  # Which caption of an example a training row uses: 'random' (re-drawn every epoch) | 'first'.
+  c.data.caption_sampling = 'random'
+  # Training augmentation: 'none' | 'light' (a random crop >= 80% of the side, +-10% brightness
+  # and contrast: mmjax's original preset) | 'custom' (data.aug below). Evaluation never augments.
+  c.data.augment = 'none'
+  c.data.aug = ml_collections.ConfigDict()
+  # 'random_resized' (Inception crop: area fraction crop_scale, aspect crop_ratio, relative to
+  # the image's aspect and letterboxed when resize='letterbox') | 'none' (the resize above).
+  c.data.aug.crop = 'random_resized'
+  # Area fraction; torchvision's (0.08, 1) would often crop away what a caption names.
+  c.data.aug.crop_scale = (0.5, 1.0)
+  c.data.aug.crop_ratio = (3 / 4, 4 / 3)
+  # Horizontal-flip probability; a flipped row's texts swap each word of a flip_swap pair
+  # (whole words, case kept), so "the dog on the left" stays true.
+  c.data.aug.flip = 0.5
+  c.data.aug.flip_swap = (('left', 'right'), ('leftmost', 'rightmost'), ('leftward', 'rightward'),
+                          ('leftwards', 'rightwards'))
+  # Colour jitter as torchvision's ColorJitter: factors in [1 - x, 1 + x], hue shift in
+  # [-hue, hue] of the colour circle (0: off; captions name colours), in random order.
+  c.data.aug.brightness = 0.2
+  c.data.aug.contrast = 0.2
+  c.data.aug.saturation = 0.2
+  c.data.aug.hue = 0.0
+  # ----------------------------------------------------------------------------------------------
   # LLM embedder tasks on the demo scenes (mmjax.data.llm_tasks): the share of each task in the
   # batches, the query instruction of each task and the candidates' instruction ('' = none).
   c.data.llm = ml_collections.ConfigDict()

@@ -22,7 +22,7 @@ import pathlib
 
 import numpy as np
 
-from mmjax.data import records, sources, transforms
+from mmjax.data import images as images_lib, records, sources, transforms
 from mmjax.embedder import load_embedder
 
 
@@ -59,6 +59,16 @@ def duplicate_ids(index: list[dict]) -> np.ndarray:
   return transforms.assign_groups(keys)['group']
 
 
+def _rgb(text: str) -> tuple[int, int, int]:
+  try:
+    rgb = tuple(int(v) for v in text.split(','))
+  except ValueError:
+    rgb = ()
+  if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+    raise SystemExit(f'--background={text!r} must be three integers in [0, 255], e.g. 0,0,0.')
+  return rgb
+
+
 def main(argv: list[str] | None = None) -> np.ndarray:
   p = argparse.ArgumentParser(prog='python -m mmjax.cli.mine_negatives', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +79,11 @@ def main(argv: list[str] | None = None) -> np.ndarray:
   p.add_argument('--out', default='negatives.npy', help='Relative to --data.')
   p.add_argument('--scores_out', default='', help='Also write pair similarities (relative).')
   p.add_argument('--batch_size', type=int, default=256)
+  p.add_argument('--resize', default='crop', choices=images_lib.RESIZES,
+                 help="How images are fitted to the model's input: the run's config.data.resize.")
+  p.add_argument('--background', default='255,255,255',
+                 help='R,G,B under transparent pixels and in the letterbox padding '
+                 '(config.data.background).')
   args = p.parse_args(argv)
   if args.k < 1:
     raise SystemExit(f'--k={args.k} must be >= 1.')
@@ -76,7 +91,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:
   src = sources.RecordSource(data)
   index = json.loads((data / 'index.json').read_text())
   emb = load_embedder(args.model, batch_size=args.batch_size)
-  size = emb.config.image.image_size
+  view = images_lib.View(emb.config.image.image_size, args.resize, _rgb(args.background))
   elements = [src[i] for i in range(len(src))]
   text_pairs = elements and elements[0]['query'] is not None
   captions = [records.normalise_caption(e['captions'][0]) for e in elements]
@@ -87,8 +102,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:
                      max_similarity=args.max_similarity)
     pair = np.sum(zquery * ztxt, 1)
   else:
-    images = np.stack([transforms.resize_crop(records.decode_image(e['image']), size, None)
-                       for e in elements])
+    images = np.stack([images_lib.load(e['image'], view) for e in elements])
     zimg = emb.embed_images(images)
     negatives = mine(ztxt, zimg, duplicate_ids(index), k=args.k,
                      max_similarity=args.max_similarity)

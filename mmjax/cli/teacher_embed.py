@@ -17,7 +17,7 @@ import numpy as np
 from absl import flags
 
 from mmjax import cli
-from mmjax.data import pipeline, teacher_embed
+from mmjax.data import augment, pipeline, teacher_embed
 from mmjax.train import teacher as teacher_lib
 
 
@@ -29,7 +29,8 @@ def write(config, out: str | pathlib.Path, *, batch_size: int = 256) -> list[pat
   _, srcs = pipeline.make_sources(config)
   files = []
   for i, src in enumerate(srcs):
-    arrays = teacher_lib.embed_source(teacher, [src[j] for j in range(len(src))])
+    arrays = teacher_lib.embed_source(teacher, [src[j] for j in range(len(src))],
+                                      augment.view(config.data, 0))
     file = teacher_embed.path(out, i)
     file.parent.mkdir(parents=True, exist_ok=True)
     np.savez(file, fingerprint=np.array(teacher_embed.fingerprint(src)), **arrays)

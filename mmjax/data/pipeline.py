@@ -21,7 +21,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from mmjax.data import demo, sources as sources_lib, teacher_embed, transforms
+from mmjax.data import augment, demo, sources as sources_lib, teacher_embed, transforms
 from mmjax.data.tokenizer import TextEncoder
 from mmjax.types import check_batch_divides
 
@@ -158,7 +158,8 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
     # Transforms are lazy and seeded by the global index, so they are the same in every process
     # whatever the process count; only the rows this process keeps below are computed.
     ds = ds.random_map(transforms.Preprocess(
-        encoder, image_size=config.model.image.image_size, augment=data.augment,
+        encoder, view=augment.view(data, config.model.image.image_size),
+        augment=augment.from_config(data), caption_sampling=data.caption_sampling,
         num_negatives=data.num_hard_negatives, source_index=i, text_pairs=text_pairs,
         teacher_encoder=teacher_encoder, caption_query=caption_query(config) and not text_pairs))
     streams.append(ds)

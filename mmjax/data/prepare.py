@@ -17,114 +17,61 @@ Output in `--out`: `<name>-SSSSS-of-NNNNN.array_record` shards of `mmjax.data.re
 reason) and `index.json` (per example: id, image SHA-256, dHash, caption keys; read by
 `mmjax.data.filter`).
 
+Images: the size in the header is checked against `--max_pixels` (default 64M px) before any
+decode (`too large: WxH px > limit`); images whose longest side exceeds `--max_image_size`
+(default 512) are stored downscaled, so training never decodes huge originals
+(`mmjax.data.ingest_images`).
+
 Shards are planned up front from the input order, written by worker processes under a temporary
 name and renamed when complete, next to a `.done` marker holding the shard's report; a rerun after
 a kill skips completed shards, so nothing is written twice and nothing is lost. One unreadable
-file or bad caption is reported and skipped, never fatal.
+file or bad caption is reported and skipped, never fatal. A worker killed by the OS (e.g. out of
+memory) fails the run with the input it was processing named, and `incomplete.json` written in
+place of `metadata.json`; `--skip_killed` then reports that input and goes on
+(`mmjax.data.ingest_workers`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
-import io
 import json
-import multiprocessing
 import os
 import pathlib
-import re
+import resource
 import sys
+import time
 from typing import Any
 
 import tqdm
 from array_record.python import array_record_module
-from PIL import Image
 
-from mmjax.data import records
-
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif')
-# Tux Paint translations: `fr.utf8=Un lori.`, `pt_BR.utf8=...`, `ca@valencia.utf8=...`.
-_TRANSLATION = re.compile(r'^[A-Za-z]+([_@][A-Za-z]+)*(\.[\w-]+)?=')
-LIST_FIELDS = ('captions', 'neg_images', 'neg_texts')
-
+from mmjax.data import ingest_images, ingest_workers, records
+from mmjax.data.manifests import (IMAGE_EXTENSIONS, read_manifest, read_side_captions,  # noqa: F401
+                                  scan_image_dir)
 
 @dataclasses.dataclass(frozen=True)
 class Options:
   out: pathlib.Path
   name: str = 'data'
   examples_per_shard: int = 1000
-  max_image_size: int = 0  # Longest side in pixels; 0 keeps the original file bytes.
+  # Stored images: longest side in pixels (larger ones are downscaled); 0 keeps every original.
+  max_image_size: int = ingest_images.DEFAULT_MAX_IMAGE_SIZE
   max_caption_chars: int = 2000
   max_negatives: int = 16
+  max_pixels: int = ingest_images.DEFAULT_MAX_PIXELS  # Header W*H above this: skipped; 0: none.
+  max_pixels_in_flight: int = 2 * ingest_images.DEFAULT_MAX_PIXELS  # All workers' decodes.
+  skip_rows: frozenset[int] = frozenset()  # Rows that killed a worker before (--skip_killed).
 
 
 # ----------------------------------------------------------------------------- planning
-
-def read_manifest(path: pathlib.Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-  """(rows, problems): rows of a JSONL or CSV manifest; unparsable lines become problems."""
-  rows, problems = [], []
-  base = path.parent
-  if path.suffix.lower() == '.csv':
-    with open(path, newline='', encoding='utf-8') as f:
-      for n, row in enumerate(csv.DictReader(f), start=2):
-        row = {k: v for k, v in row.items() if k and v not in (None, '')}
-        for k in LIST_FIELDS:
-          if k in row:
-            row[k] = [x for x in row[k].split('|') if x]
-        rows.append({**row, '_line': n})
-  else:
-    with open(path, encoding='utf-8') as f:
-      for n, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-          if not isinstance(row, dict):
-            raise ValueError('not a JSON object')
-        except ValueError as e:
-          problems.append({'line': n, 'reason': f'bad JSON: {e}'})
-          continue
-        rows.append({**row, '_line': n})
-  for row in rows:
-    for k in ('image', 'neg_images'):
-      if isinstance(row.get(k), str):
-        row[k] = str(base / row[k])
-      elif isinstance(row.get(k), list):
-        row[k] = [str(base / p) for p in row[k] if isinstance(p, str)]
-  return rows, problems
-
-
-def read_side_captions(path: pathlib.Path) -> list[str]:
-  """Captions of a side file: its non-empty lines that are not `xx.utf8=` translations."""
-  text = path.read_bytes().decode('utf-8', errors='replace')
-  return [ln for ln in text.splitlines() if ln.strip() and not _TRANSLATION.match(ln)]
-
-
-def scan_image_dir(root: pathlib.Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-  """(rows, problems) for every image under `root` with a caption side file, in path order."""
-  rows, problems = [], []
-  for path in sorted(p for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS):
-    side = path.with_suffix('.txt')
-    if not side.is_file() and path.stem.endswith('_mirror'):  # Tux Paint's mirrored variant.
-      side = path.with_name(path.stem[:-len('_mirror')] + '.txt')
-    rel = str(path.relative_to(root))
-    if not side.is_file():
-      problems.append({'id': rel, 'reason': 'no caption side file'})
-      continue
-    try:
-      rows.append({'id': rel, 'image': str(path), 'captions': read_side_captions(side)})
-    except OSError as e:
-      problems.append({'id': rel, 'reason': f'unreadable caption file: {e}'})
-  return rows, problems
-
 
 def plan_hash(rows: list[dict[str, Any]], opts: Options) -> str:
   """SHA-256 of what will be written: every row and the options that change the bytes."""
   h = hashlib.sha256()
   h.update(json.dumps([opts.examples_per_shard, opts.max_image_size, opts.max_caption_chars,
-                       opts.max_negatives]).encode())
+                       opts.max_negatives, opts.max_pixels]).encode())
   for row in rows:
     h.update(json.dumps(row, sort_keys=True, default=str).encode())
   return h.hexdigest()
@@ -132,27 +79,13 @@ def plan_hash(rows: list[dict[str, Any]], opts: Options) -> str:
 
 # ----------------------------------------------------------------------------- one example
 
-class Skip(Exception):
-  """This example cannot be ingested; the message is the reason in the report."""
+Skip = ingest_images.Skip
 
 
-def _read_image(path: str, opts: Options) -> tuple[bytes, Any]:
-  try:
-    data = pathlib.Path(path).read_bytes()
-  except OSError as e:
-    raise Skip(f'unreadable image: {e.strerror or e}') from e
-  try:
-    pixels = records.decode_image(data)
-  except Exception as e:  # pylint: disable=broad-except  # PIL raises many types on bad files
-    raise Skip(f'corrupt image: {type(e).__name__}: {e}') from e
-  if opts.max_image_size and max(pixels.shape[:2]) > opts.max_image_size:
-    im = Image.fromarray(pixels)
-    im.thumbnail((opts.max_image_size, opts.max_image_size), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    im.save(buf, format='PNG')
-    data = buf.getvalue()
-    pixels = records.decode_image(data)
-  return data, pixels
+def _read_image(path: str, opts: Options, ctx: ingest_workers.WorkerContext | None = None
+                ) -> tuple[bytes, Any, dict[str, Any]]:
+  return ingest_images.read_image(path, opts.max_pixels, opts.max_image_size,
+                                  ctx.hold if ctx else ingest_images.no_budget)
 
 
 def _texts(value: Any, field: str, opts: Options) -> list[str]:
@@ -172,10 +105,11 @@ def _texts(value: Any, field: str, opts: Options) -> list[str]:
   return out
 
 
-def make_example(row: dict[str, Any], index: int, opts: Options) -> tuple[dict[str, Any], dict]:
+def make_example(row: dict[str, Any], index: int, opts: Options,
+                 ctx: ingest_workers.WorkerContext | None = None) -> tuple[dict[str, Any], dict]:
   """(record, index entry) of one manifest row; raises Skip with the reason."""
   if 'segments' in row:
-    return _document(row, index, opts)
+    return _document(row, index, opts, ctx)
   captions = _texts(row.get('captions', row.get('caption', row.get('text', []))), 'captions', opts)
   if not captions:
     raise Skip('bad captions: no non-empty caption')
@@ -184,10 +118,12 @@ def make_example(row: dict[str, Any], index: int, opts: Options) -> tuple[dict[s
   if 'image' in row:
     if not isinstance(row['image'], str):
       raise Skip(f'bad image field: {row["image"]!r}')
-    data, pixels = _read_image(row['image'], opts)
+    data, pixels, info = _read_image(row['image'], opts, ctx)
     ex['image'] = data
     entry['sha256'] = hashlib.sha256(pixels.tobytes()).hexdigest()
     entry['dhash'] = records.dhash(pixels)
+    if 'stored_size' in info:  # Downscaled (or re-encoded) at ingestion.
+      entry['original_size'] = info['size']
   elif 'query' in row:
     query = _texts(row['query'], 'query', opts)
     if len(query) != 1:
@@ -208,7 +144,7 @@ def make_example(row: dict[str, Any], index: int, opts: Options) -> tuple[dict[s
   negs = []
   for path in (row.get('neg_images') or [])[:opts.max_negatives]:
     try:
-      negs.append(_read_image(path, opts)[0])
+      negs.append(_read_image(path, opts, ctx)[0])
     except Skip:  # A bad negative only loses that negative.
       entry['bad_negatives'] = entry.get('bad_negatives', 0) + 1
   if negs:
@@ -218,14 +154,15 @@ def make_example(row: dict[str, Any], index: int, opts: Options) -> tuple[dict[s
   return ex, entry
 
 
-def _document(row: dict[str, Any], index: int, opts: Options) -> tuple[dict[str, Any], dict]:
+def _document(row: dict[str, Any], index: int, opts: Options,
+              ctx: ingest_workers.WorkerContext | None) -> tuple[dict[str, Any], dict]:
   """An interleaved document: its segments in order, images as encoded bytes."""
   segments, texts = [], []
   if not isinstance(row['segments'], list):
     raise Skip('bad segments: expected a list')
   for seg in row['segments']:
     if isinstance(seg, dict) and isinstance(seg.get('image'), str):
-      segments.append({'image': _read_image(seg['image'], opts)[0]})
+      segments.append({'image': _read_image(seg['image'], opts, ctx)[0]})
     elif isinstance(seg, dict) and 'text' in seg:
       text = _texts(seg['text'], 'segment text', opts)
       if text:
@@ -250,17 +187,24 @@ def _marker(path: pathlib.Path) -> pathlib.Path:
   return path.with_name(path.name + '.done')
 
 
-def write_shard(args: tuple[int, int, list[dict[str, Any]], int, Options]) -> dict[str, Any]:
-  """Writes one shard (temp name, then rename, then marker); returns its report."""
-  shard, num_shards, rows, first_index, opts = args
+def write_shard(task: tuple[int, int, list[dict[str, Any]], int, Options],
+                ctx: ingest_workers.WorkerContext | None = None) -> dict[str, Any]:
+  """Writes one shard (temp name, then rename, then marker); returns its counts."""
+  shard, num_shards, rows, first_index, opts = task
+  ctx = ctx or ingest_workers.WorkerContext()
   final = shard_path(opts, shard, num_shards)
   tmp = final.with_name(final.name + f'.tmp-{os.getpid()}')
   writer = array_record_module.ArrayRecordWriter(str(tmp), 'group_size:1')
   skipped, index = [], []
   for i, row in enumerate(rows):
     where = {k: row[k] for k in ('id', '_line', 'image', 'query') if k in row}
+    line = f'line {row["_line"]}, ' if '_line' in row else ''
+    ctx.doing(f'{first_index + i}\t{row.get("image") or row.get("id", "")}\t'
+              f'(row {first_index + i}, {line}shard {shard})')
     try:
-      ex, entry = make_example(row, first_index + i, opts)
+      if first_index + i in opts.skip_rows:
+        raise Skip(KILLED_REASON)
+      ex, entry = make_example(row, first_index + i, opts, ctx)
     except Skip as e:
       skipped.append({**where, 'reason': str(e)})
       continue
@@ -275,14 +219,15 @@ def write_shard(args: tuple[int, int, list[dict[str, Any]], int, Options]) -> di
   marker = _marker(final)
   marker.with_suffix('.tmp').write_text(json.dumps(report))
   marker.with_suffix('.tmp').replace(marker)
-  return report
+  return {'shard': shard, 'done': len(rows)}
 
 
-def prepare(rows: list[dict[str, Any]], problems: list[dict[str, Any]], opts: Options, *,
-            workers: int = 1, source: str = '', progress: bool = True) -> dict[str, Any]:
-  """Ingests `rows` into `opts.out` (resuming a previous run); returns the metadata."""
-  opts.out.mkdir(parents=True, exist_ok=True)
-  digest = plan_hash(rows, opts)
+KILLED_REASON = ('worker killed: a worker process died while processing this input in an '
+                 'earlier run (out of memory?); skipped by --skip_killed')
+KILLED_FILE, INCOMPLETE_FILE = 'killed.json', 'incomplete.json'
+
+
+def _check_plan(opts: Options, digest: str) -> None:
   plan_file = opts.out / 'plan.json'
   if plan_file.exists():
     old = json.loads(plan_file.read_text())
@@ -292,28 +237,79 @@ def prepare(rows: list[dict[str, Any]], problems: list[dict[str, Any]], opts: Op
                        '--out or delete it.')
   else:
     plan_file.write_text(json.dumps({'source_hash': digest, 'name': opts.name}))
+
+
+def killed_rows(out: pathlib.Path) -> frozenset[int]:
+  """Rows whose processing killed a worker in an earlier run into `out` (for --skip_killed)."""
+  path = out / KILLED_FILE
+  return frozenset(k['row'] for k in json.loads(path.read_text())) if path.exists() else frozenset()
+
+
+def _fail(opts: Options, e: ingest_workers.WorkerDied, done: int, total: int) -> SystemExit:
+  """Records the input that killed a worker and returns the error that ends the run."""
+  row, what, detail = (e.doing.split('\t') + ['', ''])[:3]
+  if row.isdigit():
+    path = opts.out / KILLED_FILE
+    killed = json.loads(path.read_text()) if path.exists() else []
+    killed.append({'row': int(row), 'input': what, 'exitcode': e.exitcode})
+    path.write_text(json.dumps(killed, indent=1))
+  else:
+    what = e.doing
+  msg = (f'Ingestion failed: worker {e.pid} {e.how} while processing {what} {detail}. {done} of '
+         f'{total} shards are complete and kept in {opts.out}; metadata.json is not written '
+         f'({INCOMPLETE_FILE} says why). Rerun the same command to retry it, add --skip_killed '
+         'to report this input and go on, or lower --workers / --max_pixels / '
+         '--max_pixels_in_flight to use less memory.')
+  (opts.out / INCOMPLETE_FILE).write_text(json.dumps({'error': msg, 'input': what}, indent=1))
+  return SystemExit(msg)
+
+
+def prepare(rows: list[dict[str, Any]], problems: list[dict[str, Any]], opts: Options, *,
+            workers: int = 1, source: str = '', progress: bool = True) -> dict[str, Any]:
+  """Ingests `rows` into `opts.out` (resuming a previous run); returns the metadata."""
+  opts.out.mkdir(parents=True, exist_ok=True)
+  digest = plan_hash(rows, opts)
+  _check_plan(opts, digest)
   n = opts.examples_per_shard
   num_shards = max(1, -(-len(rows) // n))
   tasks = [(s, num_shards, rows[s * n:(s + 1) * n], s * n, opts) for s in range(num_shards)]
   todo = [t for t in tasks if not _marker(shard_path(opts, t[0], num_shards)).exists()]
   for stale in opts.out.glob(f'{opts.name}-*.tmp-*'):  # Left by a killed run.
     stale.unlink()
+  if todo:  # Until every shard is done, the directory must not look finished.
+    (opts.out / 'metadata.json').unlink(missing_ok=True)
+    (opts.out / INCOMPLETE_FILE).write_text(json.dumps({'error': 'ingestion in progress'}))
   bar = tqdm.tqdm(total=len(rows), initial=len(rows) - sum(len(t[2]) for t in todo),
                   unit='ex', disable=not progress, file=sys.stderr)
+  started, worker_peaks = time.perf_counter(), []
   if workers > 1 and len(todo) > 1:
-    with multiprocessing.get_context('spawn').Pool(min(workers, len(todo))) as pool:
-      for rep in pool.imap_unordered(write_shard, todo):
-        bar.update(rep['num_examples'] + len(rep['skipped']))
+    try:
+      for summary, rss_mb in ingest_workers.run(write_shard, todo, min(workers, len(todo)),
+                                                max_pixels_in_flight=opts.max_pixels_in_flight):
+        bar.update(summary['done'])
+        worker_peaks.append(rss_mb)
+    except ingest_workers.WorkerDied as e:
+      bar.close()
+      done = sum(_marker(shard_path(opts, s, num_shards)).exists() for s in range(num_shards))
+      raise _fail(opts, e, done, num_shards) from None
   else:
     for t in todo:
-      rep = write_shard(t)
-      bar.update(rep['num_examples'] + len(rep['skipped']))
+      bar.update(write_shard(t)['done'])
   bar.close()
-  return finalise(opts, num_shards, problems, digest, source)
+  run_stats = {'seconds': round(time.perf_counter() - started, 3), 'workers': workers,
+               'shards_written': len(todo), 'parent_peak_rss_mb': round(_self_peak_mb(), 1),
+               'worker_peak_rss_mb': round(max(worker_peaks, default=0.0), 1)}
+  meta = finalise(opts, num_shards, problems, digest, source, run_stats)
+  (opts.out / INCOMPLETE_FILE).unlink(missing_ok=True)
+  return {**meta, 'last_run': run_stats}
+
+
+def _self_peak_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def finalise(opts: Options, num_shards: int, problems: list[dict[str, Any]], digest: str,
-             source: str) -> dict[str, Any]:
+             source: str, run_stats: dict[str, Any] | None = None) -> dict[str, Any]:
   reports = [json.loads(_marker(shard_path(opts, s, num_shards)).read_text())
              for s in range(num_shards)]
   skipped = problems + [s for r in reports for s in r['skipped']]
@@ -331,9 +327,12 @@ def finalise(opts: Options, num_shards: int, problems: list[dict[str, Any]], dig
       'num_documents': sum('num_images' in e for e in index),
       'shards': [r['shard'] for r in reports],
       'shard_lengths': [r['num_examples'] for r in reports],
+      'num_resized': sum('original_size' in e for e in index),
+      'options': {'max_pixels': opts.max_pixels, 'max_image_size': opts.max_image_size,
+                  'max_pixels_in_flight': opts.max_pixels_in_flight},
       'feature_spec': records.FEATURE_SPEC,
   }
-  for name, obj in (('report.json', {'skipped': skipped}), ('index.json', index),
+  for name, obj in (('report.json', {'skipped': skipped, 'last_run': run_stats or {}}), ('index.json', index),
                     ('metadata.json', meta)):
     tmp = opts.out / (name + '.tmp')
     tmp.write_text(json.dumps(obj, indent=1))
@@ -355,7 +354,7 @@ def read_inputs(args) -> tuple[tuple[list, list], str]:
   return scan_image_dir(path), str(path)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog='python -m mmjax.data.prepare', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--manifest', help='JSONL or CSV manifest.')
@@ -364,21 +363,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument('--name', default='data', help='Shard file prefix.')
   p.add_argument('--examples_per_shard', type=int, default=1000)
   p.add_argument('--workers', type=int, default=os.cpu_count() or 1)
-  p.add_argument('--max_image_size', type=int, default=0,
-                 help='Downscale (PNG re-encode) images whose longest side is larger; 0: keep.')
+  p.add_argument('--max_image_size', type=int, default=ingest_images.DEFAULT_MAX_IMAGE_SIZE,
+                 help='Longest side of stored images: larger ones are downscaled (aspect kept; '
+                 'JPEG stays JPEG, others become PNG); 0 keeps every original file. Default '
+                 '%(default)s.')
+  p.add_argument('--max_pixels', type=int, default=ingest_images.DEFAULT_MAX_PIXELS,
+                 help='Images whose header says more pixels (W*H) are skipped as `too large` '
+                 'before any decode; 0: no limit (and no Pillow bomb check). Default %(default)s.')
+  p.add_argument('--max_pixels_in_flight', type=int, default=0,
+                 help='Pixels decoded at once by all workers together (bounds memory whatever '
+                 '--workers); 0: 2 * --max_pixels.')
+  p.add_argument('--skip_killed', action='store_true',
+                 help='Report (and skip) inputs that killed a worker in an earlier run into --out.')
   p.add_argument('--max_negatives', type=int, default=16)
   p.add_argument('--no_progress', action='store_true')
   args = p.parse_args(argv)
-  if args.examples_per_shard < 1:
-    raise SystemExit(f'--examples_per_shard={args.examples_per_shard} must be >= 1.')
+  for key in ('examples_per_shard', 'workers'):
+    if getattr(args, key) < 1:
+      raise SystemExit(f'--{key}={getattr(args, key)} must be >= 1.')
+  for key in ('max_image_size', 'max_pixels', 'max_pixels_in_flight'):
+    if getattr(args, key) < 0:
+      raise SystemExit(f'--{key}={getattr(args, key)} must be >= 0.')
+  return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  args = _parse_args(argv)
   (rows, problems), source = read_inputs(args)
-  opts = Options(out=pathlib.Path(args.out), name=args.name,
-                 examples_per_shard=args.examples_per_shard, max_image_size=args.max_image_size,
-                 max_negatives=args.max_negatives)
+  out = pathlib.Path(args.out)
+  opts = Options(out=out, name=args.name, examples_per_shard=args.examples_per_shard,
+                 max_image_size=args.max_image_size, max_negatives=args.max_negatives,
+                 max_pixels=args.max_pixels,
+                 max_pixels_in_flight=args.max_pixels_in_flight or 2 * args.max_pixels,
+                 skip_rows=killed_rows(out) if args.skip_killed else frozenset())
   meta = prepare(rows, problems, opts, workers=args.workers, source=source,
                  progress=not args.no_progress)
-  print(f'{meta["num_examples"]} examples in {len(meta["shards"])} shards under {opts.out}; '
-        f'{meta["num_skipped"]} skipped {meta["skipped_by_reason"]} (see report.json).')
+  run = meta['last_run']
+  workers = (f' + {run["worker_peak_rss_mb"]:.0f} MiB per worker'
+             if run['worker_peak_rss_mb'] else ' (no worker processes)')
+  print(f'{meta["num_examples"]} examples in {len(meta["shards"])} shards under {opts.out} '
+        f'({meta["num_resized"]} downscaled); {meta["num_skipped"]} skipped '
+        f'{meta["skipped_by_reason"]} (see report.json). {run["seconds"]:.1f} s, peak RSS '
+        f'{run["parent_peak_rss_mb"]:.0f} MiB main{workers}.')
   return meta
 
 

@@ -20,7 +20,6 @@ One ArrayRecord record is one example, a msgpack map (no pickle: readable from a
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import unicodedata
 from typing import Any
@@ -28,6 +27,8 @@ from typing import Any
 import msgpack
 import numpy as np
 from PIL import Image
+
+from mmjax.data import images
 
 FORMAT = 'mmjax.records.v1'
 FEATURE_SPEC: dict[str, str] = {
@@ -69,15 +70,8 @@ def hash31(data: str | bytes) -> int:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-  """uint8 [H, W, 3]; raises on truncated or unreadable files (PIL's lazy decode forced)."""
-  with Image.open(io.BytesIO(data)) as im:
-    im.load()
-    if im.mode in ('RGBA', 'LA', 'P'):
-      # Transparent stamps and icons: composite on white rather than on black garbage.
-      im = im.convert('RGBA')
-      bg = Image.new('RGBA', im.size, (255, 255, 255, 255))
-      im = Image.alpha_composite(bg, im)
-    return np.asarray(im.convert('RGB'))
+  """uint8 [H, W, 3], transparency on white (`images.decode`); raises on unreadable files."""
+  return images.decode(data)
 
 
 def dhash(image: np.ndarray, size: int = 8) -> int:

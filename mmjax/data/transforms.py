@@ -1,10 +1,10 @@
 """Per-element transforms and the per-batch `group` column.
 
 `Preprocess` (seeded per element, so a caption is re-sampled every epoch and a resumed run draws
-the same one): decode, resize/crop, light augmentation, caption sampling, normalisation and
-tokenisation with truncation. A corrupt image does not raise: the element is marked and
-`SkipCorrupt` drops it, counting, and fails the run with a clear message once the skipped
-fraction passes `max_skip_fraction`.
+the same one): decode, resize (`mmjax.data.images`), augmentation (`mmjax.data.augment`),
+caption sampling, normalisation and tokenisation with truncation. A corrupt image does not
+raise: the element is marked and `SkipCorrupt` drops it, counting, and fails the run with a
+clear message once the skipped fraction passes `max_skip_fraction`.
 
 `assign_groups` turns each row's duplicate keys into one int32 `group` column: rows that share a
 group id, a normalised caption or an image are in one group (transitively), every other row gets
@@ -18,12 +18,12 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
-from mmjax.data import records
+from mmjax.data import images, records
+from mmjax.data.augment import Augment
+from mmjax.data.images import View
 from mmjax.data.tokenizer import TextEncoder
 
-AUGMENTS = ('none', 'light')
 KEY_COLUMNS = ('group_key', 'caption_key', 'image_key')
 
 
@@ -31,58 +31,46 @@ class CorruptDataError(RuntimeError):
   """Too many elements of the input could not be decoded."""
 
 
-def resize_crop(image: np.ndarray, size: int, rng: np.random.Generator | None,
-                min_scale: float = 0.8) -> np.ndarray:
-  """Square crop resized to `size`: centred (rng None) or a random crop of >= min_scale of the
-  shorter side. Never flips: captions say 'left' and 'right'."""
-  h, w = image.shape[:2]
-  side = min(h, w)
-  if rng is not None:
-    side = max(1, int(round(side * rng.uniform(min_scale, 1.0))))
-    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-  else:
-    top, left = (h - side) // 2, (w - side) // 2
-  crop = image[top:top + side, left:left + side]
-  if crop.shape[:2] != (size, size):
-    crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR))
-  return crop
-
-
-def light_colour_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """+-10% brightness and contrast: small enough to keep colour words true."""
-  x = image.astype(np.float32)
-  mean = x.mean()
-  x = (x - mean) * rng.uniform(0.9, 1.1) + mean * rng.uniform(0.9, 1.1)
-  return np.clip(x, 0, 255).astype(np.uint8)
-
-
 class Preprocess(grain.transforms.RandomMap):
-  """Common element layout -> fixed-shape arrays (see `pipeline.batch_spec`)."""
+  """Common element layout -> fixed-shape arrays (see `pipeline.batch_spec`).
 
-  def __init__(self, encoder: TextEncoder, *, image_size: int, augment: str = 'none',
-               num_negatives: int = 0, source_index: int = 0, text_pairs: bool = False,
-               teacher_encoder: TextEncoder | None = None, caption_query: bool = False):
-    self.encoder, self.image_size, self.augment = encoder, image_size, augment
+  `view`: the deterministic resize (used whenever `augment` does not crop); `augment`: None for
+  none; `caption_sampling`: 'random' (any of an element's captions, re-drawn every epoch) or
+  'first'. A flipped element's texts (caption, second caption, hard-negative texts) have
+  left and right swapped, and its hard-negative images flip with it."""
+
+  def __init__(self, encoder: TextEncoder, *, view: View, augment: Augment | None = None,
+               caption_sampling: str = 'random', num_negatives: int = 0, source_index: int = 0,
+               text_pairs: bool = False, teacher_encoder: TextEncoder | None = None,
+               caption_query: bool = False):
+    self.encoder, self.view, self.augment = encoder, view, augment
+    self.caption_sampling = caption_sampling
     self.num_negatives, self.source_index, self.text_pairs = num_negatives, source_index, text_pairs
     # Distillation with a live teacher: its own tokens of the same texts ('teacher_tokens').
     self.teacher_encoder = teacher_encoder
     self.caption_query = caption_query  # 'query_tokens': another caption of the same image.
 
-  def _image(self, image: Any, rng: np.random.Generator | None) -> np.ndarray:
-    if isinstance(image, (bytes, bytearray)):
-      image = records.decode_image(image)
-    image = np.asarray(image, np.uint8)
-    if image.ndim == 2:
-      image = np.stack([image] * 3, -1)
-    if image.ndim != 3 or image.shape[2] != 3:
-      raise ValueError(f'image of shape {image.shape}')
-    image = resize_crop(image, self.image_size, rng)
-    return light_colour_jitter(image, rng) if rng is not None else image
+  @property
+  def image_size(self) -> int:
+    return self.view.size
+
+  def _image(self, image: Any, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    if self.augment is None:
+      return images.load(image, self.view)
+    return self.augment.image(image, self.view, rng, flip)
+
+  def _text(self, text: str, flip: bool) -> str:
+    text = records.normalise_caption(text)
+    return self.augment.swap(text) if flip else text
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     captions = element['captions']
-    which = int(rng.integers(len(captions)))
-    caption = records.normalise_caption(captions[which])
+    which = int(rng.integers(len(captions))) if self.caption_sampling == 'random' else 0
+    other = None
+    if self.caption_query and not self.text_pairs:  # Drawn after `which`: its draw is unchanged.
+      other = (which + 1 + int(rng.integers(max(1, len(captions) - 1)))) % len(captions)
+    flip = (self.augment is not None and not self.text_pairs and self.augment.draw_flip(rng))
+    caption = self._text(captions[which], flip)
     tokens, mask = self.encoder.encode_one(caption)
     out: dict[str, Any] = {
         'tokens': tokens, 'mask': mask, 'weight': np.float32(element['weight']),
@@ -90,18 +78,16 @@ class Preprocess(grain.transforms.RandomMap):
         'group_key': np.int64(records.hash31('g:' + element['group']) if element['group'] else -1),
         'caption_key': np.int64(records.hash31('c:' + records.caption_key(caption))),
     }
-    aug_rng = rng if self.augment == 'light' else None
     if self.text_pairs:
       out['query_tokens'], out['query_mask'] = self.encoder.encode_one(
           records.normalise_caption(element['query']))
       out['image_key'] = np.int64(records.hash31('q:' + records.caption_key(element['query'])))
     else:
-      if self.caption_query:  # Drawn after `which`, so the main caption's draw is unchanged.
-        other = (which + 1 + int(rng.integers(max(1, len(captions) - 1)))) % len(captions)
+      if other is not None:
         out['query_tokens'], out['query_mask'] = self.encoder.encode_one(
-            records.normalise_caption(captions[other]))
+            self._text(captions[other], flip))
       try:
-        out['image'] = self._image(element['image'], aug_rng)
+        out['image'] = self._image(element['image'], rng, flip)
       except Exception:  # pylint: disable=broad-except  # PIL raises many types on bad files
         return {'ok': False}
       # The stored image, not the augmented crop: two copies stay duplicates under augmentation.
@@ -109,13 +95,13 @@ class Preprocess(grain.transforms.RandomMap):
       raw = raw if isinstance(raw, (bytes, bytearray)) else np.ascontiguousarray(raw).tobytes()
       out['image_key'] = np.int64(records.hash31(b'i:' + raw))
     if self.num_negatives:
-      out.update(self._negatives(element, aug_rng))
+      out.update(self._negatives(element, rng, flip))
     out.update(self._teacher(element, which, caption))
     return out
 
   def _teacher(self, element: dict[str, Any], which: int, caption: str) -> dict[str, Any]:
     """Distillation columns: precomputed teacher embeddings (`TeacherEmbeddings` sources; the
-    row of the sampled caption) or the live teacher's tokens."""
+    row of the sampled caption, embedded un-flipped) or the live teacher's tokens."""
     out = {}
     if 'teacher_text' in element:
       out['teacher_text'] = np.asarray(element['teacher_text'][which], np.float32)
@@ -129,9 +115,9 @@ class Preprocess(grain.transforms.RandomMap):
             records.normalise_caption(element['query']))
     return out
 
-  def _negatives(self, element: dict[str, Any], rng) -> dict[str, np.ndarray]:
-    k, s, L = self.num_negatives, self.image_size, self.encoder.max_len
-    texts = element['neg_texts'][:k]
+  def _negatives(self, element: dict[str, Any], rng, flip: bool) -> dict[str, np.ndarray]:
+    k, s, L = self.num_negatives, self.view.size, self.encoder.max_len
+    texts = [self._text(t, flip) if flip else t for t in element['neg_texts'][:k]]
     ids, mask = self.encoder(texts) if texts else (np.zeros((0, L), np.int32),) * 2
     out = {'neg_tokens': np.zeros((k, L), np.int32), 'neg_mask': np.zeros((k, L), np.int32),
            'neg_text_valid': np.zeros((k,), np.int32)}
@@ -145,7 +131,7 @@ class Preprocess(grain.transforms.RandomMap):
         if n == k:
           break
         try:
-          out['neg_image'][n] = self._image(image, rng)
+          out['neg_image'][n] = self._image(image, rng, flip)
         except Exception:  # pylint: disable=broad-except  # a bad negative is just left out
           continue
         out['neg_image_valid'][n] = 1

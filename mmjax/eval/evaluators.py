@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mmjax import kinds
+from mmjax.data import augment
 from mmjax.eval import classification as cls_lib
 from mmjax.eval import specs as specs_lib
 from mmjax.data import sources
@@ -75,7 +76,7 @@ def _select(out: dict[str, float], wanted) -> dict[str, float]:
           if k in wanted or ('per_class' in wanted and k.startswith('per_class/'))}
 
 
-def retrieval_evaluator(spec: dict[str, Any], image_size: int) -> RetrievalEvaluator:
+def retrieval_evaluator(spec: dict[str, Any], image_size: int, view=None) -> RetrievalEvaluator:
   kwargs = dict(names=spec['metrics'], index_min_corpus=spec['index_min_corpus'],
                 index_overrides=specs_lib.index_overrides(spec))
   if spec['dataset'] == 'demo_validation':
@@ -86,13 +87,15 @@ def retrieval_evaluator(spec: dict[str, Any], image_size: int) -> RetrievalEvalu
                                            image_key=spec['image_key'],
                                            captions_key=spec['captions_key']),
                         num_demo_examples=0, image_size=image_size, seed=0)
-  return RetrievalEvaluator.from_source(source, spec['max_examples'], image_size, **kwargs)
+  return RetrievalEvaluator.from_source(source, spec['max_examples'], image_size, view, **kwargs)
 
 
-def make(spec: dict[str, Any], image_size: int) -> Callable[[Embedder], dict[str, float]]:
-  """The evaluator of a resolved spec."""
+def make(spec: dict[str, Any], image_size: int, view=None
+         ) -> Callable[[Embedder], dict[str, float]]:
+  """The evaluator of a resolved spec. `view`: how stored images are resized (the run's
+  `config.data.resize`); the other evaluators render their images at image_size."""
   if spec['type'] == 'retrieval':
-    return retrieval_evaluator(spec, image_size)
+    return retrieval_evaluator(spec, image_size, view)
   if spec['type'] == 'zero_shot':
     return ZeroShotEvaluator(spec, image_size)
   if spec['type'] == 'linear_probe':
@@ -108,10 +111,11 @@ class Named:
   every_steps: int
   spec: dict[str, Any]
   image_size: int
+  view: Any = None  # mmjax.data.images.View of the run (None: centre crop).
 
   @functools.cached_property
   def evaluator(self):
-    return make(self.spec, self.image_size)
+    return make(self.spec, self.image_size, self.view)
 
   def __call__(self, embedder: Embedder) -> dict[str, float]:
     out = self.evaluator(embedder)
@@ -166,11 +170,12 @@ def build_suite(config) -> Suite:
   size = config.model.image.image_size
   default_every = config.eval.every_steps
   primary = primary_spec(config)
-  evaluators = [Named('', default_every, primary, size)]
+  view = augment.view(config.data, size)
+  evaluators = [Named('', default_every, primary, size, view)]
   evals = config.get('evals', None) or {}
   for name in sorted(evals.keys()):
     spec = specs_lib.resolved(evals[name])
-    evaluators.append(Named(name, spec['every_steps'] or default_every, spec, size))
+    evaluators.append(Named(name, spec['every_steps'] or default_every, spec, size, view))
   return Suite(evaluators)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from mmjax.data import demo
 from mmjax.eval import metrics as metrics_lib
 from mmjax.embedder import Embedder
-from mmjax.data import records, transforms
+from mmjax.data import images as images_lib, records, transforms
 from mmjax.index.ann import ScannIndex
 
 DEFAULT_KS = (1, 5, 10)
@@ -124,11 +124,13 @@ class RetrievalEvaluator:
     return 1.0 / len(self.captions)
 
   @classmethod
-  def from_source(cls, source, max_examples: int, image_size: int,
+  def from_source(cls, source, max_examples: int, image_size: int, view=None,
                   **kwargs) -> RetrievalEvaluator:
     """The first `max_examples` elements of a data source (`mmjax.data.sources`: ingested
     records or TFDS), every caption of each; unreadable images are skipped and counted
-    (`self.skipped`)."""
+    (`self.skipped`). `view`: the run's deterministic resize (`mmjax.data.images.View`;
+    None: centre crop at image_size)."""
+    view = view or images_lib.View(image_size)
     images, queries, captions, owners, skipped = [], [], [], [], 0
     for index in range(min(max_examples, len(source))):
       ex = source[index]
@@ -136,10 +138,7 @@ class RetrievalEvaluator:
         queries.append(records.normalise_caption(ex['query']))
       else:
         try:
-          image = ex['image']
-          if isinstance(image, (bytes, bytearray)):
-            image = records.decode_image(image)
-          images.append(transforms.resize_crop(np.asarray(image, np.uint8), image_size, None))
+          images.append(images_lib.load(ex['image'], view))
         except Exception:  # pylint: disable=broad-except  # PIL raises many types on bad files
           skipped += 1
           continue

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import hf
-from mmjax.data import records, teacher_embed, tokenizer as tokenizer_lib, transforms
+from mmjax.data import images as images_lib, records, teacher_embed, tokenizer as tokenizer_lib
 from mmjax.embedder import Embedder, load_embedder
 from mmjax.models.two_tower import TwoTower
 from mmjax.models.two_tower import normalize_images
@@ -92,12 +92,13 @@ def embed_fn(teacher: Teacher, image_size: int):
   return fn
 
 
-def embed_source(teacher: Teacher, elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+def embed_source(teacher: Teacher, elements: Sequence[dict[str, Any]],
+                 view: images_lib.View | None = None) -> dict[str, np.ndarray]:
   """The 'data' teacher: every example of a source embedded once.
 
-  'image' [N, dt] (the stored image, centre-cropped to the teacher's size: the un-augmented
-  view), 'text' [N, C, dt] for each of an example's C captions (zero rows past its own
-  count; the pipeline picks the row of the caption it sampled), 'num_captions' [N], and
+  'image' [N, dt] (the stored image by the run's deterministic `view` at the teacher's size:
+  the un-augmented view), 'text' [N, C, dt] for each of an example's C captions (zero rows past
+  its own count; the pipeline picks the row of the caption it sampled), 'num_captions' [N], and
   'query' [N, dt] for text-text pairs."""
   emb, n = teacher.embedder, len(elements)
   counts = np.array([len(e['captions']) for e in elements], np.int32)
@@ -111,19 +112,11 @@ def embed_source(teacher: Teacher, elements: Sequence[dict[str, Any]]) -> dict[s
   if elements and elements[0]['query'] is not None:
     out['query'] = emb.embed_texts([records.normalise_caption(e['query']) for e in elements])
   elif 'image' in teacher.roles:
-    size = emb.config.image.image_size
+    view = dataclasses.replace(view or images_lib.View(0), size=emb.config.image.image_size)
     out['image'] = np.concatenate([emb.embed_images(np.stack([
-        _crop(e['image'], size) for e in elements[s:s + 512]])) for s in range(0, n, 512)])
+        images_lib.load(e['image'], view) for e in elements[s:s + 512]]))
+        for s in range(0, n, 512)])
   return out
-
-
-def _crop(image, size: int) -> np.ndarray:
-  if isinstance(image, (bytes, bytearray)):
-    image = records.decode_image(image)
-  image = np.asarray(image, np.uint8)
-  if image.ndim == 2:
-    image = np.stack([image] * 3, -1)
-  return transforms.resize_crop(image, size, None)
 
 
 @dataclasses.dataclass
