@@ -259,8 +259,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Tokenizer -------------------------------------------------------------------------------
   c.tokenizer = ml_collections.ConfigDict()
-  # '' trains a WordPiece tokenizer on the demo captions at start-up (saved to the workdir so a
-  # resumed run uses the same one); otherwise a local tokenizer.json or a directory holding one.
+  # '' trains a WordPiece tokenizer on the run's captions at start-up (bitwise reproducible;
+  # saved to the workdir so a resumed run uses the same one); otherwise a local tokenizer.json
+  # or a directory holding one, a SentencePiece *.model, or CLIP's bpe_simple_vocab_16e6.txt.gz
+  # (docs/data.md#tokenizers).
   c.tokenizer.path = ''
   c.tokenizer.vocab_size = 1024  # Size of the trained vocabulary (when path is '').
 

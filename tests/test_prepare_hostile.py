@@ -220,3 +220,51 @@ def test_killed_worker_fails_the_run_naming_the_input_then_resumes(tmp_path):
   assert meta['num_examples'] == 12 and meta['num_skipped'] == 6
   for marker, data in shard_bytes.items():  # What was written before the kill is untouched.
     assert (out / marker.name[:-len('.done')]).read_bytes() == data
+
+
+def _tree_rss_mib(pid: int) -> float:
+  """Resident memory of `pid` and all its descendants, from /proc."""
+  total, todo = 0, [pid]
+  while todo:
+    p = todo.pop()
+    try:
+      with open(f'/proc/{p}/status', encoding='ascii') as f:
+        total += next(int(ln.split()[1]) for ln in f if ln.startswith('VmRSS:'))
+      for task in os.listdir(f'/proc/{p}/task'):
+        with open(f'/proc/{p}/task/{task}/children', encoding='ascii') as f:
+          todo += [int(c) for c in f.read().split()]
+    except (OSError, StopIteration):
+      pass
+  return total / 1024
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not pathlib.Path('/proc/self/task').is_dir(), reason='needs Linux /proc')
+def test_memory_of_all_workers_stays_within_the_stated_bound(tmp_path):
+  """docs/data.md's bound: main + workers x base + 4.5 B x max(--max_pixels_in_flight, largest
+  image). Four workers, eight 16M px images, a 16M px budget: one large decode at a time."""
+  rng = np.random.default_rng(0)
+  rows = []
+  for i in range(8):
+    small = rng.integers(0, 255, (41, 41, 3), dtype=np.uint8)
+    im = Image.fromarray(small).resize((4000, 4000), Image.Resampling.BILINEAR)
+    name = f'{i}.jpg' if i % 2 else f'{i}.png'
+    im.save(tmp_path / name, **({'quality': 90} if i % 2 else {'compress_level': 1}))
+    rows.append(json.dumps({'image': name, 'caption': f'image {i}'}))
+  (tmp_path / 'm.jsonl').write_text('\n'.join(rows))
+  workers, budget = 4, 16_000_000
+  cmd = [sys.executable, '-m', 'mmjax.data.prepare', f'--manifest={tmp_path / "m.jsonl"}',
+         f'--out={tmp_path / "out"}', f'--workers={workers}', '--examples_per_shard=1',
+         f'--max_pixels_in_flight={budget}', '--no_progress']
+  proc = subprocess.Popen(cmd, env={**os.environ, 'PYTHONPATH': str(ROOT)},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  peak = 0.0
+  while proc.poll() is None:
+    peak = max(peak, _tree_rss_mib(proc.pid))
+    time.sleep(0.01)
+  stdout, stderr = proc.communicate()
+  assert proc.returncode == 0, stderr[-2000:]
+  assert '8 downscaled' in stdout
+  bound = 120 + workers * 100 + 4.5 * budget / 2**20
+  print(f"peak tree RSS {peak:.0f} MiB, bound {bound:.0f} MiB; {stdout.strip()}")
+  assert 0 < peak < bound, (peak, bound, stdout)

@@ -92,9 +92,18 @@ def _worker(slot: int, fn, tasks, results, slots, budget) -> None:
   while (task := tasks.get()) is not None:
     ctx.doing(f'task {task[0]}')
     summary = fn(task, ctx)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    results.put((slot, summary, rss_mb))
+    results.put((slot, summary, peak_rss_mib()))
     ctx.doing('')
+
+
+def peak_rss_mib() -> float:
+  """This process's peak resident memory. /proc's VmHWM where there is one: `ru_maxrss` carries
+  over the peak of the process that exec'd this one (a large parent would be counted)."""
+  try:
+    with open('/proc/self/status', encoding='ascii') as f:
+      return next(int(ln.split()[1]) for ln in f if ln.startswith('VmHWM:')) / 1024
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _describe_exit(code: int | None) -> str:

@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import pathlib
-import resource
 import sys
 import time
 from typing import Any
@@ -297,15 +296,12 @@ def prepare(rows: list[dict[str, Any]], problems: list[dict[str, Any]], opts: Op
       bar.update(write_shard(t)['done'])
   bar.close()
   run_stats = {'seconds': round(time.perf_counter() - started, 3), 'workers': workers,
-               'shards_written': len(todo), 'parent_peak_rss_mb': round(_self_peak_mb(), 1),
+               'shards_written': len(todo),
+               'parent_peak_rss_mb': round(ingest_workers.peak_rss_mib(), 1),
                'worker_peak_rss_mb': round(max(worker_peaks, default=0.0), 1)}
   meta = finalise(opts, num_shards, problems, digest, source, run_stats)
   (opts.out / INCOMPLETE_FILE).unlink(missing_ok=True)
   return {**meta, 'last_run': run_stats}
-
-
-def _self_peak_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def finalise(opts: Options, num_shards: int, problems: list[dict[str, Any]], digest: str,

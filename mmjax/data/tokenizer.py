@@ -1,23 +1,28 @@
 """Tokenizers through the Hugging Face `tokenizers` stack.
 
-Either a WordPiece tokenizer trained on the demo captions (seconds), any `tokenizer.json` from a
-local directory, or a SigLIP checkpoint's SentencePiece `spiece.model` (converted to a
-`tokenizers` Unigram pipeline that reproduces `transformers`' SiglipTokenizer id for id). Every
+Either a WordPiece tokenizer trained on the run's captions (seconds, bitwise reproducible), any
+`tokenizer.json` from a local directory, a SigLIP checkpoint's SentencePiece `spiece.model`
+(converted to a `tokenizers` Unigram pipeline that reproduces `transformers`' SiglipTokenizer id
+for id), any other SentencePiece `.model`, or CLIP's BPE `bpe_simple_vocab_16e6.txt.gz`
+(`mmjax.data.tokenizer_files`). Every
 encoding ends with an EOS token, also after truncation, so last-token pooling reads the same
 position whatever the padding.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import pathlib
 import string
-import sys
 from typing import Iterable, Sequence
 
 import numpy as np
 from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
                         pre_tokenizers, processors, trainers)
+
+from mmjax.data import tokenizer_files
 
 PAD, UNK, EOS = '[PAD]', '[UNK]', '[EOS]'
 TOKENIZER_FILE = 'tokenizer.json'
@@ -26,16 +31,55 @@ SPM_CONFIG = 'tokenizer_config.json'
 
 
 def train_wordpiece(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
-  """A lowercasing WordPiece tokenizer with [PAD]=0, [UNK]=1, [EOS]=2 and EOS appended."""
+  """A lowercasing WordPiece tokenizer with [PAD]=0, [UNK]=1, [EOS]=2 and EOS appended.
+
+  Bitwise reproducible: the same captions (in any order) give the same `tokenizer.json`.
+  `tokenizers`' own WordPieceTrainer does not (huggingface/tokenizers#1794): it numbers the
+  `##x` continuation pieces in the iteration order of a Rust HashMap, randomly seeded per map,
+  and those numbers break ties between merges of equal count. Here every continuation character
+  is first mapped to a private-use code point, so all pieces are in the initial alphabet, which
+  the trainer numbers in sorted order; the BPE merges are then a pure function of the word
+  counts, and the pieces are mapped back to `x` / `##x` afterwards (the same algorithm, with
+  ties broken by a fixed order).
+  """
   tok = Tokenizer(models.WordPiece(unk_token=UNK))
   tok.normalizer = normalizers.BertNormalizer(lowercase=True)
   tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
   tok.decoder = decoders.WordPiece()
-  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, EOS],
-                                      show_progress=False)
-  tok.train_from_iterator(corpus, trainer=trainer)
+  counts: collections.Counter[str] = collections.Counter()
+  for text in corpus:
+    counts.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+  vocab = _deterministic_wordpiece_vocab(counts, vocab_size, [PAD, UNK, EOS])
+  tok.model = models.WordPiece(vocab, unk_token=UNK)
+  tok.add_special_tokens([PAD, UNK, EOS])
   _append_eos(tok)
   return tok
+
+
+def _deterministic_wordpiece_vocab(counts: collections.Counter[str], vocab_size: int,
+                                   specials: list[str]) -> dict[str, int]:
+  """WordPieceTrainer's vocabulary (BPE merges over '##'-marked continuations), reproducibly."""
+  chars = sorted({c for w in counts for c in w})
+  used = set(chars)
+  free = (c for c in itertools.chain(range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
+          if chr(c) not in used)
+  cont = {c: chr(next(free)) for c in chars}  # Raises StopIteration only past 131k characters.
+  back = {v: k for k, v in cont.items()}
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                initial_alphabet=chars, show_progress=False)
+  bpe = Tokenizer(models.BPE())
+  bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  marked = sorted((w[0] + ''.join(cont[c] for c in w[1:]), n) for w, n in counts.items())
+  bpe.train_from_iterator((' '.join([w] * n) for w, n in marked), trainer=trainer)
+
+  def unmark(piece: str) -> str:
+    if piece in specials:
+      return piece
+    if piece[0] in back:
+      return '##' + ''.join(back[c] for c in piece)
+    return piece[0] + ''.join(back.get(c, c) for c in piece[1:])
+
+  return {unmark(p): i for p, i in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])}
 
 
 def _append_eos(tok: Tokenizer) -> None:
@@ -45,16 +89,28 @@ def _append_eos(tok: Tokenizer) -> None:
 
 
 def load(path: str | pathlib.Path) -> Tokenizer:
-  """Loads `tokenizer.json` (or a directory holding one, or SigLIP's `spiece.model`) from disk."""
+  """The tokenizer at `path` (`config.tokenizer.path`), by what the file is:
+
+  - `tokenizer.json`, or a directory holding one;
+  - a `*.model` SentencePiece file: with a `tokenizer_config.json` beside it (a Hugging Face
+    SigLIP checkpoint; a directory holding `spiece.model` works too) as that tokenizer class
+    encodes, without one as `sentencepiece` itself encodes;
+  - a `*.txt.gz` CLIP BPE merges file (`bpe_simple_vocab_16e6.txt.gz`), as open_clip encodes.
+  """
   path = pathlib.Path(path)
   file = path / TOKENIZER_FILE if path.is_dir() else path
   if path.is_dir() and not file.is_file() and (path / SPM_FILE).is_file():
     file = path / SPM_FILE
   if not file.is_file():
     raise FileNotFoundError(f'No tokenizer at {file} (expected a tokenizer.json, a directory '
-                            f'holding one, or a SigLIP checkpoint directory with {SPM_FILE}).')
-  if file.name == SPM_FILE or file.suffix == '.model':
-    return from_sentencepiece(file)
+                            f'holding one or a {SPM_FILE}, a SentencePiece *.model or a CLIP '
+                            '*.txt.gz BPE file).')
+  if file.name.endswith('.txt.gz'):
+    return tokenizer_files.from_clip_bpe(file)
+  if file.suffix == '.model':
+    if (file.parent / SPM_CONFIG).is_file():
+      return from_sentencepiece(file)
+    return tokenizer_files.from_plain_sentencepiece(file)
   tok = Tokenizer.from_file(str(file))
   if tok.token_to_id(EOS) is None and tok.token_to_id('[SEP]') is None and tok.token_to_id(
       '</s>') is None and tok.token_to_id('<|endoftext|>') is None:
@@ -64,11 +120,9 @@ def load(path: str | pathlib.Path) -> Tokenizer:
 
 
 # SiglipTokenizer.canonicalize_text: lowercase, drop ASCII punctuation, collapse whitespace, strip.
-# Python's notion of whitespace (str.isspace), spelled out so the regex engines agree.
-_PY_SPACE = ''.join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
-_SPACE_CLASS = '[' + ''.join(f'\\x{{{ord(c):x}}}' for c in _PY_SPACE) + ']'
+_SPACE_CLASS = tokenizer_files.SPACE_CLASS
 _PUNCT_CLASS = '[' + ''.join(f'\\x{{{ord(c):x}}}' for c in string.punctuation) + ']'
-SPIECE_UNDERLINE = '\u2581'
+SPIECE_UNDERLINE = tokenizer_files.SPIECE_UNDERLINE
 
 
 def _siglip_canonicalize(lowercase: bool) -> list[normalizers.Normalizer]:
