@@ -219,7 +219,8 @@ def test_flip_swaps_left_and_right_as_whole_words(text, want):
 
 def test_flip_swap_pairs_are_configurable():
   swap = augment.Augment(flip_swap=(('gauche', 'droite'), ('links', 'rechts'))).swap
-  assert swap('Le chat à gauche, der Hund rechts, left') == 'Le chat à droite, der Hund links, left'
+  assert swap('Le chat à gauche, der Hund rechts, left') == ('Le chat à droite, der Hund links, '
+                                                             'left')
 
 
 # ----------------------------------------------------------------------------- Preprocess
