@@ -13,8 +13,9 @@ others.
   evaluation view, and a long drawing is never cut to a square.
 - horizontal flip with probability `flip`; the element's texts swap 'left' and 'right' (and the
   other `flip_swap` pairs) so a flipped "dog on the left" is still described truly.
-- colour jitter as torchvision's `ColorJitter`: brightness, contrast and saturation factors
-  uniform in [1 - x, 1 + x], hue shifted by up to `hue` of the colour circle, in random order.
+- colour jitter as torchvision's `ColorJitter` on Pillow images (the same `ImageEnhance` and
+  HSV operations, in C on uint8): brightness, contrast and saturation factors uniform in
+  [1 - x, 1 + x], hue shifted by up to `hue` of the colour circle, in random order.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from mmjax.data import images
 from mmjax.data.images import View
@@ -36,7 +37,6 @@ CROPS = ('none', 'random_resized')
 CAPTION_SAMPLING = ('random', 'first')
 FLIP_SWAP = (('left', 'right'), ('leftmost', 'rightmost'), ('leftward', 'rightward'),
              ('leftwards', 'rightwards'))
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as torchvision's grey.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +69,13 @@ class Augment:
     if self.light:
       return _light(im, view, rng)
     if self.crop == 'random_resized':
-      x = np.asarray(random_resized_crop(im, view, self.crop_scale, self.crop_ratio, rng))
+      im = random_resized_crop(im, view, self.crop_scale, self.crop_ratio, rng)
     else:
-      x = images.apply_view(im, view)
+      im = images.fit(im, view)
     if flip:
-      x = x[:, ::-1]
-    return colour_jitter(x, rng, self.brightness, self.contrast, self.saturation, self.hue)
+      im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(colour_jitter(im, rng, self.brightness, self.contrast, self.saturation,
+                                    self.hue))
 
 
 class WordSwap:
@@ -139,34 +140,30 @@ def random_resized_crop(im: Image.Image, view: View, scale, ratio, rng: np.rando
   return images.resize_box(im, random_box(w, h, scale, ratio, rng), (view.size, view.size))
 
 
-def colour_jitter(x: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float,
-                  saturation: float, hue: float) -> np.ndarray:
-  """uint8 [H, W, 3] with torchvision ColorJitter's four operations in a random order, each
-  clipped to [0, 255]. Always five draws (the order and four factors)."""
+def colour_jitter(im: Image.Image, rng: np.random.Generator, brightness: float, contrast: float,
+                  saturation: float, hue: float) -> Image.Image:
+  """torchvision ColorJitter's four operations on an RGB image, in a random order, each rounded
+  and clipped to uint8 as there. Always five draws (the order and four factors)."""
   order = rng.permutation(4)
   factors = [rng.uniform(max(0.0, 1 - v), 1 + v) for v in (brightness, contrast, saturation)]
   shift = rng.uniform(-hue, hue)
-  if not (brightness or contrast or saturation or hue):
-    return np.ascontiguousarray(x)
-  y = x.astype(np.float32)
   for op in order:
     if op == 0 and brightness:
-      y = np.clip(y * factors[0], 0, 255)
-    elif op == 1 and contrast:
-      mean = float((y @ _LUMA).mean())
-      y = np.clip((y - mean) * factors[1] + mean, 0, 255)
-    elif op == 2 and saturation:
-      grey = (y @ _LUMA)[..., None]
-      y = np.clip((y - grey) * factors[2] + grey, 0, 255)
+      im = ImageEnhance.Brightness(im).enhance(factors[0])
+    elif op == 1 and contrast:  # Blended with the mean of its greyscale (L) image.
+      im = ImageEnhance.Contrast(im).enhance(factors[1])
+    elif op == 2 and saturation:  # Blended with its greyscale image.
+      im = ImageEnhance.Color(im).enhance(factors[2])
     elif op == 3 and hue:
-      y = _shift_hue(y, shift)
-  return np.round(y).astype(np.uint8)
+      im = shift_hue(im, shift)
+  return im
 
 
-def _shift_hue(y: np.ndarray, shift: float) -> np.ndarray:
-  hsv = np.asarray(Image.fromarray(np.round(y).astype(np.uint8), 'RGB').convert('HSV')).copy()
-  hsv[..., 0] += np.uint8(round(shift * 256) % 256)  # uint8 wraps round the circle.
-  return np.asarray(Image.fromarray(hsv, 'HSV').convert('RGB'), np.float32)
+def shift_hue(im: Image.Image, shift: float) -> Image.Image:
+  """The hue rotated by `shift` of the colour circle (HSV, as torchvision's PIL path)."""
+  hsv = np.array(im.convert('HSV'))
+  hsv[..., 0] += np.uint8(round(shift * 255) % 256)  # uint8 wraps round the circle.
+  return Image.fromarray(hsv, 'HSV').convert('RGB')
 
 
 def _light(im: Image.Image, view: View, rng: np.random.Generator) -> np.ndarray:

@@ -52,29 +52,28 @@ def _png_bit_depth(data: bytes) -> int:
   return data[24] if data[:8] == _PNG and len(data) > 24 else 8
 
 
-def _composite(rgb: np.ndarray, alpha: np.ndarray, background) -> Image.Image:
-  """rgb uint8 [H, W, 3] over background, weighted by alpha uint8 [H, W]."""
-  canvas = Image.new('RGB', (rgb.shape[1], rgb.shape[0]), tuple(background))
-  canvas.paste(Image.fromarray(rgb, 'RGB'), mask=Image.fromarray(alpha, 'L'))
+def _composite(im: Image.Image, alpha: Image.Image, background) -> Image.Image:
+  """`im`'s colours over background, weighted by alpha (mode 'L'); all in Pillow's C code."""
+  canvas = Image.new('RGB', im.size, tuple(background))
+  canvas.paste(im if im.mode in ('RGB', 'RGBA') else im.convert('RGB'), mask=alpha)
   return canvas
 
 
-def _key_alpha(pixels: np.ndarray, key) -> np.ndarray:
+def _key_alpha(pixels: np.ndarray, key) -> Image.Image:
   """0 where a pixel equals the tRNS key colour, else 255."""
   match = pixels == np.asarray(key, pixels.dtype)
   if match.ndim == 3:
     match = match.all(-1)
-  return np.where(match, 0, 255).astype(np.uint8)
+  return Image.fromarray(np.where(match, 0, 255).astype(np.uint8), 'L')
 
 
 def _grey16(im: Image.Image, background) -> Image.Image:
   """16-bit grey (optionally with a tRNS key, in 16-bit units) -> RGB, high byte kept."""
   raw = np.asarray(im).astype(np.int64)
-  grey = (np.clip(raw, 0, 65535) >> 8).astype(np.uint8)
-  rgb = np.repeat(grey[..., None], 3, -1)
+  grey = Image.fromarray((np.clip(raw, 0, 65535) >> 8).astype(np.uint8), 'L')
   if 'transparency' in im.info:
-    return _composite(rgb, _key_alpha(raw, im.info['transparency']), background)
-  return Image.fromarray(rgb, 'RGB')
+    return _composite(grey, _key_alpha(raw, im.info['transparency']), background)
+  return grey.convert('RGB')
 
 
 def to_rgb(im: Image.Image, background=WHITE, *, bit_depth: int = 8) -> Image.Image:
@@ -87,12 +86,10 @@ def to_rgb(im: Image.Image, background=WHITE, *, bit_depth: int = 8) -> Image.Im
     pixels = np.asarray(im)
     if bit_depth == 16:  # Pillow has dropped the low bytes of the pixels; drop the key's too.
       key = np.asarray(key) >> 8
-    rgb = pixels if im.mode == 'RGB' else np.repeat(pixels[..., None], 3, -1)
-    return _composite(np.ascontiguousarray(rgb), _key_alpha(pixels, key), background)
+    return _composite(im, _key_alpha(pixels, key), background)
   if im.mode in ('RGBA', 'LA', 'PA', 'La', 'RGBa') or (im.mode == 'P' and key is not None):
-    rgba = np.asarray(im.convert('RGBA'))
-    return _composite(np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3]),
-                      background)
+    rgba = im if im.mode == 'RGBA' else im.convert('RGBA')
+    return _composite(rgba, rgba.getchannel('A'), background)
   if im.mode == 'F':
     return Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8)).convert('RGB')
   return im if im.mode == 'RGB' else im.convert('RGB')
@@ -120,8 +117,8 @@ def open_rgb(image: ImageLike, background=WHITE) -> Image.Image:
     raise ValueError(f'image of shape {array.shape}: expected [H, W], [H, W, 1], [H, W, 3] or '
                      '[H, W, 4].')
   if array.shape[2] == 4:
-    return _composite(np.ascontiguousarray(array[..., :3]), np.ascontiguousarray(array[..., 3]),
-                      background)
+    rgba = Image.fromarray(array, 'RGBA')
+    return _composite(rgba, rgba.getchannel('A'), background)
   return Image.fromarray(array, 'RGB')
 
 
@@ -166,15 +163,13 @@ def centre_box(w: int, h: int) -> tuple[int, int, int, int]:
   return left, top, left + side, top + side
 
 
-def apply_view(im: Image.Image, view: View) -> np.ndarray:
-  """An RGB Pillow image -> uint8 [S, S, 3] by the view's deterministic resize."""
+def fit(im: Image.Image, view: View) -> Image.Image:
+  """An RGB Pillow image -> S x S by the view's deterministic resize."""
   if view.resize == 'letterbox':
-    im = letterbox(im, view.size, view.background)
-  else:
-    im = resize_box(im, centre_box(*im.size), (view.size, view.size))
-  return np.asarray(im)
+    return letterbox(im, view.size, view.background)
+  return resize_box(im, centre_box(*im.size), (view.size, view.size))
 
 
 def load(image: ImageLike, view: View) -> np.ndarray:
   """Stored image (encoded bytes, array or Pillow image) -> the model's uint8 [S, S, 3]."""
-  return apply_view(open_rgb(image, view.background), view)
+  return np.asarray(fit(open_rgb(image, view.background), view))

@@ -9,8 +9,8 @@ r"""Teacher embeddings precomputed into the data (config.distill.source = 'data'
 `config.distill.embeddings`): 'text' [N, C, dt] per caption, 'num_captions' [N], and 'image'
 [N, dt] (dual-encoder teachers) or 'query' [N, dt] (text-text pairs). The train pipeline wraps
 source i in `TeacherEmbeddings`, so each batch carries `teacher_text` (the row of the caption it
-sampled), `teacher_image` / `teacher_query` [B, dt] columns. Images are embedded as stored,
-centre-cropped: with `config.data.augment='light'` the student sees a jittered crop of them.
+sampled), `teacher_image` / `teacher_query` [B, dt] columns. Images are embedded as stored, by
+the deterministic `config.data.resize`: with augmentation the student sees a jittered crop.
 """
 
 from __future__ import annotations

@@ -50,10 +50,6 @@ class Preprocess(grain.transforms.RandomMap):
     self.teacher_encoder = teacher_encoder
     self.caption_query = caption_query  # 'query_tokens': another caption of the same image.
 
-  @property
-  def image_size(self) -> int:
-    return self.view.size
-
   def _image(self, image: Any, rng: np.random.Generator, flip: bool) -> np.ndarray:
     if self.augment is None:
       return images.load(image, self.view)
