@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from mmjax.data import pipeline
 from mmjax.losses import contrastive, distributed
-from mmjax.train import objectives
+from mmjax.train import health, objectives
 from mmjax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -164,6 +164,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   of (seed, step, example row) and a resumed run draws exactly the same masks.
   """
   step_rng = jax.random.fold_in(rng, state.step)
+  opts = health.at_step(opts, state.step)  # Embedding statistics on the loop's log steps only.
   loss, grads, t, b, aux = loss_and_grads(state.apply_fn, state.params, batch, step_rng, opts)
   new_state = state.apply_gradients(grads=grads)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'temperature': t, 'bias': b,
@@ -194,8 +195,10 @@ def make_objective(config, mesh):
 
 
 def make_options(config, mesh) -> StepOptions:
-  """The step's static options from the run config and the mesh."""
-  return StepOptions(objective=make_objective(config, mesh), micro_batches=config.micro_batches,
+  """The step's static options from the run config and the mesh (the objective's metrics gain
+  the train/health/... statistics of the embeddings, `health.instrument`)."""
+  objective = health.instrument(make_objective(config, mesh), config)
+  return StepOptions(objective=objective, micro_batches=config.micro_batches,
                      num_shards=distributed.num_batch_shards(mesh))
 
 
