@@ -4,7 +4,8 @@ A contrastive run can look busy (the loss moves, the gradients are finite) while
 carry no information. Two signals catch that early, long before a retrieval eval would:
 
 - statistics of the step's own embeddings (`embedding_metrics`, computed inside the jitted step
-  on the first `rows` rows of the global batch and logged as `train/health/...`):
+  on `rows` evenly spaced rows of the global batch, on log steps only, and logged as
+  `train/health/...`):
   alignment E||f(x) - g(y)||^2 over the positive pairs and, per tower, uniformity
   log E exp(-2 ||f(x) - f(x')||^2) over all distinct pairs (Wang & Isola 2020); the effective
   rank exp(H(sigma / sum sigma)) of each tower's embedding matrix (Roy & Vetterli 2007); and the
@@ -263,9 +264,9 @@ def _checks(loss_kind: str, batch_size: int, s: Settings, roles: Sequence[str]):
   yield ('plateau', lambda r: abs(r[_loss_key(r)] / ref - 1) <= s.plateau_tolerance,
          lambda r: (f'the {loss_kind} loss {r[_loss_key(r)]:.3f} sits within '
                     f'{100 * s.plateau_tolerance:.0f}% of its collapse value {ref:.3f} ({name}, '
-                    f'B={batch_size}): every pair scores alike, nothing is learned yet'
-                    f'{cosines(r)}. Try the bias at -ln B, another learning rate or a longer '
-                    'warm-up.'))
+                    f'B={batch_size}, every pair scored alike): the run has not left the '
+                    f'collapse plateau{cosines(r)}. Try the bias at -ln B, another learning rate '
+                    'or a longer warm-up.'))
   yield ('cosines_alike', lambda r: has(r, h + 'cos_std') and r[h + 'cos_std'] < s.min_cosine_std,
          lambda r: (f'all cross-tower cosines of the batch are alike (std '
                     f'{r[h + "cos_std"]:.4f} < {s.min_cosine_std}): the towers do not rank.'))
