@@ -296,6 +296,22 @@ def get_config() -> ml_collections.ConfigDict:
   # CPU-only runs: the cross-process collectives library ('gloo'; 'mpi' needs an MPI install).
   c.distributed.cpu_collectives = 'gloo'
 
+  # --- Training health (mmjax/train/health.py; docs/training.md) ------------------------------
+  c.health = ml_collections.ConfigDict()
+  # Alignment / uniformity (Wang & Isola), effective rank and cross-tower cosine statistics of
+  # `rows` evenly spaced rows of each global batch, computed in the train step and logged as
+  # train/health/...; 0 turns them off (the loss-plateau warning stays).
+  c.health.rows = 256
+  # A console warning when a condition holds for this many consecutive train log points:
+  c.health.patience = 5
+  # the loss within this fraction of its collapse value (sigmoid ~ln B + 1, InfoNCE ln B);
+  c.health.plateau_tolerance = 0.1
+  # a tower's effective rank below this, or its uniformity above max_uniformity (0 = one point);
+  c.health.min_effective_rank = 2.0
+  c.health.max_uniformity = -0.1
+  # the standard deviation of the batch's cross-tower cosines below this (all pairs alike).
+  c.health.min_cosine_std = 0.02
+
   # --- Checkpoints -----------------------------------------------------------------------------
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 200  # Save this often (and always at the last step).

@@ -19,6 +19,7 @@ import pytest
 import mmjax
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import loop
+from test_health import assert_report_png
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -82,6 +83,24 @@ def test_train_writes_metrics_eval_and_checkpoints(trained):
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [2, 4]
   assert (workdir / 'tokenizer.json').exists() and (workdir / 'config.json').exists()
+
+
+def test_train_logs_health_and_writes_the_report(trained):
+  """The tiny run's health metrics are in range, and its report.png / report.json are written."""
+  config, workdir, _ = trained
+  train = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+           if 'train/loss' in l]
+  rows = min(config.batch_size, config.health.rows)
+  for row in train:
+    for role in ('image', 'text'):
+      assert 1.0 <= row[f'train/health/{role}/effective_rank'] <= min(rows, config.model.embed_dim)
+      assert -4.0 <= row[f'train/health/{role}/uniformity'] <= 0.0
+    assert 0.0 <= row['train/health/alignment'] <= 4.0 and row['train/health/cos_std'] > 0
+  rep = json.loads((workdir / 'report.json').read_text())
+  assert rep['last_step'] == 4 and rep['batch_size'] == 16 and rep['loss_kind'] == 'sigmoid'
+  assert [s for s, _ in rep['series']['train/health/text/effective_rank']] == [2, 4]
+  assert rep['series']['eval/i2t/recall@1'][-1][0] == 4
+  assert_report_png(workdir / 'report.png')
 
 
 @pytest.mark.slow  # 20 s; every default training test checks a finite loss

@@ -236,7 +236,8 @@ def plot(results: dict[str, float], spec: dict[str, Any], path: str | pathlib.Pa
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError('The robustness plot needs matplotlib: pip install "mmjax[plot]".') from e
+    raise ImportError('The robustness plot needs matplotlib (an mmjax dependency): '
+                      'pip install matplotlib.') from e
   metric = spec['metrics'][0]
   sev = [0, *spec['severities']]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

@@ -30,7 +30,7 @@ from mmjax.eval.evaluators import Suite, build_suite, format_results
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import optim, state as state_lib, step as step_lib, teacher as teacher_lib
-from mmjax.train import transfer
+from mmjax.train import health, report, transfer
 from mmjax.train.writer import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ def evaluate(run: Run, params, evaluator: Suite,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains `config` into `workdir` (resuming if possible); returns the final eval metrics."""
   run = setup(config, workdir)
+  monitor = health.Monitor.for_run(config)  # Plateau / collapse warnings on the console.
   # Distillation: the teacher's columns (precomputed, or its tokens for the live teacher).
   teacher = teacher_lib.for_run(config, run.mesh, text_pairs=run.contract.text_pairs)
   data_iter = iter(run.kind.train_dataset(
@@ -231,12 +232,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         host = jax.device_get(pending)
         bar.update(config.batch_size)
         summary = {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
+        summary.update(health.logged_values(host))  # Computed on the log step only.
         dt = time.perf_counter() - t_log
         summary['train/pairs_per_sec'] = steps_since_log * config.batch_size / dt
         summary['train/learning_rate'] = float(run.schedule(step - 1))
         if not math.isfinite(summary['train/loss']):
           raise FloatingPointError(f'Loss is {summary["train/loss"]} at step {step}.')
         writer.write(step, summary)
+        monitor.observe(step, summary, echo=bar.write)
         bar.set_postfix(loss=f'{summary["train/loss"]:.4f}')
         pending, t_log, steps_since_log = [], time.perf_counter(), 0
 
@@ -256,6 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     bar.close()
     run.checkpointer.close()
     writer.close()
+    if jax.process_index() == 0:  # report.png / report.json, also of a failed run.
+      report.write_safely(run.workdir)
 
   if not eval_metrics:  # Resumed a finished run: evaluate what is there.
     eval_metrics = evaluate(run, state.params, evaluator, embedder)

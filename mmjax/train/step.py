@@ -21,6 +21,7 @@ from mmjax import kinds
 from mmjax.kinds.base import DataContract
 from mmjax.losses import distributed
 from mmjax.losses.objectives import Contrastive  # noqa: F401  (re-exported: the step's objective)
+from mmjax.train import health
 from mmjax.train.state import TrainState
 from mmjax.types import BATCH_AXES, Batch, Embeddings
 
@@ -127,6 +128,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   of (seed, step, example row) and a resumed run draws exactly the same masks.
   """
   step_rng = jax.random.fold_in(rng, state.step)
+  opts = health.at_step(opts, state.step)  # Embedding statistics on the loop's log steps only.
   loss, grads, temperature, bias, aux = loss_and_grads(state.apply_fn, state.params, batch,
                                                        step_rng, opts)
   new_state = state.apply_gradients(grads=grads)
@@ -151,9 +153,11 @@ def make_objective(config, mesh, contract: DataContract | None = None):
 
 
 def make_options(config, mesh, contract: DataContract | None = None) -> StepOptions:
-  """The step's static options from the run config, the mesh and the data contract."""
-  return StepOptions(objective=make_objective(config, mesh, contract),
-                     micro_batches=config.micro_batches,
+  """The step's static options from the run config, the mesh and the data contract (the
+  objective's metrics gain the train/health/... statistics of the embeddings,
+  `health.instrument`)."""
+  objective = health.instrument(make_objective(config, mesh, contract), config)
+  return StepOptions(objective=objective, micro_batches=config.micro_batches,
                      num_shards=distributed.num_batch_shards(mesh))
 
 
