@@ -13,10 +13,12 @@ NumPy). Everything that differs between the two is the implementation: initialis
 GELU (exact here, tanh in mmjax), LayerNorm epsilon (1e-5 / 1e-6), the ViT's class token (open_clip
 always prepends one; with 'gap' pooling it is attended to but not pooled).
 
-Bidirectional mean-pooled text (configs/demo.py) is open_clip's TextTransformer with
-`no_causal_mask=True` and its padding mask, `pool_type='none'`, then a masked mean of the
-projected tokens: open_clip has no mean pooler of its own, and the mean commutes with its linear
-projection.
+The model is `open_clip.model.CustomTextCLIP` (open_clip's `CLIP` with the text tower kept as
+one `TextTransformer` module, so its padding mask can be switched on). Its text tower runs with
+`pool_type='none'` and is pooled here over mmjax's mask: a masked mean for bidirectional text
+(configs/demo.py; open_clip has no mean pooler, and the mean commutes with the linear
+projection), the last valid token (EOS) for causal text (open_clip's 'argmax' pooling assumes
+CLIP's BPE, where EOS has the highest id).
 
 Writes `OUT/log.jsonl` (per step: loss, learning rate, temperature, bias, grad norm) and
 `OUT/eval.json` (mmjax's metric names). The building blocks (`load`, `build_model`,
@@ -114,14 +116,13 @@ def build_model(recipe: dict[str, Any]):
                   heads=txt['num_heads'], layers=txt['depth'],
                   mlp_ratio=txt['mlp_dim'] / txt['width'], no_causal_mask=not txt['causal'],
                   pad_id=int(recipe.get('pad_id', 0)),
-                  pool_type='none' if txt['pool'] == 'mean' else 'argmax',
-                  proj_bias=bool(m['head_bias']))
-  model = open_clip.model.CLIP(
+                  pool_type='none', proj_bias=bool(m['head_bias']))
+  model = open_clip.model.CustomTextCLIP(
       embed_dim=m['embed_dim'], vision_cfg=vision_cfg, text_cfg=text_cfg,
       init_logit_scale=m['temperature_init'],
       init_logit_bias=m['bias_init'] if m['loss'] == 'sigmoid' else None)
-  if txt['pool'] == 'mean':
-    model.text.use_pad_mask = True  # Bidirectional: padding is masked out of attention.
+  # Bidirectional: padding is masked out of attention (TextTransformer's own key mask).
+  model.text.use_pad_mask = not txt['causal']
   model.mmjax_text_pool = txt['pool']
   return model
 
@@ -139,13 +140,16 @@ def encode_images(model, images: np.ndarray):
 
 
 def encode_texts(model, tokens: np.ndarray, mask: np.ndarray):
-  """L2-normalised text embeddings; 'mean': masked mean of the projected tokens."""
+  """L2-normalised text embeddings: the masked mean ('mean') or the last valid position
+  ('last': the EOS mmjax's tokenizer appends) of the projected tokens."""
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
   z = model.text(torch.from_numpy(np.asarray(tokens, np.int64)))
+  m = torch.from_numpy(np.asarray(mask, np.float32))
   if model.mmjax_text_pool == 'mean':
-    m = torch.from_numpy(np.asarray(mask, np.float32))[..., None]
-    z = (z * m).sum(1) / m.sum(1).clamp(min=1.0)
+    z = (z * m[..., None]).sum(1) / m.sum(1).clamp(min=1.0)[:, None]
+  else:
+    z = z[torch.arange(len(z)), m.sum(1).long() - 1]
   return F.normalize(z, dim=-1)
 
 
