@@ -432,3 +432,22 @@ def test_end_to_end_two_versions_blue_green(tmp_path):
   assert (index.alias(root), index.alias(root, 'previous')) == ('v2', 'v1')
   _cli('mmjax.deploy.index', 'rollback', f'--out={root}')
   assert index.alias(root) == 'v1' and index.Searcher(root).version.startswith('v1-')
+
+
+def test_backfill_of_a_tfds_corpus(served, tmp_path):
+  from test_data_sources import build_tfds  # pylint: disable=import-outside-toplevel
+  build_tfds(tmp_path / 'tfds')
+  spec = f'tfds:tiny_captions?path={tmp_path / "tfds"}&captions_key=captions/text'
+  report = backfill.backfill(served['v1'], spec, tmp_path / 'store', modality='text',
+                             shard_size=10, progress=False)
+  assert report['count'] == 24 and report['bad'] == []
+  data = store.load(tmp_path / 'store')
+  from mmjax.data import sources  # pylint: disable=import-outside-toplevel
+  source = sources.TfdsSource(sources.SourceSpec(name='tfds', tfds_name='tiny_captions',
+                                                 path=str(tmp_path / 'tfds'),
+                                                 captions_key='captions/text'))
+  want = served['v1'].embed_texts([source[i]['captions'][0] for i in range(24)])
+  np.testing.assert_array_equal(data.vectors, want)
+  with pytest.raises(ValueError, match='Unknown source field'):
+    backfill.backfill(served['v1'], 'tfds:tiny_captions?colour=red', tmp_path / 'x',
+                      progress=False)

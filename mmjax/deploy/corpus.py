@@ -8,6 +8,10 @@
                           (or the first of `captions`); FILE ending .jsonl/.json/.csv also works
   records:DIR             an ingested dataset (`python -m mmjax.data.prepare --out=DIR`); ids
                           are `records-INDEX`, the hash is the record's bytes'
+  tfds:NAME[?k=v&...]     a TFDS dataset prepared as ArrayRecord (`tfds.data_source`), with any
+                          `mmjax.data.sources.SourceSpec` field as k=v: split (default train),
+                          path (the data_dir), image_key, captions_key; ids `tfds-INDEX`, the
+                          hash is over the image bytes and captions
 
 The content hash keys incremental backfills: an item whose id and hash are already in the store
 is not embedded again. Hashes are cheap where the content is a pure function of its index
@@ -19,7 +23,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pathlib
+import urllib.parse
 from typing import Any, Callable
+
+import numpy as np
 
 from mmjax.data import demo, manifests, records, sources
 
@@ -117,6 +124,27 @@ def _records(path: pathlib.Path, modality: str) -> Corpus:
   return Corpus(f'records:{path}', keys, load)
 
 
+def _tfds(arg: str, modality: str) -> Corpus:
+  name, _, query = arg.partition('?')
+  fields = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+  try:
+    spec = sources.SourceSpec.from_dict({'name': 'tfds', 'tfds_name': name, **fields})
+  except ValueError as e:
+    raise ValueError(f'--data=tfds:{arg}: {e}') from e
+  source = sources.TfdsSource(spec)
+
+  def content(i: int):
+    ex = source[i]
+    return ex['image'] if modality == 'image' else (ex['captions'] or [''])[0]
+
+  def digest(i: int) -> str:
+    ex = source[i]
+    return _sha(np.ascontiguousarray(ex['image']).tobytes() + repr(ex['captions']).encode())
+
+  keys = [(f'tfds-{i:09d}', digest(i)) for i in range(len(source))]
+  return Corpus(f'tfds:{arg}', keys, content)
+
+
 def open_corpus(spec: str, *, modality: str, image_size: int) -> Corpus:
   """The corpus of a `--data` spec (see the module docstring)."""
   if modality not in MODALITIES:
@@ -128,7 +156,9 @@ def open_corpus(spec: str, *, modality: str, image_size: int) -> Corpus:
     return _manifest(pathlib.Path(arg).absolute(), modality)
   if kind == 'records':
     return _records(pathlib.Path(arg).absolute(), modality)
+  if kind == 'tfds':
+    return _tfds(arg, modality)
   if pathlib.Path(spec).suffix.lower() in ('.jsonl', '.json', '.csv'):
     return _manifest(pathlib.Path(spec).absolute(), modality)
   raise ValueError(f'--data={spec!r}: expected demo:N[:SPLIT[:SEED]], manifest:FILE '
-                   '(.jsonl/.csv) or records:DIR.')
+                   '(.jsonl/.csv), records:DIR or tfds:NAME[?split=...&path=...].')
