@@ -9,6 +9,7 @@ r"""Backfill a corpus into a versioned embedding store (mmjax.deploy.backfill).
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import flags
 
@@ -45,10 +46,13 @@ def main() -> None:
   dist.coordinator_address, dist.num_processes = FLAGS.coordinator_address, FLAGS.num_processes
   dist.process_id, dist.cpu_collectives = FLAGS.process_id, FLAGS.cpu_collectives
   distributed.initialize(dist)  # Before anything touches a JAX backend, as in training.
-  report = backfill.backfill(
-      FLAGS.model, FLAGS.data, FLAGS.out, modality=FLAGS.modality, shard_size=FLAGS.shard_size,
-      dtype=FLAGS.dtype, batch_size=FLAGS.batch_size, max_pixels=FLAGS.max_pixels,
-      max_text_chars=FLAGS.max_text_chars, workers=FLAGS.workers, progress=FLAGS.progress)
+  try:
+    report = backfill.backfill(
+        FLAGS.model, FLAGS.data, FLAGS.out, modality=FLAGS.modality, shard_size=FLAGS.shard_size,
+        dtype=FLAGS.dtype, batch_size=FLAGS.batch_size, max_pixels=FLAGS.max_pixels,
+        max_text_chars=FLAGS.max_text_chars, workers=FLAGS.workers, progress=FLAGS.progress)
+  except (ValueError, FileNotFoundError) as e:  # StoreError, ServingExportError, a bad --data.
+    sys.exit(f'Refused: {e}')
   bad = report.get('bad') or []
   if report.get('process', 0) == 0:
     print(json.dumps({k: v for k, v in report.items() if k != 'bad'}, sort_keys=True))

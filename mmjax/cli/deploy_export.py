@@ -7,6 +7,7 @@ r"""The serving export (mmjax.deploy.export): StableHLO towers + params + tokeni
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import flags
 
@@ -25,8 +26,11 @@ FLAGS = flags.FLAGS
 
 
 def main() -> None:
-  out = export.export_serving(FLAGS.model, FLAGS.out, name=FLAGS.name, platforms=FLAGS.platforms,
-                              resize=FLAGS.resize)
+  try:
+    out = export.export_serving(FLAGS.model, FLAGS.out, name=FLAGS.name,
+                                platforms=FLAGS.platforms, resize=FLAGS.resize)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f'Refused: {e}')
   info = json.loads((out / 'serving.json').read_text())
   print(f'Serving export of model version {info["version"]["id"]} in {out} '
         f'(platforms {", ".join(info["platforms"])}).')
