@@ -1,1 +1,12 @@
-"""Deployment, offline half: serving export, embedding store and backfill, index builds.\n\nSee docs/deploy.md. `serving` (the loader) imports JAX, NumPy and the tokenizer only.\n"""
+"""Deployment, offline half: serving export, embedding store and backfill, index builds.
+
+  export    a checkpoint's params export -> a serving export (jax.export StableHLO + params +
+            tokenizer + preprocessing spec + model version)
+  serving   loads a serving export with JAX and NumPy only (never mmjax.models)
+  corpus    the corpora a backfill reads (demo scenes, manifests, ingested records, TFDS)
+  backfill  corpus -> versioned, sharded, checksummed embedding store (resumable, incremental)
+  store     the store format and its reader: `store.load(path, version)` -> ids, vectors, manifest
+  index     ScaNN builds from a store, the promotion gate, `current` / `previous`, rollback
+
+See docs/deploy.md. Nothing here is imported by `import mmjax`.
+"""
