@@ -17,8 +17,7 @@ import sys
 from absl import app, flags
 
 from mmjax import cli
-from mmjax.deploy import index, serving, store
-from mmjax.index import CorruptIndexError, IndexMismatchError
+from mmjax.deploy import index, serving
 
 COMMANDS = ('build', 'promote', 'rollback', 'search')
 flags.DEFINE_string('out', None, 'The index root (builds/, current, previous).')
@@ -68,8 +67,7 @@ def main(argv) -> None:
   cli.setup_logging()
   try:
     run_command(argv[1])
-  except (index.GateError, store.StoreError, IndexMismatchError, CorruptIndexError,
-          FileNotFoundError) as e:
+  except (ValueError, OSError) as e:  # GateError, StoreError, index refusals, a missing build.
     sys.exit(f'Refused: {e}')
 
 
