@@ -78,7 +78,8 @@ def build(store: str | pathlib.Path, out: str | pathlib.Path, *, version: str | 
   info = {'name': name, 'model_version': data.version, 'store': str(data.path),
           'model': data.manifest['model'], 'modality': data.manifest['modality'],
           'corpus_fingerprint': fingerprint, 'size': n, 'dim': int(data.vectors.shape[1]),
-          'k': k, f'recall@{k}': recall, 'recall': recall, 'held_out': len(rows), 'params': index.meta['params']}
+          'k': k, f'recall@{k}': recall, 'recall': recall, 'held_out': len(rows),
+          'params': index.meta['params']}
   store_lib.write_json(directory / BUILD_FILE, info)
   return info
 
