@@ -33,7 +33,6 @@ place of `metadata.json`; `--skip_killed` then reports that input and goes on
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -44,11 +43,14 @@ import time
 from typing import Any
 
 import tqdm
+from absl import flags
 from array_record.python import array_record_module
 
+from mmjax import command
 from mmjax.data import ingest_images, ingest_workers, records
 from mmjax.data.manifests import (IMAGE_EXTENSIONS, read_manifest, read_side_captions,  # noqa: F401
                                   scan_image_dir)
+from mmjax.types import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -231,7 +233,7 @@ def _check_plan(opts: Options, digest: str) -> None:
   if plan_file.exists():
     old = json.loads(plan_file.read_text())
     if old['source_hash'] != digest or old['name'] != opts.name:
-      raise SystemExit(f'{opts.out} holds an ingestion of other inputs or options '
+      raise ConfigError(f'{opts.out} holds an ingestion of other inputs or options '
                        f'(source hash {old["source_hash"][:12]} vs {digest[:12]}); use a new '
                        '--out or delete it.')
   else:
@@ -338,53 +340,57 @@ def finalise(opts: Options, num_shards: int, problems: list[dict[str, Any]], dig
 
 def read_inputs(args) -> tuple[tuple[list, list], str]:
   if bool(args.manifest) == bool(args.image_dir):
-    raise SystemExit('Give exactly one of --manifest or --image_dir.')
+    raise ConfigError('Give exactly one of --manifest or --image_dir.')
   if args.manifest:
     path = pathlib.Path(args.manifest)
     if not path.is_file():
-      raise SystemExit(f'--manifest={path} does not exist.')
+      raise ConfigError(f'--manifest={path} does not exist.')
     return read_manifest(path), str(path)
   path = pathlib.Path(args.image_dir)
   if not path.is_dir():
-    raise SystemExit(f'--image_dir={path} is not a directory.')
+    raise ConfigError(f'--image_dir={path} is not a directory.')
   return scan_image_dir(path), str(path)
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m mmjax.data.prepare', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--manifest', help='JSONL or CSV manifest.')
-  p.add_argument('--image_dir', help='Folder of images with caption side files (name.txt).')
-  p.add_argument('--out', required=True, help='Output directory (resumed if it exists).')
-  p.add_argument('--name', default='data', help='Shard file prefix.')
-  p.add_argument('--examples_per_shard', type=int, default=1000)
-  p.add_argument('--workers', type=int, default=os.cpu_count() or 1)
-  p.add_argument('--max_image_size', type=int, default=ingest_images.DEFAULT_MAX_IMAGE_SIZE,
-                 help='Longest side of stored images: larger ones are downscaled (aspect kept; '
-                 'JPEG stays JPEG, others become PNG); 0 keeps every original file. Default '
-                 '%(default)s.')
-  p.add_argument('--max_pixels', type=int, default=ingest_images.DEFAULT_MAX_PIXELS,
-                 help='Images whose header says more pixels (W*H) are skipped as `too large` '
-                 'before any decode; 0: no limit (and no Pillow bomb check). Default %(default)s.')
-  p.add_argument('--max_pixels_in_flight', type=int, default=0,
-                 help='Pixels decoded at once by all workers together (bounds memory whatever '
-                 '--workers); 0: 2 * --max_pixels.')
-  p.add_argument('--skip_killed', action='store_true',
-                 help='Report (and skip) inputs that killed a worker in an earlier run into --out.')
-  p.add_argument('--max_negatives', type=int, default=16)
-  p.add_argument('--no_progress', action='store_true')
-  args = p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of `python -m mmjax.data.prepare`."""
+  flags.DEFINE_string('manifest', None, 'JSONL or CSV manifest.', flag_values=fv)
+  flags.DEFINE_string('image_dir', None, 'Folder of images with caption side files (name.txt).',
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'Output directory (resumed if it exists).', flag_values=fv)
+  flags.DEFINE_string('name', 'data', 'Shard file prefix.', flag_values=fv)
+  flags.DEFINE_integer('examples_per_shard', 1000, 'Examples per shard.', flag_values=fv)
+  flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Worker processes.', flag_values=fv)
+  flags.DEFINE_integer('max_image_size', ingest_images.DEFAULT_MAX_IMAGE_SIZE,
+                       'Longest side of stored images: larger ones are downscaled (aspect kept; '
+                       'JPEG stays JPEG, others become PNG); 0 keeps every original file.',
+                       flag_values=fv)
+  flags.DEFINE_integer('max_pixels', ingest_images.DEFAULT_MAX_PIXELS,
+                       'Images whose header says more pixels (W*H) are skipped as `too large` '
+                       'before any decode; 0: no limit (and no Pillow bomb check).', flag_values=fv)
+  flags.DEFINE_integer('max_pixels_in_flight', 0,
+                       'Pixels decoded at once by all workers together (bounds memory whatever '
+                       '--workers); 0: 2 * --max_pixels.', flag_values=fv)
+  flags.DEFINE_boolean('skip_killed', False, 'Report (and skip) inputs that killed a worker in '
+                       'an earlier run into --out.', flag_values=fv)
+  flags.DEFINE_integer('max_negatives', 16, 'Hard negatives kept per example.', flag_values=fv)
+  flags.DEFINE_boolean('no_progress', False, 'No progress bar.', flag_values=fv)
+  flags.mark_flag_as_required('out', flag_values=fv)
+
+
+def _check(args) -> None:
   for key in ('examples_per_shard', 'workers'):
     if getattr(args, key) < 1:
-      raise SystemExit(f'--{key}={getattr(args, key)} must be >= 1.')
+      raise ConfigError(f'--{key}={getattr(args, key)} must be >= 1.')
   for key in ('max_image_size', 'max_pixels', 'max_pixels_in_flight'):
     if getattr(args, key) < 0:
-      raise SystemExit(f'--{key}={getattr(args, key)} must be >= 0.')
-  return args
+      raise ConfigError(f'--{key}={getattr(args, key)} must be >= 0.')
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  args = _parse_args(argv)
+def _prepare(args, positional: list[str]) -> dict[str, Any]:
+  """The command: reads the inputs, ingests them, prints a one-line summary."""
+  del positional
+  _check(args)
   (rows, problems), source = read_inputs(args)
   out = pathlib.Path(args.out)
   opts = Options(out=out, name=args.name, examples_per_shard=args.examples_per_shard,
@@ -404,5 +410,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   return meta
 
 
+# main(argv) -> metadata.json's dict; `python -m mmjax.data.prepare` runs main.main().
+main = command.Command(define_flags, _prepare)
+
+
 if __name__ == '__main__':
-  main()
+  main.main()
