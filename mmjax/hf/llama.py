@@ -2,8 +2,9 @@
 
 Same machinery as the dual-encoder families (mmjax.hf.convert, mmjax.hf.families): `config.json`
 becomes a `DecoderConfig`, one rule table maps every tensor both ways, and a missing, unknown or
-wrongly shaped tensor is a `CheckpointError` naming the keys. Causal-LM checkpoints ('model.' prefix, an
-`lm_head`) load too: the head is not used for embeddings and is written back unchanged on export.
+wrongly shaped tensor is a `CheckpointError` naming the keys. Causal-LM checkpoints ('model.'
+prefix, an `lm_head`) load too: the head is not used for embeddings and is written back unchanged
+on export.
 Architecture options mmjax does not implement (rope scaling, sliding windows, biases Llama can
 add) are refused by name rather than loaded into a model that would compute something else.
 """
