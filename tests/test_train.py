@@ -217,6 +217,26 @@ def test_mode_eval_rewrites_eval_json(trained, tmp_path):
   assert again['i2t/recall@1'] == pytest.approx(result['i2t/recall@1'], abs=1e-6)
 
 
+def test_load_for_inference_restores_the_params_without_an_optimizer(trained, monkeypatch):
+  """--mode=eval / export and the robustness report restore the params alone (Orbax partial
+  restore): no optimizer or optimizer state is built, and the params equal the checkpoint's."""
+  config, workdir, _ = trained
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('load_for_inference built the optimizer (state)')
+
+  monkeypatch.setattr(loop.optim, 'make_optimizer', refuse)
+  monkeypatch.setattr(loop.state_lib, 'state_layout', refuse)
+  run, state, step = loop.load_for_inference(config, workdir)
+  run.checkpointer.close()
+  assert step == 4 and not hasattr(run, 'tx') and not hasattr(state, 'opt_state')
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+  assert_same_params({jax.tree_util.keystr(p): np.asarray(v) for p, v in flat},
+                     saved_params(workdir, 4))
+  layout = jax.tree.leaves(run.abstract_params)
+  assert [a.sharding for a in jax.tree.leaves(state.params)] == [a.sharding for a in layout]
+
+
 def test_load_embedder_refuses_non_export(tmp_path):
   with pytest.raises(FileNotFoundError, match='not an mmjax export'):
     mmjax.load_embedder(tmp_path)

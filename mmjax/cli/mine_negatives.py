@@ -16,14 +16,16 @@ similarity, the input of `mmjax.data.filter --scores` (noisy-pair filtering).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
 import numpy as np
+from absl import flags
 
+from mmjax import cli
 from mmjax.data import images as images_lib, records, sources, transforms
 from mmjax.embedder import load_embedder
+from mmjax.types import ConfigError
 
 
 def mine(queries: np.ndarray, keys: np.ndarray, duplicate_of: np.ndarray, *, k: int,
@@ -65,55 +67,62 @@ def _rgb(text: str) -> tuple[int, int, int]:
   except ValueError:
     rgb = ()
   if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-    raise SystemExit(f'--background={text!r} must be three integers in [0, 255], e.g. 0,0,0.')
+    raise ConfigError(f'--background={text!r} must be three integers in [0, 255], e.g. 0,0,0.')
   return rgb
 
 
-def main(argv: list[str] | None = None) -> np.ndarray:
-  p = argparse.ArgumentParser(prog='python -m mmjax.cli.mine_negatives', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--data', required=True, help='An ingested dataset (prepare --out).')
-  p.add_argument('--model', required=True, help='An mmjax export directory (or its workdir).')
-  p.add_argument('--k', type=int, default=8)
-  p.add_argument('--max_similarity', type=float, default=0.9)
-  p.add_argument('--out', default='negatives.npy', help='Relative to --data.')
-  p.add_argument('--scores_out', default='', help='Also write pair similarities (relative).')
-  p.add_argument('--batch_size', type=int, default=256)
-  p.add_argument('--resize', default='crop', choices=images_lib.RESIZES,
-                 help="How images are fitted to the model's input: the run's config.data.resize.")
-  p.add_argument('--background', default='255,255,255',
-                 help='R,G,B under transparent pixels and in the letterbox padding '
-                 '(config.data.background).')
-  args = p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of `python -m mmjax.cli.mine_negatives`."""
+  flags.DEFINE_string('data', None, 'An ingested dataset (prepare --out).', flag_values=fv)
+  flags.DEFINE_string('model', None, 'An mmjax export directory (or its workdir).',
+                      flag_values=fv)
+  flags.DEFINE_integer('k', 8, 'Hard negatives per example.', flag_values=fv)
+  flags.DEFINE_float('max_similarity', 0.9, 'Candidates more similar than this are dropped '
+                     '(likely true matches).', flag_values=fv)
+  flags.DEFINE_string('out', 'negatives.npy', 'Relative to --data.', flag_values=fv)
+  flags.DEFINE_string('scores_out', '', 'Also write pair similarities (relative).',
+                      flag_values=fv)
+  flags.DEFINE_integer('batch_size', 256, 'Embedding batch size.', flag_values=fv)
+  flags.DEFINE_enum('resize', 'crop', images_lib.RESIZES,
+                    "How images are fitted to the model's input: the run's config.data.resize.",
+                    flag_values=fv)
+  flags.DEFINE_string('background', '255,255,255', 'R,G,B under transparent pixels and in the '
+                      'letterbox padding (config.data.background).', flag_values=fv)
+  flags.mark_flags_as_required(['data', 'model'], flag_values=fv)
+
+
+def _embed_pairs(emb, elements: list[dict], view) -> tuple[np.ndarray, np.ndarray]:
+  """(queries, keys) embeddings: captions -> images, or queries -> captions for text pairs."""
+  ztxt = emb.embed_texts([records.normalise_caption(e['captions'][0]) for e in elements])
+  if elements and elements[0]['query'] is not None:
+    return emb.embed_texts([e['query'] for e in elements]), ztxt
+  return ztxt, emb.embed_images(np.stack([images_lib.load(e['image'], view) for e in elements]))
+
+
+def _mine_negatives(args, positional: list[str]) -> np.ndarray:
+  """The command: embeds the dataset, mines, writes the negatives (and scores)."""
+  del positional
   if args.k < 1:
-    raise SystemExit(f'--k={args.k} must be >= 1.')
+    raise ConfigError(f'--k={args.k} must be >= 1.')
   data = pathlib.Path(args.data)
   src = sources.RecordSource(data)
   index = json.loads((data / 'index.json').read_text())
   emb = load_embedder(args.model, batch_size=args.batch_size)
   view = images_lib.View(emb.config.image.image_size, args.resize, _rgb(args.background))
-  elements = [src[i] for i in range(len(src))]
-  text_pairs = elements and elements[0]['query'] is not None
-  captions = [records.normalise_caption(e['captions'][0]) for e in elements]
-  ztxt = emb.embed_texts(captions)
-  if text_pairs:
-    zquery = emb.embed_texts([e['query'] for e in elements])
-    negatives = mine(zquery, ztxt, duplicate_ids(index), k=args.k,
-                     max_similarity=args.max_similarity)
-    pair = np.sum(zquery * ztxt, 1)
-  else:
-    images = np.stack([images_lib.load(e['image'], view) for e in elements])
-    zimg = emb.embed_images(images)
-    negatives = mine(ztxt, zimg, duplicate_ids(index), k=args.k,
-                     max_similarity=args.max_similarity)
-    pair = np.sum(zimg * ztxt, 1)
+  queries, keys = _embed_pairs(emb, [src[i] for i in range(len(src))], view)
+  negatives = mine(queries, keys, duplicate_ids(index), k=args.k,
+                   max_similarity=args.max_similarity)
   np.save(data / args.out, negatives)
   if args.scores_out:
-    np.save(data / args.scores_out, pair.astype(np.float32))
+    np.save(data / args.scores_out, np.sum(queries * keys, 1).astype(np.float32))
   print(f'{int((negatives >= 0).sum())} negatives for {len(negatives)} examples -> '
         f'{data / args.out}')
   return negatives
 
 
+# main(argv) -> the negatives; `python -m mmjax.cli.mine_negatives` runs main.main().
+main = cli.Command(define_flags, _mine_negatives)
+
+
 if __name__ == '__main__':
-  main()
+  main.main()

@@ -29,13 +29,16 @@ document-level embedder to read.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import pathlib
 from typing import Any, Iterable
 
+from absl import flags
+
+from mmjax import command
 from mmjax.data import prepare
+from mmjax.types import ConfigError
 
 
 def _bool(v: Any) -> bool:
@@ -145,25 +148,52 @@ def _absolute(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
           for r in rows]
 
 
-def main(argv: list[str] | None = None) -> None:
-  p = argparse.ArgumentParser(prog='python -m mmjax.data.convert', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest='kind', required=True)
-  c = sub.add_parser('clicks', help='Click log + items -> weighted pairs with hard negatives.')
-  c.add_argument('--log', required=True)
-  c.add_argument('--items', required=True)
-  c.add_argument('--out', required=True)
-  c.add_argument('--propensity', choices=('power', 'ctr'), default='power')
-  c.add_argument('--eta', type=float, default=1.0)
-  c.add_argument('--max_weight', type=float, default=10.0)
-  c.add_argument('--max_negatives', type=int, default=16)
-  d = sub.add_parser('documents', help='Interleaved documents -> adjacent image-text pairs.')
-  d.add_argument('--docs', required=True)
-  d.add_argument('--out', required=True)
-  d.add_argument('--documents_out', default='', help='Also write whole documents here.')
-  d.add_argument('--no_group_by_document', action='store_true')
-  args = p.parse_args(argv)
-  if args.kind == 'clicks':
+CLICKS_FLAGS = ('log', 'items', 'propensity', 'eta', 'max_weight', 'max_negatives')
+DOCUMENTS_FLAGS = ('docs', 'documents_out', 'no_group_by_document')
+REQUIRED = {'clicks': ('log', 'items', 'out'), 'documents': ('docs', 'out')}
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of `python -m mmjax.data.convert clicks|documents`."""
+  flags.DEFINE_string('out', None, 'Output manifest (JSONL).', flag_values=fv)
+  # clicks: click log + items -> weighted pairs with hard negatives.
+  flags.DEFINE_string('log', None, 'clicks: the click log (JSONL or CSV).', flag_values=fv)
+  flags.DEFINE_string('items', None, 'clicks: the items (JSONL or CSV).', flag_values=fv)
+  flags.DEFINE_enum('propensity', 'power', ('power', 'ctr'), 'clicks: examination propensity.',
+                    flag_values=fv)
+  flags.DEFINE_float('eta', 1.0, 'clicks: p(k) = (1/k)^eta with --propensity=power.',
+                     flag_values=fv)
+  flags.DEFINE_float('max_weight', 10.0, "clicks: clip of a pair's weight.", flag_values=fv)
+  flags.DEFINE_integer('max_negatives', 16, 'clicks: hard negatives kept per pair.',
+                       flag_values=fv)
+  # documents: interleaved documents -> adjacent image-text pairs.
+  flags.DEFINE_string('docs', None, 'documents: the documents (JSONL).', flag_values=fv)
+  flags.DEFINE_string('documents_out', '', 'documents: also write whole documents here.',
+                      flag_values=fv)
+  flags.DEFINE_boolean('no_group_by_document', False, 'documents: pairs of one document do not '
+                       'share a group.', flag_values=fv)
+
+
+def _kind(args, positional: list[str]) -> str:
+  """The subcommand, checked with its flags as a subparser would."""
+  if len(positional) != 1 or positional[0] not in REQUIRED:
+    raise ConfigError(f'Give one command, clicks or documents (got {positional}).')
+  kind = positional[0]
+  missing = [f'--{k}' for k in REQUIRED[kind] if not getattr(args, k)]
+  if missing:
+    raise ConfigError(f'{kind} needs {", ".join(missing)}.')
+  defaults = flags.FlagValues()
+  define_flags(defaults)
+  other = DOCUMENTS_FLAGS if kind == 'clicks' else CLICKS_FLAGS
+  given = [f'--{k}' for k in other if getattr(args, k) != defaults[k].default]
+  if given:
+    raise ConfigError(f'{", ".join(given)} {"is" if len(given) == 1 else "are"} not a flag of '
+                      f'{kind}.')
+  return kind
+
+
+def _convert(args, positional: list[str]) -> None:
+  if _kind(args, positional) == 'clicks':
     items = _absolute(read_rows(pathlib.Path(args.items)))
     rows = clicks_to_pairs(read_rows(pathlib.Path(args.log)), items, propensity=args.propensity,
                            eta=args.eta, max_weight=args.max_weight,
@@ -182,5 +212,9 @@ def main(argv: list[str] | None = None) -> None:
   print(f'{len(rows)} pairs -> {args.out}')
 
 
+# main(['clicks' | 'documents', *flags]); `python -m mmjax.data.convert` runs main.main().
+main = command.Command(define_flags, _convert, positional=True)
+
+
 if __name__ == '__main__':
-  main()
+  main.main()

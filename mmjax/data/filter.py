@@ -19,13 +19,16 @@ each step dropped.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import pathlib
 from typing import Any
 
 import numpy as np
+from absl import flags
+
+from mmjax import command
+from mmjax.types import ConfigError
 
 
 def near_duplicates(hashes: list[int], bits: int) -> set[int]:
@@ -93,21 +96,30 @@ def select(index: list[dict[str, Any]], *, dedupe_images: bool = False, near_bit
   return np.flatnonzero(keep).astype(np.int64), report
 
 
-def main(argv: list[str] | None = None) -> dict[str, int]:
-  p = argparse.ArgumentParser(prog='python -m mmjax.data.filter', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--data', required=True, help='An ingested dataset (prepare --out).')
-  p.add_argument('--out', default='keep.npy', help='Keep file, relative to --data.')
-  p.add_argument('--dedupe_images', action='store_true')
-  p.add_argument('--near_bits', type=int, default=0)
-  p.add_argument('--dedupe_captions', action='store_true')
-  p.add_argument('--scores', default='')
-  p.add_argument('--keep_fraction', type=float, default=1.0)
-  args = p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of `python -m mmjax.data.filter`."""
+  flags.DEFINE_string('data', None, 'An ingested dataset (prepare --out).', flag_values=fv)
+  flags.DEFINE_string('out', 'keep.npy', 'Keep file, relative to --data.', flag_values=fv)
+  flags.DEFINE_boolean('dedupe_images', False, 'Drop repeated images (text pairs: queries).',
+                       flag_values=fv)
+  flags.DEFINE_integer('near_bits', 0, 'With --dedupe_images, also drop images whose dHash is '
+                       'within this many bits of a kept one.', flag_values=fv)
+  flags.DEFINE_boolean('dedupe_captions', False, 'Drop examples whose captions were all seen.',
+                       flag_values=fv)
+  flags.DEFINE_string('scores', '', 'float [N] .npy of pair scores (higher = better matched).',
+                      flag_values=fv)
+  flags.DEFINE_float('keep_fraction', 1.0, 'With --scores, the best-scored fraction kept.',
+                     flag_values=fv)
+  flags.mark_flag_as_required('data', flag_values=fv)
+
+
+def _filter(args, positional: list[str]) -> dict[str, int]:
+  """The command: selects, writes the keep file and its report, prints a summary."""
+  del positional
   if not 0.0 < args.keep_fraction <= 1.0:
-    raise SystemExit(f'--keep_fraction={args.keep_fraction} must be in (0, 1].')
+    raise ConfigError(f'--keep_fraction={args.keep_fraction} must be in (0, 1].')
   if not 0 <= args.near_bits < 32:
-    raise SystemExit(f'--near_bits={args.near_bits} must be in [0, 32).')
+    raise ConfigError(f'--near_bits={args.near_bits} must be in [0, 32).')
   data = pathlib.Path(args.data)
   index = json.loads((data / 'index.json').read_text())
   scores = np.load(args.scores) if args.scores else None
@@ -121,5 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
   return report
 
 
+# main(argv) -> the report; `python -m mmjax.data.filter` runs main.main().
+main = command.Command(define_flags, _filter)
+
+
 if __name__ == '__main__':
-  main()
+  main.main()

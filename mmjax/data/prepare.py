@@ -33,8 +33,6 @@ place of `metadata.json`; `--skip_killed` then reports that input and goes on
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -44,24 +42,15 @@ import time
 from typing import Any
 
 import tqdm
+from absl import flags
 from array_record.python import array_record_module
 
+from mmjax import command
 from mmjax.data import ingest_images, ingest_workers, records
+from mmjax.data.ingest_rows import Options, Skip, make_example
 from mmjax.data.manifests import (IMAGE_EXTENSIONS, read_manifest, read_side_captions,  # noqa: F401
                                   scan_image_dir)
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  out: pathlib.Path
-  name: str = 'data'
-  examples_per_shard: int = 1000
-  # Stored images: longest side in pixels (larger ones are downscaled); 0 keeps every original.
-  max_image_size: int = ingest_images.DEFAULT_MAX_IMAGE_SIZE
-  max_caption_chars: int = 2000
-  max_negatives: int = 16
-  max_pixels: int = ingest_images.DEFAULT_MAX_PIXELS  # Header W*H above this: skipped; 0: none.
-  max_pixels_in_flight: int = 2 * ingest_images.DEFAULT_MAX_PIXELS  # All workers' decodes.
-  skip_rows: frozenset[int] = frozenset()  # Rows that killed a worker before (--skip_killed).
+from mmjax.types import ConfigError
 
 
 # ----------------------------------------------------------------------------- planning
@@ -74,106 +63,6 @@ def plan_hash(rows: list[dict[str, Any]], opts: Options) -> str:
   for row in rows:
     h.update(json.dumps(row, sort_keys=True, default=str).encode())
   return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- one example
-
-Skip = ingest_images.Skip
-
-
-def _read_image(path: str, opts: Options, ctx: ingest_workers.WorkerContext | None = None
-                ) -> tuple[bytes, Any, dict[str, Any]]:
-  return ingest_images.read_image(path, opts.max_pixels, opts.max_image_size,
-                                  ctx.hold if ctx else ingest_images.no_budget)
-
-
-def _texts(value: Any, field: str, opts: Options) -> list[str]:
-  if isinstance(value, str):
-    value = [value]
-  if not isinstance(value, list):
-    raise Skip(f'bad {field}: expected a string or a list of strings, got {type(value).__name__}')
-  out = []
-  for text in value:
-    if not isinstance(text, str):
-      raise Skip(f'bad {field}: {text!r} is not a string')
-    text = records.normalise_caption(text)
-    if '\ufffd' in text:
-      raise Skip(f'bad {field}: not valid UTF-8: {text[:80]!r}')
-    if text:
-      out.append(text[:opts.max_caption_chars])
-  return out
-
-
-def make_example(row: dict[str, Any], index: int, opts: Options,
-                 ctx: ingest_workers.WorkerContext | None = None) -> tuple[dict[str, Any], dict]:
-  """(record, index entry) of one manifest row; raises Skip with the reason."""
-  if 'segments' in row:
-    return _document(row, index, opts, ctx)
-  captions = _texts(row.get('captions', row.get('caption', row.get('text', []))), 'captions', opts)
-  if not captions:
-    raise Skip('bad captions: no non-empty caption')
-  ex: dict[str, Any] = {'id': str(row.get('id', index)), 'captions': captions}
-  entry: dict[str, Any] = {'id': ex['id'], 'captions': [records.caption_key(c) for c in captions]}
-  if 'image' in row:
-    if not isinstance(row['image'], str):
-      raise Skip(f'bad image field: {row["image"]!r}')
-    data, pixels, info = _read_image(row['image'], opts, ctx)
-    ex['image'] = data
-    entry['sha256'] = hashlib.sha256(pixels.tobytes()).hexdigest()
-    entry['dhash'] = records.dhash(pixels)
-    if 'stored_size' in info:  # Downscaled (or re-encoded) at ingestion.
-      entry['original_size'] = info['size']
-  elif 'query' in row:
-    query = _texts(row['query'], 'query', opts)
-    if len(query) != 1:
-      raise Skip('bad query: expected one non-empty string')
-    ex['query'] = query[0]
-    entry['query'] = records.caption_key(query[0])
-  else:
-    raise Skip('row has neither `image` nor `query`')
-  try:
-    for key, cast in (('label', int), ('group', str), ('weight', float)):
-      if key in row:
-        ex[key] = cast(row[key])
-  except (TypeError, ValueError) as e:
-    raise Skip(f'bad {key}: {row[key]!r} ({e})') from e
-  if 'weight' in ex and not ex['weight'] >= 0:
-    raise Skip(f'bad weight: {ex["weight"]} (must be >= 0)')
-  entry['group'] = ex.get('group', '')
-  negs = []
-  for path in (row.get('neg_images') or [])[:opts.max_negatives]:
-    try:
-      negs.append(_read_image(path, opts, ctx)[0])
-    except Skip:  # A bad negative only loses that negative.
-      entry['bad_negatives'] = entry.get('bad_negatives', 0) + 1
-  if negs:
-    ex['neg_images'] = negs
-  if row.get('neg_texts'):
-    ex['neg_texts'] = _texts(row['neg_texts'], 'neg_texts', opts)[:opts.max_negatives]
-  return ex, entry
-
-
-def _document(row: dict[str, Any], index: int, opts: Options,
-              ctx: ingest_workers.WorkerContext | None) -> tuple[dict[str, Any], dict]:
-  """An interleaved document: its segments in order, images as encoded bytes."""
-  segments, texts = [], []
-  if not isinstance(row['segments'], list):
-    raise Skip('bad segments: expected a list')
-  for seg in row['segments']:
-    if isinstance(seg, dict) and isinstance(seg.get('image'), str):
-      segments.append({'image': _read_image(seg['image'], opts, ctx)[0]})
-    elif isinstance(seg, dict) and 'text' in seg:
-      text = _texts(seg['text'], 'segment text', opts)
-      if text:
-        segments.append({'text': text[0]})
-        texts.append(text[0])
-    else:
-      raise Skip(f'bad segment: {str(seg)[:80]!r}')
-  if not texts:
-    raise Skip('bad segments: no text segment')
-  ex = {'id': str(row.get('id', index)), 'segments': segments, 'captions': texts}
-  return ex, {'id': ex['id'], 'captions': [records.caption_key(t) for t in texts],
-              'num_images': len(segments) - len(texts), 'group': ''}
 
 
 # ----------------------------------------------------------------------------- shards
@@ -231,7 +120,7 @@ def _check_plan(opts: Options, digest: str) -> None:
   if plan_file.exists():
     old = json.loads(plan_file.read_text())
     if old['source_hash'] != digest or old['name'] != opts.name:
-      raise SystemExit(f'{opts.out} holds an ingestion of other inputs or options '
+      raise ConfigError(f'{opts.out} holds an ingestion of other inputs or options '
                        f'(source hash {old["source_hash"][:12]} vs {digest[:12]}); use a new '
                        '--out or delete it.')
   else:
@@ -328,8 +217,8 @@ def finalise(opts: Options, num_shards: int, problems: list[dict[str, Any]], dig
                   'max_pixels_in_flight': opts.max_pixels_in_flight},
       'feature_spec': records.FEATURE_SPEC,
   }
-  for name, obj in (('report.json', {'skipped': skipped, 'last_run': run_stats or {}}), ('index.json', index),
-                    ('metadata.json', meta)):
+  report = {'skipped': skipped, 'last_run': run_stats or {}}
+  for name, obj in (('report.json', report), ('index.json', index), ('metadata.json', meta)):
     tmp = opts.out / (name + '.tmp')
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(opts.out / name)
@@ -338,53 +227,57 @@ def finalise(opts: Options, num_shards: int, problems: list[dict[str, Any]], dig
 
 def read_inputs(args) -> tuple[tuple[list, list], str]:
   if bool(args.manifest) == bool(args.image_dir):
-    raise SystemExit('Give exactly one of --manifest or --image_dir.')
+    raise ConfigError('Give exactly one of --manifest or --image_dir.')
   if args.manifest:
     path = pathlib.Path(args.manifest)
     if not path.is_file():
-      raise SystemExit(f'--manifest={path} does not exist.')
+      raise ConfigError(f'--manifest={path} does not exist.')
     return read_manifest(path), str(path)
   path = pathlib.Path(args.image_dir)
   if not path.is_dir():
-    raise SystemExit(f'--image_dir={path} is not a directory.')
+    raise ConfigError(f'--image_dir={path} is not a directory.')
   return scan_image_dir(path), str(path)
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m mmjax.data.prepare', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--manifest', help='JSONL or CSV manifest.')
-  p.add_argument('--image_dir', help='Folder of images with caption side files (name.txt).')
-  p.add_argument('--out', required=True, help='Output directory (resumed if it exists).')
-  p.add_argument('--name', default='data', help='Shard file prefix.')
-  p.add_argument('--examples_per_shard', type=int, default=1000)
-  p.add_argument('--workers', type=int, default=os.cpu_count() or 1)
-  p.add_argument('--max_image_size', type=int, default=ingest_images.DEFAULT_MAX_IMAGE_SIZE,
-                 help='Longest side of stored images: larger ones are downscaled (aspect kept; '
-                 'JPEG stays JPEG, others become PNG); 0 keeps every original file. Default '
-                 '%(default)s.')
-  p.add_argument('--max_pixels', type=int, default=ingest_images.DEFAULT_MAX_PIXELS,
-                 help='Images whose header says more pixels (W*H) are skipped as `too large` '
-                 'before any decode; 0: no limit (and no Pillow bomb check). Default %(default)s.')
-  p.add_argument('--max_pixels_in_flight', type=int, default=0,
-                 help='Pixels decoded at once by all workers together (bounds memory whatever '
-                 '--workers); 0: 2 * --max_pixels.')
-  p.add_argument('--skip_killed', action='store_true',
-                 help='Report (and skip) inputs that killed a worker in an earlier run into --out.')
-  p.add_argument('--max_negatives', type=int, default=16)
-  p.add_argument('--no_progress', action='store_true')
-  args = p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of `python -m mmjax.data.prepare`."""
+  flags.DEFINE_string('manifest', None, 'JSONL or CSV manifest.', flag_values=fv)
+  flags.DEFINE_string('image_dir', None, 'Folder of images with caption side files (name.txt).',
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'Output directory (resumed if it exists).', flag_values=fv)
+  flags.DEFINE_string('name', 'data', 'Shard file prefix.', flag_values=fv)
+  flags.DEFINE_integer('examples_per_shard', 1000, 'Examples per shard.', flag_values=fv)
+  flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Worker processes.', flag_values=fv)
+  flags.DEFINE_integer('max_image_size', ingest_images.DEFAULT_MAX_IMAGE_SIZE,
+                       'Longest side of stored images: larger ones are downscaled (aspect kept; '
+                       'JPEG stays JPEG, others become PNG); 0 keeps every original file.',
+                       flag_values=fv)
+  flags.DEFINE_integer('max_pixels', ingest_images.DEFAULT_MAX_PIXELS,
+                       'Images whose header says more pixels (W*H) are skipped as `too large` '
+                       'before any decode; 0: no limit (and no Pillow bomb check).', flag_values=fv)
+  flags.DEFINE_integer('max_pixels_in_flight', 0,
+                       'Pixels decoded at once by all workers together (bounds memory whatever '
+                       '--workers); 0: 2 * --max_pixels.', flag_values=fv)
+  flags.DEFINE_boolean('skip_killed', False, 'Report (and skip) inputs that killed a worker in '
+                       'an earlier run into --out.', flag_values=fv)
+  flags.DEFINE_integer('max_negatives', 16, 'Hard negatives kept per example.', flag_values=fv)
+  flags.DEFINE_boolean('no_progress', False, 'No progress bar.', flag_values=fv)
+  flags.mark_flag_as_required('out', flag_values=fv)
+
+
+def _check(args) -> None:
   for key in ('examples_per_shard', 'workers'):
     if getattr(args, key) < 1:
-      raise SystemExit(f'--{key}={getattr(args, key)} must be >= 1.')
+      raise ConfigError(f'--{key}={getattr(args, key)} must be >= 1.')
   for key in ('max_image_size', 'max_pixels', 'max_pixels_in_flight'):
     if getattr(args, key) < 0:
-      raise SystemExit(f'--{key}={getattr(args, key)} must be >= 0.')
-  return args
+      raise ConfigError(f'--{key}={getattr(args, key)} must be >= 0.')
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  args = _parse_args(argv)
+def _prepare(args, positional: list[str]) -> dict[str, Any]:
+  """The command: reads the inputs, ingests them, prints a one-line summary."""
+  del positional
+  _check(args)
   (rows, problems), source = read_inputs(args)
   out = pathlib.Path(args.out)
   opts = Options(out=out, name=args.name, examples_per_shard=args.examples_per_shard,
@@ -404,5 +297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   return meta
 
 
+# main(argv) -> metadata.json's dict; `python -m mmjax.data.prepare` runs main.main().
+main = command.Command(define_flags, _prepare)
+
+
 if __name__ == '__main__':
-  main()
+  main.main()

@@ -6,10 +6,11 @@ returns the matching mmjax tower configs and parameters; `save(dir, ...)` writes
 same safetensors layout. See docs/pretrained.md.
 """
 
-from mmjax.hf.convert import CheckpointError, Pretrained, load, resolve_dir, save
+from mmjax.hf.convert import Pretrained, load, save
 from mmjax.hf.llama import DecoderCheckpoint
 from mmjax.hf.llama import load as load_decoder
 from mmjax.hf.llama import save as save_decoder
+from mmjax.hf.storage import CheckpointError, resolve_dir
 
 __all__ = ['CheckpointError', 'DecoderCheckpoint', 'Pretrained', 'load', 'load_decoder',
            'resolve_dir', 'save', 'save_decoder']

@@ -7,14 +7,28 @@ decoder the fields are the LLM embedder's `model.decoder.*`.
 
 import sys
 
+import mmjax.command as command
 import mmjax.hf.convert as convert
 import mmjax.hf.llama as llama
+import mmjax.hf.storage as storage
+from mmjax.hf.families import DECODER_FAMILIES
+
+
+def describe(args, positional: list[str]) -> str:
+  """The command: prints (and returns) the overrides for the checkpoint DIR."""
+  del args
+  if len(positional) != 1:
+    sys.exit(__doc__)
+  hf_config = storage.read_config(storage.resolve_dir(positional[0]))
+  if hf_config.get('model_type') in DECODER_FAMILIES:
+    text = llama.describe(positional[0])
+  else:
+    text = convert.describe(positional[0])
+  print(text)
+  return text
+
+
+main = command.Command(lambda flag_values: None, describe, positional=True)
 
 if __name__ == '__main__':
-  if len(sys.argv) != 2:
-    sys.exit(__doc__)
-  hf_config = convert.read_config(convert.resolve_dir(sys.argv[1]))
-  if hf_config.get('model_type') in convert.DECODER_FAMILIES:
-    print(llama.describe(sys.argv[1]))
-  else:
-    print(convert.describe(sys.argv[1]))
+  main.main()

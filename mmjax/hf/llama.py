@@ -1,9 +1,10 @@
 """Llama- and Qwen2-family decoder checkpoints in and out of mmjax (the LLM embedder's tower).
 
-Same machinery as the dual-encoder families (mmjax.hf.convert): `config.json` becomes a
-`DecoderConfig`, one rule table maps every tensor both ways, and a missing, unknown or wrongly
-shaped tensor is a `CheckpointError` naming the keys. Causal-LM checkpoints ('model.' prefix, an
-`lm_head`) load too: the head is not used for embeddings and is written back unchanged on export.
+Same machinery as the dual-encoder families (mmjax.hf.convert, mmjax.hf.families): `config.json`
+becomes a `DecoderConfig`, one rule table maps every tensor both ways, and a missing, unknown or
+wrongly shaped tensor is a `CheckpointError` naming the keys. Causal-LM checkpoints ('model.'
+prefix, an `lm_head`) load too: the head is not used for embeddings and is written back unchanged
+on export.
 Architecture options mmjax does not implement (rope scaling, sliding windows, biases Llama can
 add) are refused by name rather than loaded into a model that would compute something else.
 """
@@ -24,11 +25,12 @@ from flax import traverse_util
 from mmjax.types import ConfigError, DecoderConfig
 import mmjax.data.tokenizer as tokenizer_lib
 import mmjax.hf.convert as convert
-from mmjax.hf.convert import CheckpointError, Rule
-from mmjax.hf.convert import _dense as dense
+import mmjax.hf.storage as storage
+from mmjax.hf.families import DECODER_FAMILIES, Rule, dense
+from mmjax.hf.storage import CheckpointError
 from mmjax.models import decoder as decoder_lib
 
-FAMILIES = convert.DECODER_FAMILIES
+FAMILIES = DECODER_FAMILIES
 PREFIX = 'model.'  # *ForCausalLM wraps the decoder in `.model`.
 # Tensors a causal-LM checkpoint holds that an embedder does not use (kept for export).
 UNUSED = (r'^lm_head\.', r'(^|\.)rotary_emb\.inv_freq$')
@@ -134,10 +136,10 @@ class DecoderCheckpoint:
 def load(directory: str | pathlib.Path) -> DecoderCheckpoint:
   """Imports a local Llama/Qwen2 checkpoint directory (config.json + model.safetensors, or its
   sharded index)."""
-  directory = convert.resolve_dir(directory)
-  hf_config = convert.read_config(directory)
+  directory = storage.resolve_dir(directory)
+  hf_config = storage.read_config(directory)
   cfg = load_config(directory)
-  raw = convert.read_tensors(directory)
+  raw = storage.read_tensors(directory)
   unused = {k: v for k, v in raw.items() if any(re.search(p, k) for p in UNUSED)}
   used = {k: v for k, v in raw.items() if k not in unused}
   prefix = PREFIX if used and all(k.startswith(PREFIX) for k in used) else ''
@@ -161,8 +163,8 @@ def describe(directory: str | pathlib.Path) -> str:
 
 def load_config(directory: str | pathlib.Path) -> DecoderConfig:
   """The DecoderConfig of a checkpoint directory (its config.json only: no tensors read)."""
-  directory = convert.resolve_dir(directory)
-  return decoder_config(convert.read_config(directory), str(directory / 'config.json'))
+  directory = storage.resolve_dir(directory)
+  return decoder_config(storage.read_config(directory), str(directory / 'config.json'))
 
 
 def save(directory: str | pathlib.Path, ckpt: DecoderCheckpoint,
@@ -180,5 +182,5 @@ def save(directory: str | pathlib.Path, ckpt: DecoderCheckpoint,
                           '(merge LoRA adapters into the base weights first).')
   out = convert.hf_tensors(flat, rules(ckpt.config), shapes)
   out = {ckpt.prefix + k: v for k, v in out.items()}
-  return convert.write_checkpoint(pathlib.Path(directory), {**out, **ckpt.unused},
+  return storage.write_checkpoint(pathlib.Path(directory), {**out, **ckpt.unused},
                                   ckpt.hf_config, ckpt.directory)

@@ -1,7 +1,8 @@
 """Orbax checkpoints holding everything a run needs to continue exactly.
 
 Each step directory holds three items:
-- `state`: params, optimizer state, step and the base RNG key (sharded arrays, Orbax standard);
+- `state`: params, optimizer state, step and the base RNG key (sharded arrays, Orbax standard;
+  evaluation and export restore the params alone);
 - `data`: the Grain iterator state (one file per process);
 - `meta`: JSON with the model config and every parameter's shape, checked before any restore so a
   workdir that holds a different model is refused instead of overwritten.
@@ -120,10 +121,14 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
-  def restore_latest(self, abstract_state_tree: Any, data_iter: Any, current_meta: dict[str, Any]):
+  def restore_latest(self, abstract_state_tree: Any, data_iter: Any, current_meta: dict[str, Any],
+                     *, partial: bool = False):
     """Restores the newest readable checkpoint into (state_tree, data_iter); None if there is none.
 
-    Raises IncompatibleCheckpointError when the checkpoint's model differs from the config's.
+    `partial`: `abstract_state_tree` names a part of the state (evaluation and export restore
+    `{'params': ...}` alone, so they never build the optimizer state; this manager then no longer
+    saves, so only inference restores partially). Raises
+    IncompatibleCheckpointError when the checkpoint's model differs from the config's.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -137,7 +142,7 @@ class Checkpointer:
             f'{self.directory} holds a checkpoint (step {step}) of a different model; refusing '
             'to overwrite it. Use another --workdir or the same model config. Differences:\n  '
             + '\n  '.join(diffs[:20]))
-      args = {'state': ocp.args.StandardRestore(abstract_state_tree)}
+      args = {'state': _restore_args(abstract_state_tree, partial)}
       if data_iter is not None:
         args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
@@ -162,6 +167,15 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f'mmjax_quarantine_{step}')
     self.manager.close()
     self.manager = self._make_manager()
+
+
+def _restore_args(abstract_tree: Any, partial: bool):
+  if not partial:
+    return ocp.args.StandardRestore(abstract_tree)
+  # StandardRestore has no partial restore; PyTree reads what was saved by StandardSave.
+  return ocp.args.PyTreeRestore(item=abstract_tree, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                    abstract_tree))
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:

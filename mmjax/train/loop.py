@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -37,8 +36,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class Run:
-  """Everything built from (config, workdir) before the first step."""
+class InferenceRun:
+  """Everything built from (config, workdir) to evaluate or export a checkpoint: no optimizer."""
 
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
@@ -48,13 +47,20 @@ class Run:
   contract: kinds.DataContract  # Computed once: the batches' columns, roles, text pairs.
   model_config: Any  # The kind's typed config (mmjax.types).
   model: Any  # The kind's Flax module.
-  tx: Any
-  schedule: Any
   encoder: Any  # Texts (and images) -> model inputs (tokenizer.TextEncoder, MultimodalEncoder).
-  abstract_state: Any
-  state_shardings: Any
+  abstract_params: Any  # Shapes, dtypes and shardings of the params: the restore target.
   checkpointer: ckpt_lib.Checkpointer
   meta: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Run(InferenceRun):
+  """Everything built from (config, workdir) before the first step."""
+
+  tx: Any
+  schedule: Any
+  abstract_state: Any
+  state_shardings: Any
 
 
 def get_tokenizer(config, workdir: pathlib.Path):
@@ -80,25 +86,47 @@ def get_tokenizer(config, workdir: pathlib.Path):
   return tok
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run:
+def _model_parts(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """The InferenceRun fields that do not depend on the parameter layout."""
   config_lib.validate(config)
   workdir = pathlib.Path(workdir).absolute()
-  mesh = mesh_lib.make_mesh(config.mesh)
-  axis_rules = mesh_lib.rules(config)
+  mesh, axis_rules = mesh_lib.make_mesh(config.mesh), mesh_lib.rules(config)
   kind = kinds.get(config)
   model_config = kind.model_config(config)
   model = kind.model(model_config)
   encoder = kind.encoder(config, get_tokenizer(config, workdir))
+  return dict(config=config, workdir=workdir, mesh=mesh, axis_rules=axis_rules, kind=kind,
+              contract=kind.contract(config), model_config=model_config, model=model,
+              encoder=encoder)
+
+
+def _layout_parts(parts: dict[str, Any], abstract_params) -> dict[str, Any]:
+  """The restore target, the checkpoint meta of this model and the checkpointer."""
+  config = parts['config']
+  meta = {'model': parts['model_config'].to_dict(),
+          'param_shapes': ckpt_lib.shape_signature(abstract_params)}
+  checkpointer = ckpt_lib.Checkpointer(parts['workdir'], keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  return dict(abstract_params=abstract_params, checkpointer=checkpointer, meta=meta)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run:
+  parts = _model_parts(config, workdir)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
                                       frozen=transfer.frozen_pattern(config))
-  abstract, shardings = state_lib.state_layout(model, tx, mesh, axis_rules,
-                                               jax.random.key(config.seed))
-  meta = {'model': model_config.to_dict(),
-          'param_shapes': ckpt_lib.shape_signature(abstract.params)}
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                       async_save=config.checkpoint.async_save)
-  return Run(config, workdir, mesh, axis_rules, kind, kind.contract(config), model_config, model,
-             tx, schedule, encoder, abstract, shardings, checkpointer, meta)
+  abstract, shardings = state_lib.state_layout(parts['model'], tx, parts['mesh'],
+                                               parts['axis_rules'], jax.random.key(config.seed))
+  return Run(**parts, **_layout_parts(parts, abstract.params), tx=tx, schedule=schedule,
+             abstract_state=abstract, state_shardings=shardings)
+
+
+def setup_inference(config: ml_collections.ConfigDict,
+                    workdir: str | pathlib.Path) -> InferenceRun:
+  """`setup` without the optimizer: the params' layout alone (evaluation, export)."""
+  parts = _model_parts(config, workdir)
+  abstract, _ = state_lib.params_layout(parts['model'], parts['mesh'], parts['axis_rules'],
+                                        jax.random.key(config.seed))
+  return InferenceRun(**parts, **_layout_parts(parts, abstract))
 
 
 def _state_tree(state, rng) -> dict[str, Any]:
@@ -157,7 +185,7 @@ def step_flops(compiled) -> float | None:
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
-def make_embedder(run: Run, params) -> Embedder:
+def make_embedder(run: InferenceRun, params) -> Embedder:
   """The model kind's runner over `params` (what the evaluators embed through)."""
   return run.kind.embedder(run.model_config, params, run.encoder, run.config, mesh=run.mesh,
                            batch_size=run.config.eval.batch_size)
@@ -168,7 +196,7 @@ def make_evaluator(config) -> Suite:
   return build_suite(config)
 
 
-def evaluate(run: Run, params, evaluator: Suite,
+def evaluate(run: InferenceRun, params, evaluator: Suite,
              embedder: Embedder | None = None) -> dict[str, float]:
   """Eval metrics of `params`; pass the same `embedder` each time to compile only once."""
   if embedder is None:
@@ -184,17 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   monitor = health.Monitor.for_run(config)  # Plateau / collapse warnings on the console.
   # Distillation: the teacher's columns (precomputed, or its tokens for the live teacher).
   teacher = teacher_lib.for_run(config, run.mesh, text_pairs=run.contract.text_pairs)
-  data_iter = iter(run.kind.train_dataset(
-      config, run.encoder, run.contract, process_index=jax.process_index(),
-      process_count=jax.process_count(), teacher_encoder=teacher.encoder if teacher else None))
-  # Restore (or refuse an incompatible workdir) before writing anything into the workdir.
-  state, rng, start = init_or_restore(run, data_iter)
+  data_iter, state, rng, start = _resume(run, teacher)
   writer = MetricWriter(run.workdir)
-  if jax.process_index() == 0:
-    ckpt_lib.write_json(run.workdir / 'config.json', json.loads(config.to_json_best_effort()))
-  log.info('Model: %s parameters. Mesh: %s. Start step %d of %d.',
-           f'{state_lib.param_count(state.params):,}', dict(run.mesh.shape), start,
-           config.total_steps)
   columns = run.contract.columns
   host_columns = columns + (teacher.host_columns if teacher else ())
   compiled = compile_step(run, state, rng, columns + tuple(teacher.step_spec if teacher else ()),
@@ -204,11 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   eval_metrics: dict[str, float] = {}
   pending: list[dict[str, jax.Array]] = []
-  bar = tqdm.tqdm(total=config.total_steps * config.batch_size, initial=start * config.batch_size,
-                  unit='pair', unit_scale=True, dynamic_ncols=True, file=sys.stdout,
-                  disable=jax.process_index() != 0, mininterval=1.0,
-                  bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} pairs [{elapsed}<{remaining}, '
-                             '{rate_fmt}{postfix}]')
+  bar = _progress_bar(config, start)
   t_log, steps_since_log = time.perf_counter(), 0
   step = start
   try:
@@ -231,25 +246,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if step % config.log_every_steps == 0 or last:
         host = jax.device_get(pending)
         bar.update(config.batch_size)
-        summary = {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
-        summary.update(health.logged_values(host))  # Computed on the log step only.
-        dt = time.perf_counter() - t_log
-        summary['train/pairs_per_sec'] = steps_since_log * config.batch_size / dt
-        summary['train/learning_rate'] = float(run.schedule(step - 1))
-        if not math.isfinite(summary['train/loss']):
-          raise FloatingPointError(f'Loss is {summary["train/loss"]} at step {step}.')
+        summary = _train_summary(run, host, step, steps_since_log, time.perf_counter() - t_log)
         writer.write(step, summary)
         monitor.observe(step, summary, echo=bar.write)
         bar.set_postfix(loss=f'{summary["train/loss"]:.4f}')
         pending, t_log, steps_since_log = [], time.perf_counter(), 0
 
-      due = evaluator.select(step, last)
-      if due:
-        new = evaluate(run, state.params, due, embedder)
-        eval_metrics.update(new)
-        writer.write(step, {f'eval/{k}': v for k, v in new.items()})
-        bar.write(f'step {step}: ' + ', '.join(
-            f'{k}={new[k]:.4f}' for k in ('i2t/recall@1', 't2i/recall@1', 'i2t/mrr') if k in new))
+      if due := evaluator.select(step, last):
+        eval_metrics.update(_evaluate_due(run, state.params, due, embedder, writer, bar, step))
         t_log = time.perf_counter()  # Eval time is not training throughput.
 
       if step % config.checkpoint.every_steps == 0 or last:
@@ -264,23 +268,94 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   if not eval_metrics:  # Resumed a finished run: evaluate what is there.
     eval_metrics = evaluate(run, state.params, evaluator, embedder)
-  result = {**eval_metrics, 'step': step, 'chance/recall@1': evaluator.chance_recall_at_1,
+  return _write_result(run, eval_metrics, evaluator, step, detail=True)
+
+
+def _resume(run: Run, teacher) -> tuple[Any, Any, jax.Array, int]:
+  """(data iterator, state, base rng, start step): the run's data and its state, restored from
+  the newest good checkpoint (or fresh); config.json is written only once the workdir was
+  accepted (an incompatible one is refused before anything is written into it)."""
+  config = run.config
+  data_iter = iter(run.kind.train_dataset(
+      config, run.encoder, run.contract, process_index=jax.process_index(),
+      process_count=jax.process_count(), teacher_encoder=teacher.encoder if teacher else None))
+  state, rng, start = init_or_restore(run, data_iter)
+  if jax.process_index() == 0:
+    ckpt_lib.write_json(run.workdir / 'config.json', json.loads(config.to_json_best_effort()))
+  log.info('Model: %s parameters. Mesh: %s. Start step %d of %d.',
+           f'{state_lib.param_count(state.params):,}', dict(run.mesh.shape), start,
+           config.total_steps)
+  return data_iter, state, rng, start
+
+
+def _evaluate_due(run: Run, params, due: Suite, embedder: Embedder, writer: MetricWriter, bar,
+                  step: int) -> dict[str, float]:
+  """The evaluators due at `step`: logged, and their headline numbers under the progress bar."""
+  new = evaluate(run, params, due, embedder)
+  writer.write(step, {f'eval/{k}': v for k, v in new.items()})
+  bar.write(f'step {step}: ' + ', '.join(
+      f'{k}={new[k]:.4f}' for k in ('i2t/recall@1', 't2i/recall@1', 'i2t/mrr') if k in new))
+  return new
+
+
+def _progress_bar(config, start: int) -> tqdm.tqdm:
+  """Pairs trained so far, on process 0's stdout."""
+  return tqdm.tqdm(total=config.total_steps * config.batch_size,
+                   initial=start * config.batch_size, unit='pair', unit_scale=True,
+                   dynamic_ncols=True, file=sys.stdout, disable=jax.process_index() != 0,
+                   mininterval=1.0,
+                   bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} pairs [{elapsed}<{remaining}, '
+                              '{rate_fmt}{postfix}]')
+
+
+def _train_summary(run: Run, host: list[dict[str, Any]], step: int, steps: int,
+                   seconds: float) -> dict[str, float]:
+  """The logged train/* values of the `steps` steps since the last log (their host metrics);
+  a non-finite loss stops the run."""
+  summary = {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
+  summary.update(health.logged_values(host))  # Computed on the log step only.
+  summary['train/pairs_per_sec'] = steps * run.config.batch_size / seconds
+  summary['train/learning_rate'] = float(run.schedule(step - 1))
+  if not math.isfinite(summary['train/loss']):
+    raise FloatingPointError(f'Loss is {summary["train/loss"]} at step {step}.')
+  return summary
+
+
+def _write_result(run: InferenceRun, metrics: dict[str, float], evaluator: Suite, step: int, *,
+                  detail: bool) -> dict:
+  """eval.json (process 0) and the printed table; `detail`: pairs and chance in the title."""
+  result = {**metrics, 'step': step, 'chance/recall@1': evaluator.chance_recall_at_1,
             'num_eval_pairs': len(evaluator.captions)}
   if jax.process_index() == 0:
     ckpt_lib.write_json(run.workdir / 'eval.json', result)
-    print(format_results(eval_metrics, title=f'Validation retrieval at step {step} '
-                         f'({len(evaluator.captions)} pairs, chance R@1 = '
-                         f'{evaluator.chance_recall_at_1:.4f}):'))
+    title = f'Validation retrieval at step {step}'
+    if detail:
+      title += (f' ({len(evaluator.captions)} pairs, chance R@1 = '
+                f'{evaluator.chance_recall_at_1:.4f})')
+    print(format_results(metrics, title=title + ':'))
   return result
 
 
-def load_for_inference(config, workdir):
-  """(run, state) from the newest checkpoint of `workdir`; an error if there is none."""
-  run = setup(config, workdir)
+@dataclasses.dataclass(frozen=True)
+class InferenceState:
+  """What `load_for_inference` restores of a train state: the params, never the optimizer's."""
+
+  params: Any
+
+
+def load_for_inference(config, workdir) -> tuple[InferenceRun, InferenceState, int]:
+  """(run, state, step) of the newest readable checkpoint of `workdir`, params only (no optimizer
+  is built); an error if there is none."""
+  run = setup_inference(config, workdir)
   if run.checkpointer.latest_step() is None:
     raise FileNotFoundError(f'No checkpoint in {run.checkpointer.directory}.')
-  state, _, step = init_or_restore(run, None)
-  return run, state, step
+  restored = run.checkpointer.restore_latest({'params': run.abstract_params}, None, run.meta,
+                                             partial=True)
+  if restored is None:
+    raise FileNotFoundError(f'No readable checkpoint in {run.checkpointer.directory} (the '
+                            f'unreadable ones were moved to {run.checkpointer.corrupt_dir}).')
+  step, tree = restored
+  return run, InferenceState(tree['params']), int(step)
 
 
 def evaluate_checkpoint(config, workdir) -> dict:
@@ -289,13 +364,9 @@ def evaluate_checkpoint(config, workdir) -> dict:
   evaluator = make_evaluator(config)
   metrics = evaluate(run, state.params, evaluator)
   run.checkpointer.close()
-  result = {**metrics, 'step': step, 'chance/recall@1': evaluator.chance_recall_at_1,
-            'num_eval_pairs': len(evaluator.captions)}
   if jax.process_index() == 0:
     MetricWriter(run.workdir).write(step, {f'eval/{k}': v for k, v in metrics.items()})
-    ckpt_lib.write_json(run.workdir / 'eval.json', result)
-    print(format_results(metrics, title=f'Validation retrieval at step {step}:'))
-  return result
+  return _write_result(run, metrics, evaluator, step, detail=False)
 
 
 def export_checkpoint(config, workdir) -> pathlib.Path:

@@ -16,25 +16,40 @@ from mmjax.parallel import mesh as mesh_lib
 TrainState = train_state.TrainState
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation):
+def _params_fn(model: nn.Module):
   def init(rng):
-    variables = model.init({'params': rng}, *model.init_inputs())
-    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx)
+    return model.init({'params': rng}, *model.init_inputs())['params']
   return init
 
 
-def state_layout(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, axis_rules,
-                 rng: jax.Array) -> tuple[TrainState, Any]:
-  """(abstract state, shardings) without allocating anything: the restore target.
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation):
+  def init(rng):
+    return TrainState.create(apply_fn=model.apply, params=_params_fn(model)(rng), tx=tx)
+  return init
+
+
+def _layout(init, mesh: Mesh, axis_rules, rng: jax.Array) -> tuple[Any, Any]:
+  """(abstract tree, shardings) of `init(rng)` without allocating anything.
 
   Shapes and logical axis names come from `jax.eval_shape`; the rules map them to mesh axes.
   """
   with mesh_lib.activate(mesh, axis_rules):
-    boxed = jax.eval_shape(_init_fn(model, tx), rng)
+    boxed = jax.eval_shape(init, rng)
     shardings = mesh_lib.logical_shardings(boxed, mesh, axis_rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
   return abstract, shardings
+
+
+def state_layout(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, axis_rules,
+                 rng: jax.Array) -> tuple[TrainState, Any]:
+  """(abstract train state, shardings): the training restore target."""
+  return _layout(_init_fn(model, tx), mesh, axis_rules, rng)
+
+
+def params_layout(model: nn.Module, mesh: Mesh, axis_rules, rng: jax.Array) -> tuple[Any, Any]:
+  """(abstract params, shardings): the restore target of evaluation and export (no optimizer)."""
+  return _layout(_params_fn(model), mesh, axis_rules, rng)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
