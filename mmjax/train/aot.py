@@ -188,8 +188,9 @@ def parse_hlo(text: str) -> dict[str, Any]:
   """The collectives of a compiled HLO module (count and bytes, each weighted by how often its
   computation runs: a while loop's body by its trip count) and its largest values.
 
-  An op's bytes are the largest array among its result and operands (per chip): the gathered
-  result of an all-gather, the input of a reduce-scatter. Async pairs count once (`-start`).
+  An op's bytes are the larger of its inputs and outputs (per chip, all arrays of a combined
+  op): the gathered result of an all-gather, the input of a reduce-scatter. An async pair counts
+  once.
   Collectives inside a conditional's branches run on some steps only (e.g. the health
   statistics of log steps): they are tallied apart, in `conditional_collectives`.
   """
@@ -221,7 +222,9 @@ def parse_hlo(text: str) -> dict[str, Any]:
   def visit(comp: str, times: int, conditional: bool) -> None:
     nonlocal unknown_trips
     runs[comp, conditional] = runs.get((comp, conditional), 0) + times
-    for _, _, opcode, args in comps.get(comp, ()):
+    for name, _, opcode, args in comps.get(comp, ()):
+      if name.startswith('async-collective-done'):
+        continue  # XLA:TPU's async collective fusions: the start's copy of the op is counted.
       called = _CALLED.findall(args)
       for group in _BRANCHES.findall(args):
         called += [c.strip().lstrip('%') for c in group.split(',')]
@@ -242,11 +245,16 @@ def parse_hlo(text: str) -> dict[str, Any]:
   for (comp, conditional), times in runs.items():
     for name, shape, opcode, args in comps[comp]:
       base = opcode.removesuffix('-start')
-      if base in COLLECTIVES:
-        operands = [shapes.get(o, '') for o in _operands(args)]
-        size = max(_array_bytes(shape + ' ' + ' '.join(operands)) or [0])
+      if base in COLLECTIVES and not opcode.endswith('-done'):
+        # XLA:TPU's reduce-scatter is a fusion named all-reduce-scatter around an all-reduce.
+        if base == 'all-reduce' and comp.startswith('all-reduce-scatter'):
+          base = 'reduce-scatter'
+        inputs = sum(_array_bytes(' '.join(shapes.get(o, '') for o in _operands(args))))
+        outputs = sum(_array_bytes(shape))
+        if opcode.endswith('-start'):  # Its result tuple holds the operands and u32[] contexts.
+          outputs -= inputs + 4 * shape.count('u32[]')
         tally[conditional][base]['count'] += times
-        tally[conditional][base]['bytes'] += times * size
+        tally[conditional][base]['bytes'] += times * max(inputs, outputs)
       if opcode not in ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant'):
         values.append((max(_array_bytes(shape) or [0]), name, shape.split('{')[0]))
   values.sort(reverse=True)
@@ -320,9 +328,11 @@ def _abstract_rng(seed: int, mesh) -> jax.ShapeDtypeStruct:
 
 
 def compile_programs(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                     topology_name: str) -> tuple[loop.Run, Chip, dict[str, Any]]:
-  """(run, chip, {program name: compiled}) of the run's train step and embedding steps compiled
-  for `topology_name`, from the same set-up as training (`loop.setup`, `loop.lower_step`)."""
+                     topology_name: str, *, embedding: bool = True
+                     ) -> tuple[loop.Run, Chip, dict[str, Any]]:
+  """(run, chip, {program name: compiled}) of the run's train step and (with `embedding`) the
+  evaluator's embedding steps compiled for `topology_name`, from the same set-up as training
+  (`loop.setup`, `loop.lower_step`, `loop.make_embedder`)."""
   devices, chip = topology(topology_name)
   run = loop.setup(config, workdir, devices=devices)
   if teacher_embed.distills(config) and config.distill.source != 'data':
@@ -334,9 +344,10 @@ def compile_programs(config: ml_collections.ConfigDict, workdir: str | pathlib.P
   with mesh_lib.activate(run.mesh, run.axis_rules):
     compiled['train_step'] = loop.lower_step(run, run.abstract_state, rng,
                                              *loop.step_inputs(run, teacher)).compile()
-    embedder = loop.make_embedder(run, run.abstract_state.params)
-    for name, (fn, args) in embedder.embedding_steps().items():
-      compiled[name] = fn.lower(*args).compile()
+    if embedding:
+      embedder = loop.make_embedder(run, run.abstract_state.params)
+      for name, (fn, args) in embedder.embedding_steps().items():
+        compiled[name] = fn.lower(*args).compile()
   return run, chip, compiled
 
 
