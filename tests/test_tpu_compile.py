@@ -221,3 +221,9 @@ def test_unknown_topology_is_a_clear_error(tmp_path):
   _libtpu()
   with pytest.raises(aot.ConfigError, match="--compile_topology='v5e:3x7'"):
     aot.topology('v5e:3x7')
+
+
+def test_without_libtpu_the_error_names_the_extra(monkeypatch):
+  monkeypatch.setattr(aot.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(aot.ConfigError, match=r"--compile_topology=v5e:2x2: .*libtpu.*\[tpu\]"):
+    aot.topology('v5e:2x2')

@@ -20,6 +20,7 @@ largest buffers.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import topologies
 
 from mmjax.data import teacher_embed
 from mmjax.parallel import mesh as mesh_lib
@@ -82,12 +84,9 @@ def _libtpu_environment() -> None:
 
 def topology(name: str) -> tuple[list[Any], Chip]:
   """(devices, chip) of a TPU topology such as 'v5e:2x2' or 'v5p:4x4x8'."""
-  try:
-    import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError as e:  # The optional extra: without it there is no TPU compiler.
+  if importlib.util.find_spec('libtpu') is None:  # The `tpu` extra: XLA's TPU compiler.
     raise ConfigError(f"--compile_topology={name}: compiling for TPU needs the libtpu wheel "
-                      "(pip install -e '.[tpu]', or `make test-tpu-compile`).") from e
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+                      "(pip install -e '.[tpu]', or `make test-tpu-compile`).")
   _libtpu_environment()
   try:
     desc = topologies.get_topology_desc(topology_name=name, platform='tpu')
@@ -397,9 +396,26 @@ def check_fits(report: dict[str, Any]) -> None:
     raise DoesNotFit('\n'.join(lines))
 
 
+def _bytes(n: float) -> str:
+  for unit, size in (('GiB', GiB), ('MiB', 2**20), ('KiB', 2**10)):
+    if abs(n) >= size:
+      return f'{n / size:,.1f} {unit}'
+  return f'{n:.0f} B'
+
+
+def _flops(n: float) -> str:
+  for unit, size in (('PFLOP', 1e15), ('TFLOP', 1e12), ('GFLOP', 1e9), ('MFLOP', 1e6)):
+    if n >= size:
+      return f'{n / size:,.2f} {unit}'
+  return f'{n:,.0f} FLOP'
+
+
+def _seconds(s: float) -> str:
+  return f'{s * 1e3:,.2f} ms' if s >= 1e-3 else f'{s * 1e6:,.1f} us'
+
+
 def format_report(report: dict[str, Any]) -> str:
   """The report as a table (per chip)."""
-  mib = lambda b: f'{b / 2**20:,.1f} MiB'  # noqa: E731
   chip = report['chip']
   out = [f'Compiled for {report["topology"]}: {report["num_chips"]} x {chip["name"]} '
          f'({chip["hbm_bytes"] / GiB:.0f} GiB HBM each), mesh {report["mesh"]}, global batch '
@@ -407,20 +423,25 @@ def format_report(report: dict[str, Any]) -> str:
          f'{report["loss"]}, compute {report["dtype"]} / params {report["param_dtype"]}.',
          'Per chip:']
   names = list(report['programs'])
-  row = lambda label, cells: f'  {label:<28}' + ''.join(f'{c:>18}' for c in cells)  # noqa: E731
   progs = [report['programs'][n] for n in names]
+  row = lambda label, cells: f'  {label:<30}' + ''.join(f'{c:>22}' for c in cells)  # noqa: E731
   out.append(row('', names))
   for key in ('arguments', 'outputs', 'aliased', 'temporaries', 'generated_code', 'total'):
-    out.append(row(f'memory: {key}', [mib(p['memory'][key]) for p in progs]))
+    out.append(row(f'memory: {key}', [_bytes(p['memory'][key]) for p in progs]))
   out.append(row('memory: share of HBM', [f'{p["memory"]["fraction_of_hbm"]:.1%}' for p in progs]))
-  out.append(row('GFLOP per step', [f'{p["flops"] / 1e9:,.2f}' for p in progs]))
-  out.append(row('bytes accessed', [mib(p['bytes_accessed']) for p in progs]))
+  out.append(row('FLOPs per step', [_flops(p['flops']) for p in progs]))
+  out.append(row('bytes accessed', [_bytes(p['bytes_accessed']) for p in progs]))
   for op in COLLECTIVES:
-    out.append(row(f'{op} (n, bytes)', [f'{p["collectives"][op]["count"]}, '
-                                        f'{mib(p["collectives"][op]["bytes"])}' for p in progs]))
-  out.append(row('ESTIMATED step time', [f'{p["roofline"]["step_s"] * 1e3:,.3f} ms '
-                                         f'({p["roofline"]["bound"]})' for p in progs]))
-  out.append(f'  Estimated training throughput: {report["train_pairs_per_s_estimate"]:,.0f} pairs/s '
-             '(roofline ESTIMATE: max of compute, HBM and ICI time from the chip table, perfect '
-             'overlap; not a measurement).')
+    out.append(row(f'{op}: n, bytes', [f'{p["collectives"][op]["count"]}, '
+                                       f'{_bytes(p["collectives"][op]["bytes"])}' for p in progs]))
+  out.append(row('collectives in conditionals', [
+      str(sum(v['count'] for v in p['conditional_collectives'].values())) for p in progs]))
+  for key in ('compute_s', 'hbm_s', 'ici_s'):
+    out.append(row(f'ESTIMATE {key.removesuffix("_s")} time',
+                   [_seconds(p['roofline'][key]) for p in progs]))
+  out.append(row('ESTIMATE step time', [f'{_seconds(p["roofline"]["step_s"])} '
+                                        f'({p["roofline"]["bound"]})' for p in progs]))
+  out.append(f'  ESTIMATED training throughput: {report["train_pairs_per_s_estimate"]:,.0f} '
+             'pairs/s (roofline: the max of compute, HBM and ICI time from the chip table, '
+             'perfect overlap; not a measurement).')
   return '\n'.join(out)
