@@ -185,7 +185,8 @@ def _trip_count(args: str, comps, roots, instrs) -> int | None:
 
 def parse_hlo(text: str) -> dict[str, Any]:
   """The collectives of a compiled HLO module (count and bytes, each weighted by how often its
-  computation runs: a while loop's body by its trip count) and its largest values.
+  computation runs: a while loop's body by its trip count) and its largest values (results of
+  ops outside fusions, i.e. buffers).
 
   An op's bytes are the larger of its inputs and outputs (per chip, all arrays of a combined
   op): the gathered result of an all-gather, the input of a reduce-scatter. An async pair counts
@@ -216,6 +217,7 @@ def parse_hlo(text: str) -> dict[str, Any]:
   instrs = {name: (opcode, args) for body in comps.values() for name, _, opcode, args in body}
   shapes = {name: shape for body in comps.values() for name, shape, _, _ in body}
   runs: dict[tuple[str, bool], int] = {}  # (computation, in a conditional) -> runs per step.
+  inner: set[str] = set()  # Computations inside an op (fusions, reducers).
   unknown_trips = 0
 
   def visit(comp: str, times: int, conditional: bool) -> None:
@@ -234,6 +236,9 @@ def parse_hlo(text: str) -> dict[str, Any]:
         factor = 1 if trip is None else trip
       for c in called:
         if c in comps:
+          if opcode in ('fusion', 'reduce', 'all-reduce', 'reduce-window', 'scatter', 'sort',
+                        'map', 'select-and-scatter', 'reduce-scatter'):
+            inner.add(c)  # Its values live inside the op, not in HBM.
           visit(c, times * factor, conditional or opcode == 'conditional')
 
   if entry is not None:
@@ -254,7 +259,8 @@ def parse_hlo(text: str) -> dict[str, Any]:
           outputs -= inputs + 4 * shape.count('u32[]')
         tally[conditional][base]['count'] += times
         tally[conditional][base]['bytes'] += times * max(inputs, outputs)
-      if opcode not in ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant'):
+      if comp not in inner and opcode not in ('parameter', 'get-tuple-element', 'tuple',
+                                              'bitcast', 'constant'):
         values.append((max(_array_bytes(shape) or [0]), name, shape.split('{')[0]))
   values.sort(reverse=True)
   largest, seen = [], set()
@@ -266,7 +272,7 @@ def parse_hlo(text: str) -> dict[str, Any]:
           'largest_values': largest, 'loops_without_trip_count': unknown_trips}
 
 
-# --- Compile and report ----------------------------------------------------------------------------
+# --- Compile and report --------------------------------------------------------------------------
 
 def _cost(compiled) -> dict[str, float]:
   cost = compiled.cost_analysis()
