@@ -1,6 +1,6 @@
 r"""Compiles shipped recipes for their TPU topologies on this CPU and records the compiled figures.
 
-  python bench/compile_recipes.py [--recipes=siglip_b16_256@v5e:16x16,tiny@v5e:2x2] [--noappend]
+  python bench/compile_recipes.py [--recipes=tiny@v5e:2x2,demo@v5e:4x4] [--noappend]
 
 Needs the `tpu` extra (libtpu). Each recipe (`configs/<name>.py`) goes through
 `mmjax.train.aot.compile_for_topology`, the function behind `--mode=compile`, so these are the
@@ -29,7 +29,7 @@ from mmjax.train import aot  # noqa: E402
 from provenance import cpu_model, git_revision  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('recipes', ['siglip_b16_256@v5e:16x16'],
+flags.DEFINE_list('recipes', ['tiny@v5e:2x2'],
                   'config_name@topology pairs (configs/<config_name>.py).')
 flags.DEFINE_string('workdir', '/tmp/mmjax_compile_recipes', 'Where the JSON reports go.')
 flags.DEFINE_bool('append', True, 'Append a result block to BENCHMARKS.md.')

@@ -136,10 +136,11 @@ def ring(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def fsdp(tmp_path_factory):
-  """The tiny run with the parameters sharded 4 ways (mesh fsdp=4): the train step only."""
+  """The tiny run with the parameters sharded 4 ways (mesh fsdp=4) and GradCache (2 micro-batches
+  per chip): the train step only."""
   _libtpu()
   run, chip, compiled = aot.compile_programs(
-      _config(**{'mesh.data': 1, 'mesh.fsdp': 4, 'loss.impl': 'ring'}),
+      _config(**{'mesh.data': 1, 'mesh.fsdp': 4, 'loss.impl': 'ring', 'micro_batches': 2}),
       tmp_path_factory.mktemp('aot_fsdp'), TOPOLOGY, embedding=False)
   return run, compiled['train_step'], aot.analyse(compiled['train_step'], chip)
 
