@@ -228,3 +228,13 @@ def test_without_libtpu_the_error_names_the_extra(monkeypatch):
   monkeypatch.setattr(aot.importlib.util, 'find_spec', lambda name: None)
   with pytest.raises(aot.ConfigError, match=r"--compile_topology=v5e:2x2: .*libtpu.*\[tpu\]"):
     aot.topology('v5e:2x2')
+
+
+def test_program_over_hbm_fails_with_the_compilers_figure_and_the_state(tmp_path):
+  """XLA:TPU itself refuses a program whose temporaries exceed HBM (a 262k batch of the tiny
+  model: the ring's [65536, 65536] logit blocks): DoesNotFit names the figures."""
+  _libtpu()
+  with pytest.raises(aot.DoesNotFit, match=r'(?s)train_step does not fit a v5e chip \(16 GiB '
+                                           r'HBM\).*RESOURCE_EXHAUSTED.*exceeds available HBM.*'
+                                           r'Largest state buffers per chip:\n.*MiB'):
+    aot.compile_programs(_config(batch_size=262_144), tmp_path, TOPOLOGY, embedding=False)

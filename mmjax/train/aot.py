@@ -347,13 +347,45 @@ def compile_programs(config: ml_collections.ConfigDict, workdir: str | pathlib.P
   rng = _abstract_rng(config.seed, run.mesh)
   compiled = {}
   with mesh_lib.activate(run.mesh, run.axis_rules):
-    compiled['train_step'] = loop.lower_step(run, run.abstract_state, rng,
-                                             *loop.step_inputs(run, teacher)).compile()
+    lowered = {'train_step': loop.lower_step(run, run.abstract_state, rng,
+                                             *loop.step_inputs(run, teacher))}
     if embedding:
       embedder = loop.make_embedder(run, run.abstract_state.params)
       for name, (fn, args) in embedder.embedding_steps().items():
-        compiled[name] = fn.lower(*args).compile()
+        lowered[name] = fn.lower(*args)
+    for name, program in lowered.items():
+      try:
+        compiled[name] = program.compile()
+      except jax.errors.JaxRuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+          raise
+        raise DoesNotFit(_compiler_oom_message(name, e, run, chip, topology_name)) from e
   return run, chip, compiled
+
+
+def _batch_bytes(run: loop.Run) -> int:
+  """Bytes of one global batch of the train step's columns."""
+  return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+             for col, (shape, dtype) in run.contract.spec.items() if col in run.contract.columns)
+
+
+def _compiler_oom_message(name: str, error: Exception, run: loop.Run, chip: Chip,
+                          topology_name: str) -> str:
+  """XLA:TPU refuses a program whose temporaries exceed HBM while compiling it (no executable,
+  no memory analysis): its figure, plus the per-chip state from the shardings."""
+  state = _largest_arguments(run.abstract_state, n=10**9)
+  shards = run.mesh.shape['data'] * run.mesh.shape['fsdp']
+  lines = [f'{name} does not fit a {chip.name} chip ({chip.hbm_bytes / GiB:.0f} GiB HBM) on '
+           f'{topology_name}, mesh {dict(run.mesh.shape)}, batch {run.config.batch_size}: XLA: '
+           f'{str(error).strip()}',
+           f'Per chip: train state {_bytes(sum(r["bytes"] for r in state))}, batch '
+           f'{_bytes(_batch_bytes(run) / shards)} ({run.config.batch_size // shards} rows). '
+           'Largest state buffers per chip:']
+  lines += [f'  {r["bytes"] / 2**20:10.1f} MiB  {r["name"]}  {r["per_chip_shape"]}'
+            for r in state[:8]]
+  lines.append('Shard the state (config.mesh.fsdp), use micro-batches (config.micro_batches), '
+               'bf16 compute (config.model.dtype) or a smaller batch.')
+  return '\n'.join(lines)
 
 
 def compile_for_topology(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
