@@ -40,14 +40,14 @@ flags.DEFINE_string('note', '', 'Free text stored with the result.')
 def _row(name: str, topology: str, report: dict, seconds: float) -> str:
   p = report['programs']['train_step']
   mem, coll, roof = p['memory'], p['collectives'], p['roofline']
-  ops = ', '.join(f'{op} {v["count"]} ({v["bytes"] / 2**20:,.0f} MiB)'
+  ops = ', '.join(f'{op} {v["count"]} ({aot.human_bytes(v["bytes"])})'
                   for op, v in coll.items() if v['count'])
   embed = max(q['memory']['total'] for n, q in report['programs'].items() if n != 'train_step')
-  return (f'| {name} | {topology} | {report["batch_size"]:,} | {mem["total"] / 2**30:.2f} / '
-          f'{mem["hbm"] / 2**30:.0f} GiB (args {mem["arguments"] / 2**30:.2f}, temp '
-          f'{mem["temporaries"] / 2**30:.2f}) | {embed / 2**30:.2f} GiB | '
-          f'{p["flops"] / 1e12:,.2f} | {ops or "none"} | {roof["step_s"] * 1e3:,.1f} ms '
-          f'({roof["bound"]}) | {seconds:.0f} s |')
+  return (f'| {name} | {topology} | {report["batch_size"]:,} | {aot.human_bytes(mem["total"])} / '
+          f'{mem["hbm"] / 2**30:.0f} GiB (args {aot.human_bytes(mem["arguments"])}, temp '
+          f'{aot.human_bytes(mem["temporaries"])}) | {aot.human_bytes(embed)} | '
+          f'{aot.human_flops(p["flops"])} | {ops or "none"} | '
+          f'{aot.human_seconds(roof["step_s"])} ({roof["bound"]}) | {seconds:.0f} s |')
 
 
 def main(argv) -> None:
@@ -71,7 +71,7 @@ def main(argv) -> None:
       'HBM, ICI time; not a measurement). ' + FLAGS.note,
       '',
       '| recipe | topology | global batch | train step memory / HBM | embed step memory | '
-      'TFLOP / step / chip | collectives per step | est. step time | compile time |',
+      'FLOPs / step / chip | collectives per step | est. step time | compile time |',
       '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
       *rows, ''])
   print(block)

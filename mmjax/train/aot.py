@@ -378,8 +378,8 @@ def _compiler_oom_message(name: str, error: Exception, run: loop.Run, chip: Chip
   lines = [f'{name} does not fit a {chip.name} chip ({chip.hbm_bytes / GiB:.0f} GiB HBM) on '
            f'{topology_name}, mesh {dict(run.mesh.shape)}, batch {run.config.batch_size}: XLA: '
            f'{str(error).strip()}',
-           f'Per chip: train state {_bytes(sum(r["bytes"] for r in state))}, batch '
-           f'{_bytes(_batch_bytes(run) / shards)} ({run.config.batch_size // shards} rows). '
+           f'Per chip: train state {human_bytes(sum(r["bytes"] for r in state))}, batch '
+           f'{human_bytes(_batch_bytes(run) / shards)} ({run.config.batch_size // shards} rows). '
            'Largest state buffers per chip:']
   lines += [f'  {r["bytes"] / 2**20:10.1f} MiB  {r["name"]}  {r["per_chip_shape"]}'
             for r in state[:8]]
@@ -434,21 +434,21 @@ def check_fits(report: dict[str, Any]) -> None:
     raise DoesNotFit('\n'.join(lines))
 
 
-def _bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
   for unit, size in (('GiB', GiB), ('MiB', 2**20), ('KiB', 2**10)):
     if abs(n) >= size:
       return f'{n / size:,.1f} {unit}'
   return f'{n:.0f} B'
 
 
-def _flops(n: float) -> str:
+def human_flops(n: float) -> str:
   for unit, size in (('PFLOP', 1e15), ('TFLOP', 1e12), ('GFLOP', 1e9), ('MFLOP', 1e6)):
     if n >= size:
       return f'{n / size:,.2f} {unit}'
   return f'{n:,.0f} FLOP'
 
 
-def _seconds(s: float) -> str:
+def human_seconds(s: float) -> str:
   return f'{s * 1e3:,.2f} ms' if s >= 1e-3 else f'{s * 1e6:,.1f} us'
 
 
@@ -465,19 +465,19 @@ def format_report(report: dict[str, Any]) -> str:
   row = lambda label, cells: f'  {label:<30}' + ''.join(f'{c:>22}' for c in cells)  # noqa: E731
   out.append(row('', names))
   for key in ('arguments', 'outputs', 'aliased', 'temporaries', 'generated_code', 'total'):
-    out.append(row(f'memory: {key}', [_bytes(p['memory'][key]) for p in progs]))
+    out.append(row(f'memory: {key}', [human_bytes(p['memory'][key]) for p in progs]))
   out.append(row('memory: share of HBM', [f'{p["memory"]["fraction_of_hbm"]:.1%}' for p in progs]))
-  out.append(row('FLOPs per step', [_flops(p['flops']) for p in progs]))
-  out.append(row('bytes accessed', [_bytes(p['bytes_accessed']) for p in progs]))
+  out.append(row('FLOPs per step', [human_flops(p['flops']) for p in progs]))
+  out.append(row('bytes accessed', [human_bytes(p['bytes_accessed']) for p in progs]))
   for op in COLLECTIVES:
     out.append(row(f'{op}: n, bytes', [f'{p["collectives"][op]["count"]}, '
-                                       f'{_bytes(p["collectives"][op]["bytes"])}' for p in progs]))
+                                       f'{human_bytes(p["collectives"][op]["bytes"])}' for p in progs]))
   out.append(row('collectives in conditionals', [
       str(sum(v['count'] for v in p['conditional_collectives'].values())) for p in progs]))
   for key in ('compute_s', 'hbm_s', 'ici_s'):
     out.append(row(f'ESTIMATE {key.removesuffix("_s")} time',
-                   [_seconds(p['roofline'][key]) for p in progs]))
-  out.append(row('ESTIMATE step time', [f'{_seconds(p["roofline"]["step_s"])} '
+                   [human_seconds(p['roofline'][key]) for p in progs]))
+  out.append(row('ESTIMATE step time', [f'{human_seconds(p["roofline"]["step_s"])} '
                                         f'({p["roofline"]["bound"]})' for p in progs]))
   out.append(f'  ESTIMATED training throughput: {report["train_pairs_per_s_estimate"]:,.0f} '
              'pairs/s (roofline: the max of compute, HBM and ICI time from the chip table, '
