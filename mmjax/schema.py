@@ -332,10 +332,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.index_num_leaves = 0
   c.eval.index_num_leaves_to_search = 0
   c.eval.index_reorder = 0
+  # The primary evaluation: the evaluator whose results are the printed table, eval.json's
+  # top-level keys (no prefix), the chance level and eval/i2t/... in metrics.jsonl. 'demo' is the
+  # one of the fields above (the demo validation scenes); any other value names a config.evals
+  # entry. '' chooses: 'demo' when the run trains on the demo only, else its one config.evals
+  # entry on a held-out records/TFDS split ('demo' if it has none; several: set this field).
+  # The demo evaluator runs beside a primary of real data only when the data includes the demo.
+  c.eval.primary = ''
   # More evaluators, by name: each is `mmjax.eval.specs.spec(type, **fields)` with type
-  # 'retrieval' | 'zero_shot' | 'linear_probe' | 'robustness', its own every_steps (0: the
-  # eval.every_steps above), dataset and metrics (docs/eval.md lists every field). Their results
-  # go to metrics.jsonl / TensorBoard as eval/<name>/... and to eval.json as <name>/....
+  # 'retrieval' | 'zero_shot' | 'linear_probe' | 'robustness' | 'llm_retrieval', its own
+  # every_steps (0: the eval.every_steps above), dataset and metrics (docs/eval.md lists every
+  # field). Their results go to metrics.jsonl / TensorBoard as eval/<name>/... and to eval.json
+  # as <name>/... (the primary's without the prefix). The name 'demo' is taken (eval.primary).
   c.evals = ml_collections.ConfigDict()
 
   return c

@@ -164,7 +164,7 @@ def make_embedder(run: Run, params) -> Embedder:
 
 
 def make_evaluator(config) -> Suite:
-  """config.eval (validation retrieval) + config.evals.<name> (mmjax.eval.evaluators)."""
+  """The primary evaluator (config.eval.primary) + the others (mmjax.eval.evaluators)."""
   return build_suite(config)
 
 
@@ -264,13 +264,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   if not eval_metrics:  # Resumed a finished run: evaluate what is there.
     eval_metrics = evaluate(run, state.params, evaluator, embedder)
-  result = {**eval_metrics, 'step': step, 'chance/recall@1': evaluator.chance_recall_at_1,
-            'num_eval_pairs': len(evaluator.captions)}
+  result = {**eval_metrics, 'step': step, **evaluator.headline()}
   if jax.process_index() == 0:
     ckpt_lib.write_json(run.workdir / 'eval.json', result)
-    print(format_results(eval_metrics, title=f'Validation retrieval at step {step} '
-                         f'({len(evaluator.captions)} pairs, chance R@1 = '
-                         f'{evaluator.chance_recall_at_1:.4f}):'))
+    print(format_results(eval_metrics, title=evaluator.title(step)))
   return result
 
 
@@ -289,12 +286,11 @@ def evaluate_checkpoint(config, workdir) -> dict:
   evaluator = make_evaluator(config)
   metrics = evaluate(run, state.params, evaluator)
   run.checkpointer.close()
-  result = {**metrics, 'step': step, 'chance/recall@1': evaluator.chance_recall_at_1,
-            'num_eval_pairs': len(evaluator.captions)}
+  result = {**metrics, 'step': step, **evaluator.headline()}
   if jax.process_index() == 0:
     MetricWriter(run.workdir).write(step, {f'eval/{k}': v for k, v in metrics.items()})
     ckpt_lib.write_json(run.workdir / 'eval.json', result)
-    print(format_results(metrics, title=f'Validation retrieval at step {step}:'))
+    print(format_results(metrics, title=evaluator.title(step)))
   return result
 
 
