@@ -86,14 +86,17 @@ class LLMRetrievalEvaluator:
   def embeddings(self, embedder) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{task: (query embeddings [Q, d], candidate embeddings [N, d])}; on the demo row i of the
     candidates is query i's target, on held-out pairs `relevance` says which are."""
-    d = self.data
-    token = embedder.encoder.image_token
+    d, enc, ins = self.data, embedder.encoder, embedder.instructions
+    token = enc.image_token
     images = [[x] for x in d['images']]
     no_images = [[] for _ in d['captions']]
     z_images = embedder.embed_candidates([token] * len(images), images)
+    # Captions longer than the context are cut at a word boundary, as in training.
     out = {'i2t': (embedder.embed_queries('i2t', [token] * len(images), images),
-                   embedder.embed_candidates(d['captions'], no_images)),
-           't2i': (embedder.embed_queries('t2i', d['captions'], no_images), z_images)}
+                   embedder.embed_candidates([enc.fit(ins.candidate, c) for c in d['captions']],
+                                             no_images)),
+           't2i': (embedder.embed_queries('t2i', [enc.fit(ins.query['t2i'], c)
+                                                  for c in d['captions']], no_images), z_images)}
     c = d.get('composed')
     if c is not None and len(c['sources']):
       queries = embedder.embed_queries('composed', [f'{token} {t}' for t in c['texts']],
