@@ -213,8 +213,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.aug.saturation = 0.2
   c.data.aug.hue = 0.0
   # ----------------------------------------------------------------------------------------------
-  # LLM embedder tasks on the demo scenes (mmjax.data.llm_tasks): the share of each task in the
-  # batches, the query instruction of each task and the candidates' instruction ('' = none).
+  # LLM embedder tasks (mmjax.data.llm_tasks): the share of each task in the batches, the query
+  # instruction of each task and the candidates' instruction ('' = none). 'composed' exists on
+  # the demo tasks only; records / TFDS / mixtures give i2t and t2i rows (composed must be 0).
   c.data.llm = ml_collections.ConfigDict()
   c.data.llm.weights = ml_collections.ConfigDict({'i2t': 1.0, 't2i': 1.0, 'composed': 1.0})
   c.data.llm.instructions = ml_collections.ConfigDict({
@@ -227,7 +228,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Transfer (docs/pretrained.md) -----------------------------------------------------------
   # Start a tower from a released checkpoint: 'hf:DIR' (config.json + model.safetensors) or
   # 'hf:pkg:MODULE/sub/dir' inside an installed package. The tower's config must match the
-  # checkpoint (the error lists the fields to set). '' initialises it randomly.
+  # checkpoint (the error lists the fields to set). '' initialises it randomly. The LLM embedder
+  # takes a CLIP/SigLIP vision tower as its ViT (init.image; no text tower: init.text is refused).
   c.init = ml_collections.ConfigDict()
   c.init.image = ''
   c.init.text = ''

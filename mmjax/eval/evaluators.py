@@ -3,9 +3,9 @@
 `build_suite(config)` turns `config.eval` (the demo validation retrieval, named 'demo') and every
 `config.evals.<name>` into one `Suite`. The primary evaluator (`config.eval.primary`, see
 `specs.primary_name`) reports its metric keys without a prefix ('i2t/recall@1', ...), the others
-as '<name>/...'. Each evaluator is a callable `embedder -> {metric: value}` with its own cadence; the
-suite runs those that are due at a step (and all of them at the last step). Data sets are built
-once, lazily, on first use.
+as '<name>/...'. Each evaluator is a callable `embedder -> {metric: value}` with its own
+cadence; the suite runs those that are due at a step (and all of them at the last step). Data
+sets are built once, lazily, on first use.
 """
 
 from __future__ import annotations

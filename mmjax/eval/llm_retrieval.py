@@ -1,8 +1,8 @@
 """Retrieval evaluation of the LLM embedder on the demo validation split or a held-out split of
 ingested records / TFDS.
 
-On the demo, three tasks, each query carrying its task instruction: image->text ('i2t': the image, against
-every caption), text->image ('t2i': the caption, against every image) and composed
+On the demo, three tasks, each query carrying its task instruction: image->text ('i2t': the
+image, against every caption), text->image ('t2i': the caption, against every image) and composed
 image+text->image ('composed': a scene plus an edit such as "make the red circle blue", against
 the edited scenes AND the unedited reference images, so a model that ignores the edit ranks the
 reference first). The dual encoder has no way to form the composed query.
