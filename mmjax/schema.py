@@ -345,7 +345,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 'retrieval' | 'zero_shot' | 'linear_probe' | 'robustness' | 'llm_retrieval', its own
   # every_steps (0: the eval.every_steps above), dataset and metrics (docs/eval.md lists every
   # field). Their results go to metrics.jsonl / TensorBoard as eval/<name>/... and to eval.json
-  # as <name>/... (the primary's without the prefix). The name 'demo' is taken (eval.primary).
+  # as <name>/... (the primary's also without the prefix). The name 'demo' is taken
+  # (eval.primary).
   c.evals = ml_collections.ConfigDict()
 
   return c

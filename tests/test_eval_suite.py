@@ -269,6 +269,7 @@ def test_held_out_primary_gives_the_table_eval_json_keys_and_chance(tiny_config,
   suite = evaluators.build_suite(tiny_config)
   m = suite(_OracleEmbedder())
   assert m == {'i2t/recall@1': 0.5, 'i2t/mrr': 1.0, 't2i/recall@1': 1.0, 't2i/mrr': 1.0}
+  assert suite.with_prefixed_primary(m) == {**m, **{f'held/{k}': v for k, v in m.items()}}
   head = suite.headline()
   assert head['primary'] == 'held' and head['primary_dataset'] == f'records {path}'
   assert head['num_eval_pairs'] == 10 and head['chance/recall@1'] == pytest.approx(0.1)

@@ -287,5 +287,6 @@ def test_training_on_records_from_a_siglip_vit(corpus, tmp_path, capsys):
     assert 0.0 <= saved[key] <= 1.0 and saved[key] == out[key]
   assert saved['chance/t2i/recall@1'] == pytest.approx(1 / 6)
   assert not any(k.startswith(('demo/', 'composed')) for k in saved)
+  assert saved['held_out/t2i/recall@10'] == saved['t2i/recall@10']  # The named copy.
   printed = capsys.readouterr().out
   assert 'held_out retrieval at step 2 (6 images, 12 captions' in printed

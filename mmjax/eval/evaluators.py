@@ -178,6 +178,14 @@ class Suite:
             'num_eval_pairs': len(self.captions), 'chance/recall@1': self.chance_recall_at_1,
             **{f'chance/{k}': v for k, v in self.chance.items()}}
 
+  def with_prefixed_primary(self, metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` plus a copy of the primary's under '<its name>/' (what eval.json holds), so a
+    script reads e.g. 'held_out/i2t/recall@10' whichever evaluator is the primary."""
+    others = {e.name for e in self.evaluators if not e.primary}
+    name = self.primary_named.name
+    return {**metrics, **{f'{name}/{k}': v for k, v in metrics.items()
+                          if k.split('/')[0] not in others}}
+
   def title(self, step: int) -> str:
     """The printed table's title: which set, its size and chance level."""
     chance = self.chance

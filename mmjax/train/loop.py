@@ -264,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   if not eval_metrics:  # Resumed a finished run: evaluate what is there.
     eval_metrics = evaluate(run, state.params, evaluator, embedder)
-  result = {**eval_metrics, 'step': step, **evaluator.headline()}
+  result = {**evaluator.with_prefixed_primary(eval_metrics), 'step': step,
+            **evaluator.headline()}
   if jax.process_index() == 0:
     ckpt_lib.write_json(run.workdir / 'eval.json', result)
     print(format_results(eval_metrics, title=evaluator.title(step)))
@@ -286,7 +287,7 @@ def evaluate_checkpoint(config, workdir) -> dict:
   evaluator = make_evaluator(config)
   metrics = evaluate(run, state.params, evaluator)
   run.checkpointer.close()
-  result = {**metrics, 'step': step, **evaluator.headline()}
+  result = {**evaluator.with_prefixed_primary(metrics), 'step': step, **evaluator.headline()}
   if jax.process_index() == 0:
     MetricWriter(run.workdir).write(step, {f'eval/{k}': v for k, v in metrics.items()})
     ckpt_lib.write_json(run.workdir / 'eval.json', result)
