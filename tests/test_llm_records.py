@@ -153,6 +153,18 @@ def test_tfds_and_hard_negatives(tmp_path, run_parts):
   np.testing.assert_array_equal(neg_slots, np.where(t2i, enc.tokens_per_image, 0))
 
 
+def test_a_mixture_with_the_demo_source(run_parts, corpus):
+  """Records mixed with the demo scenes (as image-caption pairs): i2t / t2i rows of both; the
+  held-out split stays primary, the demo scenes are evaluated beside it."""
+  config, enc, _ = run_parts
+  c = copy.deepcopy(config)
+  c.data.mixture = (dict(name='records', path=str(corpus[0])), dict(name='demo', weight=1.0))
+  config_lib.validate(c)
+  batch = batches(c, enc, kinds.get(c).contract(c), 1)[0]
+  assert set(batch['task'].tolist()) <= {0, 1} and len(batch['task']) == 16
+  assert [e.name for e in evaluators.build_suite(c).evaluators] == ['held_out', 'demo']
+
+
 def test_long_captions_are_cut_at_a_word_boundary(run_parts):
   _, enc, _ = run_parts
   caption = ' '.join(['item'] * 200)
