@@ -180,12 +180,14 @@ def test_long_captions_are_cut_at_a_word_boundary(run_parts):
                          r'config.data.llm.weights.composed=0'),
     (dict(init_text='hf:x'), r"config.init.text='hf:x': the LLM embedder has no text tower"),
     (dict(held_out_path=''), r"config.evals.held_out: dataset='records' needs path="),
+    (dict(sub_batches=2), r'config.data.sub_batches is for the dual encoder'),
 ])
 def test_bad_llm_records_configs_are_refused(corpus, change, match):
   config = records_config(*corpus)
   config.data.llm.weights.composed = change.get('composed', 0.0)
   config.init.text = change.get('init_text', '')
   config.evals.held_out.path = change.get('held_out_path', config.evals.held_out.path)
+  config.data.sub_batches = change.get('sub_batches', 0)
   with pytest.raises(config_lib.ConfigError, match=match):
     config_lib.validate(config)
 
