@@ -63,7 +63,7 @@ def get_config():
   c.log_every_steps = 25
   c.checkpoint.every_steps = 250
   c.eval.every_steps = 250
-  # The held-out split, every caption of each image (the primary eval stays the demo scenes
-  # until config.eval can name another evaluator).
+  # The held-out split, every caption of each image: the primary evaluation (config.eval.primary
+  # '' picks the run's one held-out evaluator when it trains on real data).
   c.evals.held_out = specs.spec('retrieval', dataset='records', path='', max_examples=5000)
   return c

@@ -153,6 +153,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   validate_schema(config)
   try:
     specs.validate(config)
+    specs.primary_name(config)
     specs.resolved({'type': 'retrieval', 'metrics': config.eval.metrics,
                     'index_min_corpus': config.eval.index_min_corpus,
                     **{k: config.eval[k] for k in specs.INDEX_FIELDS}})

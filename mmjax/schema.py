@@ -213,8 +213,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.aug.saturation = 0.2
   c.data.aug.hue = 0.0
   # ----------------------------------------------------------------------------------------------
-  # LLM embedder tasks on the demo scenes (mmjax.data.llm_tasks): the share of each task in the
-  # batches, the query instruction of each task and the candidates' instruction ('' = none).
+  # LLM embedder tasks (mmjax.data.llm_tasks): the share of each task in the batches, the query
+  # instruction of each task and the candidates' instruction ('' = none). 'composed' exists on
+  # the demo tasks only; records / TFDS / mixtures give i2t and t2i rows (composed must be 0).
   c.data.llm = ml_collections.ConfigDict()
   c.data.llm.weights = ml_collections.ConfigDict({'i2t': 1.0, 't2i': 1.0, 'composed': 1.0})
   c.data.llm.instructions = ml_collections.ConfigDict({
@@ -227,7 +228,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Transfer (docs/pretrained.md) -----------------------------------------------------------
   # Start a tower from a released checkpoint: 'hf:DIR' (config.json + model.safetensors) or
   # 'hf:pkg:MODULE/sub/dir' inside an installed package. The tower's config must match the
-  # checkpoint (the error lists the fields to set). '' initialises it randomly.
+  # checkpoint (the error lists the fields to set). '' initialises it randomly. The LLM embedder
+  # takes a CLIP/SigLIP vision tower as its ViT (init.image; no text tower: init.text is refused).
   c.init = ml_collections.ConfigDict()
   c.init.image = ''
   c.init.text = ''
@@ -332,10 +334,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.index_num_leaves = 0
   c.eval.index_num_leaves_to_search = 0
   c.eval.index_reorder = 0
+  # The primary evaluation: the evaluator whose results are the printed table, eval.json's
+  # top-level keys (no prefix), the chance level and eval/i2t/... in metrics.jsonl. 'demo' is the
+  # one of the fields above (the demo validation scenes); any other value names a config.evals
+  # entry. '' chooses: 'demo' when the run trains on the demo only, else its one config.evals
+  # entry on a held-out records/TFDS split ('demo' if it has none; several: set this field).
+  # The demo evaluator runs beside a primary of real data only when the data includes the demo.
+  c.eval.primary = ''
   # More evaluators, by name: each is `mmjax.eval.specs.spec(type, **fields)` with type
-  # 'retrieval' | 'zero_shot' | 'linear_probe' | 'robustness', its own every_steps (0: the
-  # eval.every_steps above), dataset and metrics (docs/eval.md lists every field). Their results
-  # go to metrics.jsonl / TensorBoard as eval/<name>/... and to eval.json as <name>/....
+  # 'retrieval' | 'zero_shot' | 'linear_probe' | 'robustness' | 'llm_retrieval', its own
+  # every_steps (0: the eval.every_steps above), dataset and metrics (docs/eval.md lists every
+  # field). Their results go to metrics.jsonl / TensorBoard as eval/<name>/... and to eval.json
+  # as <name>/... (the primary's also without the prefix). The name 'demo' is taken
+  # (eval.primary).
   c.evals = ml_collections.ConfigDict()
 
   return c

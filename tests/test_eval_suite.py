@@ -61,7 +61,7 @@ def eval_config(config):
 
 def test_suite_cadence(tiny_config):
   suite = evaluators.build_suite(eval_config(tiny_config))
-  every = ['', 'ann', 'probe', 'robust', 'zs']
+  every = ['demo', 'ann', 'probe', 'robust', 'zs']
   assert [e.name for e in suite.evaluators] == every
   assert [e.name for e in suite.select(1).evaluators] == ['zs']
   assert [e.name for e in suite.select(2).evaluators] == every
@@ -205,3 +205,86 @@ def test_retrieval_on_records_needs_a_path(tiny_config):
   tiny_config.evals.held = {'type': 'retrieval', 'dataset': 'records'}
   with pytest.raises(config_lib.ConfigError, match="dataset='records' needs path="):
     config_lib.validate(tiny_config)
+
+
+def _held(path='data/val', **kw):
+  return specs.spec('retrieval', dataset='records', path=str(path), **kw)
+
+
+@pytest.mark.parametrize('data, evals, primary, want, names', [
+    # The demo run: the demo scenes, whatever else it evaluates.
+    ('demo', {'held': _held()}, '', 'demo', ['demo', 'held']),
+    # Real data: its one held-out split; the demo scenes are not evaluated at all.
+    ('records', {'held': _held(), 'zs': specs.spec('zero_shot')}, '', 'held', ['held', 'zs']),
+    ('tfds', {'val': specs.spec('retrieval', dataset='tfds', tfds_name='x')}, '', 'val', ['val']),
+    # A mixture with the demo: the held-out split leads, the demo scenes stay an extra line.
+    ('mixture', {'held': _held()}, '', 'held', ['held', 'demo']),
+    # Real data without a held-out split: the demo scenes (and a warning).
+    ('records', {}, '', 'demo', ['demo']),
+    # Chosen by name.
+    ('records', {'held': _held()}, 'demo', 'demo', ['demo', 'held']),
+    ('demo', {'held': _held(), 'other': _held()}, 'other', 'other', ['other', 'demo', 'held']),
+])
+def test_primary_evaluator_is_chosen_by_the_config(tiny_config, data, evals, primary, want,
+                                                   names):
+  if data == 'mixture':
+    tiny_config.data.mixture = (dict(name='records', path='data/train'), dict(name='demo'))
+  elif data == 'records':
+    tiny_config.data.name, tiny_config.data.path = 'records', 'data/train'
+  elif data == 'tfds':
+    tiny_config.data.name, tiny_config.data.tfds_name = 'tfds', 'x'
+  for name, entry in evals.items():
+    tiny_config.evals[name] = entry
+  tiny_config.eval.primary = primary
+  config_lib.validate(tiny_config)
+  assert specs.primary_name(tiny_config) == want
+  suite = evaluators.build_suite(tiny_config)
+  assert [e.name for e in suite.evaluators] == names
+  assert [e.primary for e in suite.evaluators] == [True] + [False] * (len(names) - 1)
+
+
+@pytest.mark.parametrize('change, match', [
+    (dict(primary='held_out'), r"config.eval.primary='held_out' is not an evaluator of this run; "
+                               r"available: 'demo', 'a', 'b'"),
+    (dict(), r"several held-out evaluators \('a', 'b'\); set config.eval.primary"),
+    (dict(evals_demo=True), r"config.evals.demo: the name 'demo' is the evaluator built from"),
+])
+def test_bad_or_ambiguous_primary_is_a_config_error(tiny_config, change, match):
+  tiny_config.data.name, tiny_config.data.path = 'records', 'data/train'
+  tiny_config.evals.a, tiny_config.evals.b = _held(), _held('data/val2')
+  tiny_config.eval.primary = change.get('primary', '')
+  if change.get('evals_demo'):
+    tiny_config.evals.demo = specs.spec('retrieval')
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(tiny_config)
+
+
+def test_held_out_primary_gives_the_table_eval_json_keys_and_chance(tiny_config, tmp_path):
+  """A records run with a held-out split: its metrics are the unprefixed keys, the title and the
+  chance level describe it (5 images, 10 captions), the demo scenes are not evaluated."""
+  path = _ingest_eval_set(tmp_path)
+  tiny_config.data.name, tiny_config.data.path = 'records', str(path)
+  tiny_config.evals.held = _held(path, max_examples=5, metrics=('recall@1', 'mrr'))
+  config_lib.validate(tiny_config)
+  suite = evaluators.build_suite(tiny_config)
+  m = suite(_OracleEmbedder())
+  assert m == {'i2t/recall@1': 0.5, 'i2t/mrr': 1.0, 't2i/recall@1': 1.0, 't2i/mrr': 1.0}
+  assert suite.with_prefixed_primary(m) == {**m, **{f'held/{k}': v for k, v in m.items()}}
+  head = suite.headline()
+  assert head['primary'] == 'held' and head['primary_dataset'] == f'records {path}'
+  assert head['num_eval_pairs'] == 10 and head['chance/recall@1'] == pytest.approx(0.1)
+  assert head['chance/i2t/recall@1'] == pytest.approx(0.1)  # 10 captions to pick from
+  assert head['chance/t2i/recall@1'] == pytest.approx(0.2)  # 5 images
+  title = suite.title(7)
+  assert title == ('held retrieval at step 7 (5 images, 10 captions, chance R@1 i2t 0.1000, '
+                   't2i 0.2000):')
+  table = evaluators.format_results(m, title=title).splitlines()
+  assert table[0] == title and table[2].split()[0] == 'i2t' and len(table) == 4
+  # The demo primary keeps its title.
+  demo_suite = evaluators.build_suite(specs_demo(tiny_config))
+  assert demo_suite.title(3) == 'Validation retrieval at step 3 (64 pairs, chance R@1 = 0.0156):'
+
+
+def specs_demo(config):
+  config.data.name, config.data.path, config.eval.primary = 'demo', '', 'demo'
+  return config

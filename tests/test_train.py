@@ -75,6 +75,9 @@ def test_train_writes_metrics_eval_and_checkpoints(trained):
     assert 0.0 <= result[key] <= 1.0, key
   on_disk = json.loads((workdir / 'eval.json').read_text())
   assert on_disk['i2t/recall@1'] == result['i2t/recall@1']
+  assert on_disk['primary'] == 'demo' and on_disk['num_eval_pairs'] == 64
+  assert on_disk['demo/i2t/recall@1'] == on_disk['i2t/recall@1']
+  assert on_disk['chance/i2t/recall@1'] == on_disk['chance/t2i/recall@1'] == 1 / 64
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   train = [l for l in lines if 'train/loss' in l]
   assert [l['step'] for l in train] == [2, 4]

@@ -31,7 +31,8 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
-from mmjax.data import demo, pipeline, records, tokenizer as tokenizer_lib
+from mmjax.data import augment, demo, images as images_lib, pipeline, records
+from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.types import IMAGE_SLOT, LLM_TASKS as TASKS, ViTConfig, check_batch_divides
 from mmjax.types import tokens_per_image as _tokens_per_image
 
@@ -96,6 +97,27 @@ class MultimodalEncoder:
           f'{len(ids) - num_images * self.tokens_per_image} text tokens with EOS) exceed the '
           f'context model.llm.max_len={self.max_len}: {text[:80]!r}.')
     return ids
+
+  def length(self, text: str, num_images: int) -> int:
+    """The number of ids `text` with `num_images` images would take (EOS included)."""
+    ids = self.tokenizer.encode(text).ids
+    return len(ids) + (not ids or ids[-1] != self.eos_id) + num_images * (self.tokens_per_image - 1)
+
+  def fit(self, instruction: str, content: str, num_images: int = 0) -> str:
+    """`content` cut at a word boundary (the longest prefix of its words) so that
+    `format_text(instruction, content)` fits the context: real captions can be longer than
+    max_len, and the dual encoder's tokenizer truncates them too. Unchanged when it fits."""
+    if self.length(format_text(instruction, content), num_images) <= self.max_len:
+      return content
+    words = content.split()
+    lo, hi = 0, len(words)  # words[:lo] fits (or lo = 0), words[:hi + 1] does not.
+    while lo < hi:
+      mid = (lo + hi + 1) // 2
+      if self.length(format_text(instruction, ' '.join(words[:mid])), num_images) <= self.max_len:
+        lo = mid
+      else:
+        hi = mid - 1
+    return ' '.join(words[:lo])
 
   def __call__(self, text: str, num_images: int) -> tuple[np.ndarray, np.ndarray]:
     ids = self.ids(text, num_images)
@@ -330,8 +352,9 @@ class EncodeTask(grain.transforms.Map):
 
   def map(self, ex: dict[str, Any]) -> dict[str, np.ndarray]:
     out: dict[str, Any] = {'task': np.int32(TASKS.index(ex['task'])),
-                           'group': np.int32(records.hash31('s:' + ex['target'].key())),
-                           'weight': np.float32(1.0)}
+                           'weight': np.float32(ex.get('weight', 1.0))}
+    if 'target' in ex:  # Demo tasks: rows with one target scene are one group.
+      out['group'] = np.int32(records.hash31('s:' + ex['target'].key()))
     cand = self.instructions.candidate
     for prefix, side in (('query_', self._side(ex['query'], ex['query_images'],
                                                self.instructions.query[ex['task']])),
@@ -349,6 +372,81 @@ class EncodeTask(grain.transforms.Map):
          out['neg_cand_images'][j]) = self._side(text, images, cand)
         out['neg_candidate_valid'][j] = 1
     return out
+
+
+CAPTION_TASKS = ('i2t', 't2i')  # What an image-caption pair gives (no composed edit).
+
+
+class CaptionTasks(grain.transforms.RandomMap):
+  """An image-caption element of a records / TFDS / demo source (`mmjax.data.sources`) -> the
+  columns of one i2t row (query: the image, candidate: a caption) or t2i row (query: the
+  caption, candidate: the image), drawn by `weights`, with the instructions of `encode`.
+
+  The image is decoded, resized and augmented, and the caption sampled, exactly as the dual
+  encoder's `transforms.Preprocess` does (a flipped row's caption swaps left and right); a
+  caption too long for the context is cut at a word boundary. Hard negatives: the element's
+  negative captions (i2t) or images (t2i). The duplicate keys of `transforms.KEY_COLUMNS` go with
+  each row, so rows that share an image, a caption or a group are one `group` of the batch
+  (never each other's negatives); an undecodable image gives {'ok': False} (`SkipCorrupt`)."""
+
+  def __init__(self, encode: EncodeTask, *, weights: dict[str, float], image_token: str, view,
+               augment=None, caption_sampling: str = 'random'):
+    self.encode, self.image_token, self.view, self.augment = encode, image_token, view, augment
+    self.caption_sampling = caption_sampling
+    self.tasks = [t for t in CAPTION_TASKS if weights.get(t, 0) > 0]
+    if not self.tasks:
+      raise ValueError(f'task weights {weights}: image-caption data needs i2t or t2i > 0.')
+    p = np.asarray([weights[t] for t in self.tasks], np.float64)
+    self.cdf = np.cumsum(p / p.sum())[:-1]
+
+  def _image(self, image, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    if self.augment is None:
+      return images_lib.load(image, self.view)
+    return self.augment.image(image, self.view, rng, flip)
+
+  def _caption(self, text: str, flip: bool, instruction: str) -> str:
+    text = records.normalise_caption(text).replace(self.image_token, ' ').strip()
+    text = self.augment.swap(text) if flip else text
+    return self.encode.encoder.fit(instruction, text)
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    task = self.tasks[int(np.searchsorted(self.cdf, rng.random(), side='right'))]
+    captions = element['captions']
+    which = int(rng.integers(len(captions))) if self.caption_sampling == 'random' else 0
+    flip = self.augment is not None and self.augment.draw_flip(rng)
+    ins = self.encode.instructions
+    caption = self._caption(captions[which], flip,
+                            ins.query['t2i'] if task == 't2i' else ins.candidate)
+    try:
+      image = self._image(element['image'], rng, flip)
+    except Exception:  # pylint: disable=broad-except  # PIL raises many types on bad files
+      return {'ok': False}
+    k, token = self.encode.num_negatives, self.image_token
+    if task == 'i2t':
+      ex = {'query': token, 'query_images': [image], 'candidate': caption, 'cand_images': [],
+            'negatives': [(self._caption(t, flip, ins.candidate), [])
+                          for t in element['neg_texts'][:k]]}
+    else:
+      negatives = []
+      for neg in element['neg_images']:
+        if len(negatives) == k:
+          break
+        try:
+          negatives.append((token, [self._image(neg, rng, flip)]))
+        except Exception:  # pylint: disable=broad-except  # a bad negative is just left out
+          continue
+      ex = {'query': caption, 'query_images': [], 'candidate': token, 'cand_images': [image],
+            'negatives': negatives}
+    out = self.encode.map(ex | {'task': task, 'weight': element['weight']})
+    raw = element['image']
+    raw = raw if isinstance(raw, (bytes, bytearray)) else np.ascontiguousarray(raw).tobytes()
+    group = element['group']
+    return out | {
+        'ok': True,
+        'group_key': np.int64(records.hash31('g:' + group) if group else -1),
+        'caption_key': np.int64(records.hash31('c:' + records.caption_key(caption))),
+        # The stored image, not the augmented crop: copies stay duplicates under augmentation.
+        'image_key': np.int64(records.hash31(b'i:' + raw))}
 
 
 def stack_images(images: Sequence[np.ndarray], max_images: int, size: int) -> np.ndarray:
@@ -387,33 +485,58 @@ def batch_spec(config) -> dict[str, tuple[tuple[int, ...], Any]]:
   return spec
 
 
+def on_demo_tasks(config) -> bool:
+  """Whether the run trains on the demo tasks (composed edits included), rather than on the
+  image-caption pairs of its sources (records, TFDS, a mixture)."""
+  return config.data.get('name', 'demo') == 'demo' and not config.data.get('mixture', ())
+
+
 def corpus(config, num_scenes: int = 2000):
-  """Texts to train the demo tokenizer on: captions, the instructions and modification texts
-  (so no instruction word is unknown)."""
-  yield from demo.caption_corpus(num_scenes=num_scenes, seed=config.seed)
+  """Texts to train the run's tokenizer on: the captions (the demo's, or the configured
+  sources'), the instructions (so no instruction word is unknown) and, on the demo tasks, the
+  modification texts."""
+  demo_tasks = on_demo_tasks(config)
+  if demo_tasks:
+    yield from demo.caption_corpus(num_scenes=num_scenes, seed=config.seed)
+  else:
+    yield from pipeline.caption_corpus(config)
   llm = config.data.llm
   for text in [llm.instructions[t] for t in TASKS] + [llm.candidate_instruction]:
     if text:
       yield text
-  rng = np.random.default_rng([_SALT, config.seed, 9])
-  for _ in range(num_scenes):
-    yield modify(demo.sample_scene(rng), rng)[1]
+  if demo_tasks:
+    rng = np.random.default_rng([_SALT, config.seed, 9])
+    for _ in range(num_scenes):
+      yield modify(demo.sample_scene(rng), rng)[1]
 
 
 def make_train_dataset(config, encoder: MultimodalEncoder, *, process_index: int = 0,
                        process_count: int = 1) -> grain.IterDataset:
-  """Infinite iterator dataset of this process's batches of demo tasks."""
+  """Infinite iterator dataset of this process's batches: the demo tasks, or the i2t / t2i
+  rows of the run's image-caption sources (records, TFDS, mixtures; `CaptionTasks`) through the
+  dual encoder's pipeline (seeded global shuffle, per-process shard, weighted mixture,
+  `SkipCorrupt`, duplicate groups)."""
   data = config.data
-  if data.name != 'demo' or data.mixture:
-    raise ValueError("The LLM embedder trains on the demo tasks only (config.data.name='demo', no "
-                     f'mixture); got config.data.name={data.name!r}.')
+  instructions = Instructions.from_config(config)
+  size = config.model.image.image_size
+  if not on_demo_tasks(config):
+    encode = EncodeTask(encoder, instructions, size, data.num_hard_negatives)
+
+    def transform(i: int) -> CaptionTasks:
+      del i  # Every source gives image-caption elements.
+      return CaptionTasks(encode, weights=dict(data.llm.weights),
+                          image_token=config.model.llm.image_token,
+                          view=augment.view(data, size), augment=augment.from_config(data),
+                          caption_sampling=data.caption_sampling)
+    return pipeline.make_train_dataset(config, None, process_index=process_index,
+                                       process_count=process_count, text_pairs=False,
+                                       transform=transform)
   check_batch_divides(config.batch_size, process_count)
   src = DemoTasks('train', data.num_train_examples, config.model.image.image_size, config.seed,
                   dict(data.llm.weights), config.model.llm.image_token, data.num_hard_negatives)
   ds = grain.MapDataset.source(src).seed(int(np.random.SeedSequence([config.seed, 7])
                                              .generate_state(1)[0]))
-  ds = ds.shuffle().repeat(None).map(EncodeTask(encoder, Instructions.from_config(config),
-                                                config.model.image.image_size,
+  ds = ds.shuffle().repeat(None).map(EncodeTask(encoder, instructions, size,
                                                 data.num_hard_negatives))
   read = grain.ReadOptions(num_threads=data.read_threads,
                            prefetch_buffer_size=2 * config.batch_size // process_count)

@@ -128,14 +128,18 @@ def _concat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {name: x.reshape((-1,) + x.shape[2:]) for name, x in batch.items()}
 
 
-def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
+def make_train_dataset(config, encoder: TextEncoder | None, *, process_index: int = 0,
                        process_count: int = 1, teacher_encoder: TextEncoder | None = None,
-                       text_pairs: bool | None = None) -> grain.IterDataset:
+                       text_pairs: bool | None = None,
+                       transform: Callable[[int], grain.transforms.RandomMap] | None = None
+                       ) -> grain.IterDataset:
   """Infinite iterator dataset of this process's dual-encoder batches (batch_size /
   process_count rows); the LLM embedder's are `mmjax.data.llm_tasks.make_train_dataset`.
 
   `teacher_encoder`: a live distillation teacher's tokenizer (adds 'teacher_tokens'/'_mask').
-  `text_pairs`: the run's data contract (None: look at the sources)."""
+  `text_pairs`: the run's data contract (None: look at the sources). `transform(i)`: the
+  per-element transform of source i instead of `transforms.Preprocess` (the LLM embedder's
+  tasks on records/TFDS); it must give 'ok' and the `transforms.KEY_COLUMNS` like Preprocess."""
   check_batch_divides(config.batch_size, process_count)
   local_batch = config.batch_size // process_count
   data = config.data
@@ -157,7 +161,7 @@ def make_train_dataset(config, encoder: TextEncoder, *, process_index: int = 0,
     ds = ds.shuffle().repeat(None)  # A new permutation every epoch.
     # Transforms are lazy and seeded by the global index, so they are the same in every process
     # whatever the process count; only the rows this process keeps below are computed.
-    ds = ds.random_map(transforms.Preprocess(
+    ds = ds.random_map(transform(i) if transform is not None else transforms.Preprocess(
         encoder, view=augment.view(data, config.model.image.image_size),
         augment=augment.from_config(data), caption_sampling=data.caption_sampling,
         num_negatives=data.num_hard_negatives, source_index=i, text_pairs=text_pairs,

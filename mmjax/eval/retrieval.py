@@ -97,7 +97,8 @@ class RetrievalEvaluator:
   def __init__(self, images: np.ndarray | None, captions: Sequence[str],
                ks: Sequence[int] = DEFAULT_KS, names: Sequence[str] | None = None,
                index_min_corpus: int = 100_000, index_overrides: dict | None = None,
-               owners: np.ndarray | None = None, queries: Sequence[str] | None = None):
+               owners: np.ndarray | None = None, queries: Sequence[str] | None = None,
+               description: str = ''):
     num = len(queries) if images is None else len(images)
     if owners is None and num != len(captions):
       raise ValueError(f'{num} images but {len(captions)} captions.')
@@ -111,17 +112,39 @@ class RetrievalEvaluator:
     metrics_lib.parse(self.names)
     self.index_min_corpus = index_min_corpus
     self.index_overrides = index_overrides
+    self.description = description  # Which set: 'demo validation scenes', 'records data/val'.
 
   @classmethod
   def demo_validation(cls, num_scenes: int, image_size: int, seed: int,
                       **kwargs) -> RetrievalEvaluator:
     """The demo's validation split: unique scenes, half in one-attribute near-duplicate pairs."""
     data = demo.make_eval_set(num_scenes=num_scenes, image_size=image_size, seed=seed)
-    return cls(data['images'], data['captions'], **kwargs)
+    return cls(data['images'], data['captions'],
+               description=f'demo validation scenes (seed {seed})', **kwargs)
 
   @property
   def chance_recall_at_1(self) -> float:
     return 1.0 / len(self.captions)
+
+  @property
+  def num_queries(self) -> int:
+    """Images (or query texts) of the set."""
+    return len(self.queries) if self.images is None else len(self.images)
+
+  @property
+  def chance(self) -> dict[str, float]:
+    """Recall@1 of a random ranking per direction: 1 / the number of candidates (with several
+    relevant candidates recall@1 is their share found, so the expectation is the same)."""
+    fwd, back = ('q2t', 't2q') if self.images is None else ('i2t', 't2i')
+    return {f'{fwd}/recall@1': 1.0 / len(self.captions),
+            f'{back}/recall@1': 1.0 / self.num_queries}
+
+  @property
+  def size_description(self) -> str:
+    if self.owners is None:
+      return f'{len(self.captions)} pairs'
+    what = 'images' if self.images is not None else 'queries'
+    return f'{self.num_queries} {what}, {len(self.captions)} captions'
 
   @classmethod
   def from_source(cls, source, max_examples: int, image_size: int, view=None,

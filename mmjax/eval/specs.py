@@ -47,14 +47,21 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                    'metrics': ('recall@1', 'recall@5'), 'corruptions': CORRUPTIONS,
                    'text_perturbations': TEXT_PERTURBATIONS, 'severities': (1, 2, 3, 4, 5)},
     # The LLM embedder's i2t, t2i and composed (image + edit -> edited image) retrieval with
-    # task instructions, at every Matryoshka dimension (mmjax.eval.llm_retrieval).
+    # task instructions, at every Matryoshka dimension (mmjax.eval.llm_retrieval). On ingested
+    # records or a TFDS split (the same dataset fields as 'retrieval'): i2t and t2i only.
     'llm_retrieval': {'dataset': 'demo_validation', 'num_scenes': 1000, 'seed': 1234,
-                      'num_composed': 500, 'metrics': RETRIEVAL_METRICS},
+                      'num_composed': 500, 'path': '', 'tfds_name': '', 'split': 'validation',
+                      'max_examples': 5000, 'image_key': 'image', 'captions_key': 'captions',
+                      'metrics': RETRIEVAL_METRICS},
 }
 DATASETS = {'retrieval': ('demo_validation', 'records', 'tfds'), 'robustness': ('demo_validation',),
-            'llm_retrieval': ('demo_validation',),
+            'llm_retrieval': ('demo_validation', 'records', 'tfds'),
             'zero_shot': ('demo_single_objects',), 'linear_probe': ('demo_single_objects',)}
 ATTRIBUTES = ('shape', 'colour')
+# The name of the evaluator built from the config.eval fields (the model kind's retrieval on the
+# demo validation scenes); config.evals cannot use it.
+DEMO = 'demo'
+HELD_OUT_DATASETS = ('records', 'tfds')  # An evaluator on these is a held-out split of real data.
 INDEX_FIELDS = ('index_num_leaves', 'index_num_leaves_to_search', 'index_reorder')
 
 
@@ -155,6 +162,9 @@ def validate(config) -> None:
   """Checks every `config.evals.<name>`; raises SpecError naming the entry."""
   evals = config.get('evals', None) or {}
   for name in evals.keys():
+    if name == DEMO:
+      raise SpecError(f'config.evals.{DEMO}: the name {DEMO!r} is the evaluator built from '
+                      'config.eval (the demo validation scenes); choose another name.')
     if not name.isidentifier():
       raise SpecError(f'config.evals.{name}: evaluator names must be identifiers.')
     entry = evals[name]
@@ -165,3 +175,50 @@ def validate(config) -> None:
       resolved(entry)
     except SpecError as e:
       raise SpecError(f'config.evals.{name}: {e}') from e
+
+
+def source_names(config) -> list[str]:
+  """The kinds ('demo', 'records', 'tfds') of the run's training sources."""
+  data = config.data
+  return [dict(m).get('name', 'demo') for m in data.mixture] or [data.name]
+
+
+def trains_on_demo(config) -> bool:
+  """Whether every training source of the run is the demo scenes."""
+  return all(n == 'demo' for n in source_names(config))
+
+
+def held_out_names(config) -> list[str]:
+  """The config.evals entries that evaluate retrieval on a held-out split of real data
+  (dataset 'records' or 'tfds'), sorted."""
+  evals = config.get('evals', None) or {}
+  return sorted(n for n in evals.keys() if evals[n].get('dataset') in HELD_OUT_DATASETS
+                and evals[n].get('type') in ('retrieval', 'llm_retrieval'))
+
+
+def available_names(config) -> list[str]:
+  """What config.eval.primary may name: 'demo' and every config.evals entry."""
+  return [DEMO] + sorted((config.get('evals', None) or {}).keys())
+
+
+def primary_name(config) -> str:
+  """The evaluator whose results are the headline (the printed table, eval.json's top-level
+  keys, the chance level): config.eval.primary, or when that is '' the demo scenes if the run
+  trains on the demo, else its one held-out evaluator on records/TFDS (the demo scenes when it
+  has none). Raises SpecError for an unknown name or an ambiguous choice."""
+  name = config.eval.get('primary', '')
+  available = available_names(config)
+  if name:
+    if name not in available:
+      raise SpecError(f'config.eval.primary={name!r} is not an evaluator of this run; available: '
+                      f'{", ".join(map(repr, available))} ({DEMO!r}: the demo validation scenes '
+                      'of config.eval; the others: config.evals.<name>).')
+    return name
+  if trains_on_demo(config):
+    return DEMO
+  held = held_out_names(config)
+  if len(held) > 1:
+    raise SpecError(f'config.eval.primary is empty and the run has several held-out evaluators '
+                    f'({", ".join(map(repr, held))}); set config.eval.primary to the one whose '
+                    'results are the headline.')
+  return held[0] if held else DEMO

@@ -18,6 +18,9 @@ from flax import traverse_util
 from mmjax.types import ConfigError
 
 Spec = dict[str, tuple[tuple[int, ...], Any]]  # Column -> (global shape, dtype).
+# The tower fields a run may choose freely over an imported checkpoint (every other field is
+# architecture).
+RUN_FIELDS = frozenset({'dropout', 'remat', 'locked', 'max_len', 'pool'})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,3 +124,17 @@ def put_params(state, shardings, flat: dict[str, np.ndarray], *,
       continue
     params[key] = jax.device_put(value.astype(params[key].dtype), sh[key])
   return state.replace(params=traverse_util.unflatten_dict(params, sep='/')), kept
+
+
+def architecture_mismatch(tower: str, run_cfg, ckpt_cfg) -> list[str]:
+  """'--config.model.text.width=384 (run has 256)' for every architecture field that differs."""
+  out = []
+  for f in dataclasses.fields(ckpt_cfg):
+    if f.name in RUN_FIELDS:
+      continue
+    want, have = getattr(ckpt_cfg, f.name), getattr(run_cfg, f.name)
+    if f.name == 'num_positions':
+      want, have = ckpt_cfg.positions, run_cfg.positions
+    if want != have:
+      out.append(f'--config.model.{tower}.{f.name}={want!r} (run has {have!r})')
+  return out

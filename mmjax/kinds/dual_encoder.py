@@ -12,17 +12,16 @@ from flax import traverse_util
 from mmjax import hf
 from mmjax.data import pipeline, tokenizer as tokenizer_lib
 from mmjax.embedder import EXPORT_FORMAT, Embedder
-from mmjax.kinds.base import DataContract, ModelKind, put_params
+from mmjax.kinds.base import (RUN_FIELDS, DataContract, ModelKind,  # noqa: F401
+                              architecture_mismatch, put_params)
 from mmjax.losses import objectives
 from mmjax.models.two_tower import TwoTower
 from mmjax.types import ConfigError, ModelConfig, TextConfig, ViTConfig, lists_to_tuples
 
 log = logging.getLogger(__name__)
 
-# Parameter prefixes of each tower and its head, and the tower fields a run may choose freely over
-# an imported checkpoint (every other field is architecture).
+# Parameter prefixes of each tower and its head.
 TOWERS = {'image': ('img', 'img_head'), 'text': ('txt', 'txt_head')}
-RUN_FIELDS = frozenset({'dropout', 'remat', 'locked', 'max_len', 'pool'})
 
 
 def default_temperature_init(loss: str) -> float:
@@ -83,20 +82,6 @@ def make_objective(config, contrastive, roles: tuple[str, str]):
                                                  float(config.distill.temperature))}
   return objectives.MultiTask(tuple((name, build[name]()) for name in weights),
                               tuple(weights.items()), config.multitask.weighting == 'uncertainty')
-
-
-def architecture_mismatch(tower: str, run_cfg, ckpt_cfg) -> list[str]:
-  """'--config.model.text.width=384 (run has 256)' for every architecture field that differs."""
-  out = []
-  for f in dataclasses.fields(ckpt_cfg):
-    if f.name in RUN_FIELDS:
-      continue
-    want, have = getattr(ckpt_cfg, f.name), getattr(run_cfg, f.name)
-    if f.name == 'num_positions':
-      want, have = ckpt_cfg.positions, run_cfg.positions
-    if want != have:
-      out.append(f'--config.model.{tower}.{f.name}={want!r} (run has {have!r})')
-  return out
 
 
 def load_init(config, model_config: ModelConfig) -> dict[str, np.ndarray]:

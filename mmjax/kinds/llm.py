@@ -4,19 +4,22 @@ LLM's sequence, pooled; InfoNCE between query and candidate, averaged over Matry
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 from flax import traverse_util
 
 from mmjax import hf
-from mmjax.data import llm_tasks
+from mmjax.data import llm_tasks, pipeline, sources
 from mmjax.embedder import LLM_EXPORT_FORMAT, MultimodalEmbedder
 from mmjax.hf import llama
-from mmjax.kinds.base import DataContract, ModelKind, put_params
+from mmjax.kinds.base import DataContract, ModelKind, architecture_mismatch, put_params
 from mmjax.losses import objectives
 from mmjax.models import llm_embedder, lora
 from mmjax.types import (LLM_TASKS, ConfigError, DecoderConfig, LLMEmbedderConfig, LoraConfig,
                          ViTConfig, lists_to_tuples, require)
+
+log = logging.getLogger(__name__)
 
 
 def llm_embedder_config(config) -> LLMEmbedderConfig:
@@ -46,6 +49,40 @@ def load_decoder_init(config) -> dict[str, np.ndarray]:
   return traverse_util.flatten_dict({'llm': ckpt.params_for(run)}, sep='/')
 
 
+def load_image_init(config, image: ViTConfig, run_keys) -> dict[str, np.ndarray]:
+  """Flat {'img/...': array} of config.init.image (a CLIP/SigLIP checkpoint, through the same
+  `mmjax.hf` import as the dual encoder's), in config.model.param_dtype, for the run whose
+  parameters are `run_keys` ('img/encoder/...'). The run's model.image must be the checkpoint's
+  architecture and have a CLS token exactly when it does (model.image.pool='cls'); every 'img/'
+  parameter of the run must be in it. The embedder reads the tower's patch tokens, so its
+  pooling head (SigLIP's MAP head) and projection are left out."""
+  spec = config.init.image
+  if not spec:
+    return {}
+  ckpt = hf.load(spec, dtype=config.model.param_dtype)
+  if ckpt.image is None:
+    raise ConfigError(f'config.init.image={spec!r}: the {ckpt.family} checkpoint has no image '
+                      'tower.')
+  diff = architecture_mismatch('image', image, ckpt.image)
+  if (image.pool == 'cls') != (ckpt.image.pool == 'cls'):
+    diff.append(f'--config.model.image.pool={ckpt.image.pool!r} (run has {image.pool!r}; '
+                'whether a CLS token joins the sequence)')
+  if diff:
+    raise ConfigError(f'config.init.image={spec!r} is a different architecture than '
+                      'config.model.image; set: ' + ' '.join(diff))
+  flat = {k: v for k, v in traverse_util.flatten_dict(ckpt.params, sep='/').items()
+          if k.startswith('img/')}
+  run_keys = set(run_keys)
+  missing = sorted(k for k in run_keys if k.startswith('img/') and k not in flat)
+  if missing:
+    raise ConfigError(f'config.init.image={spec!r}: the run has ViT parameters the checkpoint '
+                      f'lacks: {missing}.')
+  unused = sorted(k for k in flat if k not in run_keys)
+  log.info('config.init.image: %s image tower from %s (%s)%s.', ckpt.family, spec,
+           ckpt.directory, f'; not used (its pooling head): {unused}' if unused else '')
+  return {k: v for k, v in flat.items() if k in run_keys}
+
+
 class LLMEmbedderKind(ModelKind):
   """model.kind='llm_embedder' (docs/llm_embedder.md)."""
 
@@ -68,6 +105,21 @@ class LLMEmbedderKind(ModelKind):
     require(config.loss.kind == 'softmax',
             f"config.loss.kind={config.loss.kind!r}: the LLM embedder trains with InfoNCE at a "
             "fixed temperature; set config.loss.kind='softmax'.")
+    require(not config.init.text,
+            f'config.init.text={config.init.text!r}: the LLM embedder has no text tower; its '
+            'decoder starts from config.init.decoder, its ViT from config.init.image.')
+    if not llm_tasks.on_demo_tasks(config):
+      names = ', '.join(s.name for s in sources.specs_from_config(config.data))
+      require(llm.weights.composed == 0,
+              f'config.data.llm.weights.composed={llm.weights.composed}: composed (image + edit) '
+              f'pairs exist only in the demo tasks (config.data.name=\'demo\', no mixture); '
+              f'image-caption data ({names}) gives i2t and t2i rows, so set '
+              'config.data.llm.weights.composed=0.')
+      require(llm.weights.i2t + llm.weights.t2i > 0,
+              f'config.data.llm.weights={dict(llm.weights)}: image-caption data needs i2t or '
+              't2i > 0.')
+    require(not config.data.sub_batches, 'config.data.sub_batches is for the dual encoder; the '
+            'LLM embedder mixes its sources row by row.')
     require(not (config.distill.weight or config.multitask.tasks),
             "config.distill / config.multitask are for model.kind='two_tower'; the LLM embedder "
             'trains its query/candidate contrastive loss (docs/llm_embedder.md).')
@@ -83,6 +135,10 @@ class LLMEmbedderKind(ModelKind):
     return llm_embedder.LLMEmbedder(model_config)
 
   def contract(self, config) -> DataContract:
+    if not llm_tasks.on_demo_tasks(config) and pipeline.is_text_pairs(config):
+      raise ConfigError('config.data holds text-text pairs (a query, no image): the LLM '
+                        "embedder's tasks on ingested data are image-caption retrieval (i2t, "
+                        't2i); train text-text pairs with the dual encoder.')
     spec = llm_tasks.batch_spec(config)
     return DataContract(spec, tuple(spec), ('query', 'candidate'))
 
@@ -135,5 +191,8 @@ class LLMEmbedderKind(ModelKind):
     return [lora.base_pattern('llm/')] if config.model.lora.rank else []
 
   def apply_init(self, config, state, shardings, model_config):
+    """The decoder from config.init.decoder, the ViT from config.init.image."""
     flat = load_decoder_init(config)
+    flat |= load_image_init(config, model_config.image,
+                            traverse_util.flatten_dict(state.params, sep='/'))
     return put_params(state, shardings, flat)[0] if flat else state

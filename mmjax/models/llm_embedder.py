@@ -81,8 +81,10 @@ class LLMEmbedder(nn.Module):
   def setup(self):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    # Parameter prefixes 'img/' (locked with model.image.locked), 'projector/', 'llm/'.
-    self.img = ViT(dataclasses.replace(cfg.image, pool='none'), dtype, pdtype)
+    # Parameter prefixes 'img/' (locked with model.image.locked), 'projector/', 'llm/'. The ViT
+    # gives its patch tokens (image.pool only says whether a CLS token joins the sequence), so a
+    # CLIP/SigLIP tower imported through config.init.image runs as released.
+    self.img = ViT(cfg.image, dtype, pdtype)
     self.projector = Projector(cfg.projector, cfg.decoder.width, dtype, pdtype)
     # With LoRA the decoder's base is read through stop_gradient: no base gradient is formed.
     self.llm = (lora.freeze_base(Decoder) if cfg.lora.rank else Decoder)(cfg.decoder, dtype,
@@ -100,7 +102,7 @@ class LLMEmbedder(nn.Module):
     x = normalize_images(images.reshape((b * n,) + images.shape[2:]), jnp.dtype(cfg.dtype),
                          tuple(cfg.image.pixel_mean), tuple(cfg.image.pixel_std))
     img_rows = None if rows is None else (rows[:, None] * n + jnp.arange(n)).reshape(-1)
-    x = self.img(x, train=train and not cfg.image.locked, rows=img_rows)
+    x = self.img(x, train=train and not cfg.image.locked, rows=img_rows, patch_tokens=True)
     if cfg.image.locked:
       x = jax.lax.stop_gradient(x)
     x = self.projector(merge_patches(x, cfg.merge))

@@ -25,15 +25,18 @@ def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.nd
 
 
 class ViT(nn.Module):
-  """Returns pooled features [batch, width] of float images [batch, H, W, C] in [-1, 1]."""
+  """Returns pooled features [batch, width] of float images [batch, H, W, C] in [-1, 1], or with
+  `patch_tokens=True` the encoder's patch tokens [batch, patches, width] (a CLS token, when the
+  config has one, still takes part in attention but is left out; no pooling head is built or
+  run), as LLaVA reads a CLIP/SigLIP tower."""
 
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False,
-               rows: jax.Array | None = None) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool = False, rows: jax.Array | None = None,
+               patch_tokens: bool = False) -> jax.Array:
     cfg = self.config
     b, h, w, c = images.shape
     p = cfg.patch_size
@@ -77,6 +80,8 @@ class ViT(nn.Module):
                        remat=cfg.remat, dtype=self.dtype, param_dtype=self.param_dtype,
                        norm=cfg.norm, act=cfg.act, ln_eps=cfg.ln_eps, final_ln=cfg.final_ln,
                        name='encoder')(x, deterministic=not train, rows=rows)
+    if patch_tokens:
+      return x[:, 1:] if cfg.pool == 'cls' else x
     if cfg.pool == 'map':
       return layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype, cfg.act,
                             cfg.ln_eps, name='map_head')(x)

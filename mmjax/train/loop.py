@@ -211,7 +211,7 @@ def make_embedder(run: InferenceRun, params) -> Embedder:
 
 
 def make_evaluator(config) -> Suite:
-  """config.eval (validation retrieval) + config.evals.<name> (mmjax.eval.evaluators)."""
+  """The primary evaluator (config.eval.primary) + the others (mmjax.eval.evaluators)."""
   return build_suite(config)
 
 
@@ -286,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   if not eval_metrics:  # Resumed a finished run: evaluate what is there.
     eval_metrics = evaluate(run, state.params, evaluator, embedder)
-  return _write_result(run, eval_metrics, evaluator, step, detail=True)
+  return _write_result(run, eval_metrics, evaluator, step)
 
 
 def _resume(run: Run, teacher) -> tuple[Any, Any, jax.Array, int]:
@@ -339,18 +339,14 @@ def _train_summary(run: Run, host: list[dict[str, Any]], step: int, steps: int,
   return summary
 
 
-def _write_result(run: InferenceRun, metrics: dict[str, float], evaluator: Suite, step: int, *,
-                  detail: bool) -> dict:
-  """eval.json (process 0) and the printed table; `detail`: pairs and chance in the title."""
-  result = {**metrics, 'step': step, 'chance/recall@1': evaluator.chance_recall_at_1,
-            'num_eval_pairs': len(evaluator.captions)}
+def _write_result(run: InferenceRun, metrics: dict[str, float], evaluator: Suite,
+                  step: int) -> dict:
+  """eval.json (process 0: the primary evaluator's metrics at the top level, its chance levels
+  and set sizes) and the printed table of the primary evaluation."""
+  result = {**evaluator.with_prefixed_primary(metrics), 'step': step, **evaluator.headline()}
   if jax.process_index() == 0:
     ckpt_lib.write_json(run.workdir / 'eval.json', result)
-    title = f'Validation retrieval at step {step}'
-    if detail:
-      title += (f' ({len(evaluator.captions)} pairs, chance R@1 = '
-                f'{evaluator.chance_recall_at_1:.4f})')
-    print(format_results(metrics, title=title + ':'))
+    print(format_results(metrics, title=evaluator.title(step)))
   return result
 
 
@@ -384,7 +380,7 @@ def evaluate_checkpoint(config, workdir) -> dict:
   run.checkpointer.close()
   if jax.process_index() == 0:
     MetricWriter(run.workdir).write(step, {f'eval/{k}': v for k, v in metrics.items()})
-  return _write_result(run, metrics, evaluator, step, detail=False)
+  return _write_result(run, metrics, evaluator, step)
 
 
 def export_checkpoint(config, workdir) -> pathlib.Path:
