@@ -1,0 +1,1 @@
+"""Deployment, offline half: serving export, backfill, embedding store, index builds, drift."""
