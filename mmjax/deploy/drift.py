@@ -17,7 +17,8 @@ alarms when its p-value is below `alpha / number of tests` (Bonferroni) and its 
 reaches a floor (`--min_*`; the defaults keep a float16 round trip of the vectors quiet), so on
 identically distributed sets the whole report alarms at most `alpha` of the time. The
 per-dimension PSI summary and the neighbour overlap alarm on fixed thresholds (rules of thumb;
-the PSI's i.i.d. noise floor is reported). Writes DIR/drift.json and DIR/drift.png (docs/deploy.md, "Drift reports").
+the PSI's i.i.d. noise floor is reported). Writes DIR/drift.json and DIR/drift.png
+(docs/deploy.md, "Drift reports").
 
 Exit codes: 0 no threshold crossed; 1 bad input or flags (the message names the file or flag);
 2 drift (at least one threshold crossed; `alarms` in drift.json lists which).
@@ -148,7 +149,8 @@ def load_store(path: str | pathlib.Path) -> Embeddings:
     raise ValueError(f'{manifest_path}: some shards have ids and others not.')
   dims = {v.shape[-1] for v in vectors if v.ndim == 2}
   if 'dim' in manifest and dims != {manifest['dim']}:
-    raise ValueError(f'{manifest_path}: "dim" is {manifest["dim"]}, the shards have {sorted(dims)}.')
+    raise ValueError(f'{manifest_path}: "dim" is {manifest["dim"]}, the shards have '
+                     f'{sorted(dims)}.')
   return _checked(np.concatenate(vectors), None if ids[0] is None else np.concatenate(ids),
                   str(path), manifest.get('model_version'))
 
@@ -393,7 +395,8 @@ def knn_overlap(a: np.ndarray, b: np.ndarray, probe_size: int, k: int,
   ta, tb = top(a), top(b)
   overlap = (ta[:, :, None] == tb[:, None, :]).any(axis=2).sum(axis=1) / k
   return {'mean': float(overlap.mean()), 'median': float(np.median(overlap)),
-          'p10': float(np.quantile(overlap, 0.1)), 'share_below_half': float(np.mean(overlap < 0.5)),
+          'p10': float(np.quantile(overlap, 0.1)),
+          'share_below_half': float(np.mean(overlap < 0.5)),
           'k': int(k), 'probes': int(len(probes))}, overlap
 
 
