@@ -17,6 +17,10 @@ corruption and new permutations; a case's rate is the share of seeds whose repor
   half against the other half (`iid`), and the same with `--fraction` of the current images
   corrupted in pixel space: Gaussian pixel noise (std 4 of 16 grey levels) or the top three rows
   blanked.
+- demo model (with `--demo_run=WORKDIR` of a trained `configs/demo.py` run): image embeddings of
+  `--demo_scenes` demo validation scenes, halves against each other (`iid`), and with
+  `--fraction` of the current images under a robustness corruption (Gaussian noise, blur,
+  brightness; severity 3 of `mmjax.eval.robustness`), embedded by the trained model.
 
 Appends a block to BENCHMARKS.md (commit, machine, load average) unless --noappend.
 """
@@ -27,6 +31,7 @@ import argparse
 import collections
 import datetime
 import os
+import pathlib
 import sys
 import time
 
@@ -115,6 +120,58 @@ def digits_cases(args):
           f'digits: top 3 rows blanked on {pct}': (True, make_case(blank_top))}
 
 
+def demo_model_cases(args):
+  """Image embeddings of demo validation scenes by a trained demo run (`--demo_run`), clean and
+  under three of the robustness corruptions (severity 3), embedded once; each seed splits the
+  scenes in two halves and swaps `--fraction` of the current half for their corrupted version."""
+  # pylint: disable=import-outside-toplevel
+  import json
+  import shutil
+  import tempfile
+
+  from configs import demo as demo_config
+  from mmjax.data import demo
+  from mmjax.eval.robustness import corrupt_image
+  from mmjax.parallel import mesh as mesh_lib
+  from mmjax.train import loop
+
+  config = demo_config.get_config()
+  config.seed = json.loads((pathlib.Path(args.demo_run) / 'config.json').read_text())['seed']
+  with tempfile.TemporaryDirectory() as tmp:  # Loading a run may write into its workdir.
+    workdir = shutil.copytree(args.demo_run, pathlib.Path(tmp) / 'run')
+    run, state, _ = loop.load_for_inference(config, workdir)
+    run.checkpointer.close()
+  embedder = loop.make_embedder(run, state.params)
+  images = demo.make_eval_set(num_scenes=args.demo_scenes, image_size=config.model.image.image_size,
+                              seed=4321, near_duplicate_fraction=0.0)['images']
+  corruptions = ('gaussian_noise', 'blur', 'brightness')
+  with mesh_lib.activate(run.mesh, run.axis_rules):
+    clean = embedder.embed_images(images)
+    bad = {c: embedder.embed_images(np.stack([
+        corrupt_image(im, c, 3, np.random.default_rng([i, j])) for j, im in enumerate(images)]))
+           for i, c in enumerate(corruptions)}
+
+  def make_case(corruption):
+    def make(seed):
+      rng = np.random.default_rng(seed)
+      order = rng.permutation(len(images))
+      ref, cur = order[:len(order) // 2], order[len(order) // 2:]
+      vectors = clean[cur].copy()
+      if corruption:
+        idx = rng.choice(len(cur), int(round(args.fraction * len(cur))), replace=False)
+        vectors[idx] = bad[corruption][cur[idx]]
+      return clean[ref], vectors, 'traffic'
+    return make
+
+  pct = f'{args.fraction:.0%}'
+  cases = {'demo model: iid halves': (False, make_case(None))}
+  for c in corruptions:
+    cos = float(np.mean(np.sum(clean * bad[c], axis=1)))  # How far the corruption moves a vector.
+    cases[f'demo model: {c} (severity 3; clean-corrupted cosine {cos:.3f}) on {pct}'] = (
+        True, make_case(c))
+  return cases
+
+
 def run_case(make, seeds):
   alarms, fired, walls, pvals = 0, collections.Counter(), [], collections.defaultdict(list)
   for seed in range(seeds):
@@ -139,6 +196,9 @@ def main():
   p.add_argument('--dim', type=int, default=64)
   p.add_argument('--fraction', type=float, default=0.1, help='Share of items corrupted.')
   p.add_argument('--no_digits', action='store_true')
+  p.add_argument('--demo_run', default='', help='A trained demo workdir (python -m mmjax.main '
+                 '--config=configs/demo.py): adds the demo-model cases.')
+  p.add_argument('--demo_scenes', type=int, default=2000, help='Validation scenes it embeds.')
   p.add_argument('--cases', default='', help='Only the cases whose name contains this.')
   p.add_argument('--noappend', action='store_true')
   args = p.parse_args()
@@ -148,6 +208,8 @@ def main():
   cases = synthetic_cases(args)
   if not args.no_digits:
     cases.update(digits_cases(args))
+  if args.demo_run:
+    cases.update(demo_model_cases(args))
   cases = {k: v for k, v in cases.items() if args.cases in k}
   rows, iid_p = [], collections.defaultdict(list)
   for name, (expect, make) in cases.items():
@@ -174,7 +236,9 @@ def main():
       f'--fraction={args.fraction}' + (f' --cases={args.cases}' if args.cases else '') + '`;'
       ' default thresholds and settings (alpha 0.01 over three '
       'permutation tests, 500 permutations, max_items 2000); synthetic sets of '
-      f'{args.n} unit vectors in {args.dim} dimensions; digits: 898 vs 899 raw 64-pixel vectors',
+      f'{args.n} unit vectors in {args.dim} dimensions; digits: 898 vs 899 raw 64-pixel vectors'
+      + (f'; demo model: `{args.demo_run}`, {args.demo_scenes // 2} vs {args.demo_scenes // 2} '
+         'image embeddings' if args.demo_run else ''),
       f'- p-values of the i.i.d. cases (calibration; ~0.05 and ~0.01 expected): {calib}',
       '',
       '| case | wanted | detected (power) | false alarms | tests that fired (seeds) | '
