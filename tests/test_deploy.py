@@ -30,7 +30,7 @@ from PIL import Image
 import mmjax
 from mmjax import embedder as embedder_lib, kinds
 from mmjax.data import demo, tokenizer as tokenizer_lib
-from mmjax.deploy import backfill, export, index, serving, store
+from mmjax.deploy import backfill, drift, export, index, serving, store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -259,6 +259,10 @@ def test_versions_side_by_side_and_cross_version_refusals(served, models, tmp_pa
   assert store.versions(out) == sorted([v1.version, v2.version])
   with pytest.raises(store.StoreError, match='2 model versions'):
     store.load(out)
+  # The drift report reads a store version like backfill wrote it (mode B: v1 vs v2 by id).
+  a, b = drift.load_embeddings(out / v1.version), drift.load_embeddings(out / v2.version)
+  np.testing.assert_array_equal(a.vectors, store.load(out, v1.version).vectors)
+  assert a.model_version == v1.version and list(a.ids) == list(b.ids)
   with pytest.raises(store.VersionMismatchError, match=f'{v1.version}.*{v2.version}'):
     backfill.backfill(v2, 'demo:40', out / v1.version, progress=False)
   index.build(out, tmp_path / 'index', version=v1.version, name='b1', held_out=20)

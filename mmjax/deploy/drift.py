@@ -1,0 +1,669 @@
+r"""Drift reports: has traffic moved away from the reference, or does version B differ from A?
+
+  python -m mmjax.deploy.drift --reference=REF --current=CUR --out=DIR \
+      [--mode=traffic|versions] [--alpha=0.01] [--max_items=2000] [--permutations=500] [--seed=0]
+
+REF and CUR are `.npy` files of vectors [N, d], `.npz` files (`vectors` or `embeddings`, optional
+`ids`) or embedding-store directories (a backfilled store version, `load_store`). Two modes:
+
+- `traffic`: reference traffic vs current traffic, two independent samples of one vector space;
+- `versions`: version A (`--reference`) vs version B (`--current`) embeddings of the same items,
+  aligned by id (by position when a file has no ids). The top-k neighbour overlap is measured on
+  a probe set; the distribution tests are paired (within-item swaps).
+
+Three statistics are permutation tests that share one set of permutations: the centroid shift,
+MMD^2 (RBF kernel, median-heuristic bandwidth) and the nearest-neighbour-distance shift. Each
+alarms when its p-value is below `alpha / number of tests` (Bonferroni) and its effect size
+reaches a floor (`--min_*`; the defaults keep a float16 round trip of the vectors quiet), so on
+identically distributed sets the whole report alarms at most `alpha` of the time. The
+per-dimension PSI summary and the neighbour overlap alarm on fixed thresholds (rules of thumb;
+the PSI's i.i.d. noise floor is reported). Writes DIR/drift.json and DIR/drift.png
+(docs/deploy.md, "Drift reports").
+
+Exit codes: 0 no threshold crossed; 1 bad input or flags (the message names the file or flag);
+2 drift (at least one threshold crossed; `alarms` in drift.json lists which).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from mmjax.deploy import store as store_lib
+
+MODES = ('traffic', 'versions')
+EXIT_OK, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2
+MIN_ITEMS = 20  # Fewer vectors than this per set make every statistic noise.
+REPORT_JSON, REPORT_PNG = 'drift.json', 'drift.png'
+PLANTS = ('mean', 'noise', 'rotation')
+
+
+@dataclasses.dataclass(frozen=True)
+class Embeddings:
+  """One embedding set: float32 vectors [n, d], their ids (None: positional) and provenance."""
+  vectors: np.ndarray
+  ids: np.ndarray | None
+  source: str
+  model_version: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+  """When a statistic alarms (the CLI flags of the same names)."""
+  alpha: float = 0.01  # False-alarm rate of the permutation tests together (Bonferroni).
+  min_centroid_shift: float = 0.01  # Floor on the debiased centroid shift / reference spread.
+  min_mmd2: float = 1e-6  # Floor on MMD^2 (kernel values are in [0, 1]).
+  min_nn_shift: float = 0.01  # Floor on |mean NN distance of current / of reference - 1|.
+  psi_threshold: float = 0.25  # A dimension has shifted when its PSI exceeds this.
+  max_psi_share: float = 0.25  # Alarm when more than this share of dimensions has shifted.
+  min_knn_overlap: float = 0.9  # versions: alarm when the mean top-k overlap is below this.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How much work a report does; every random choice comes from `seed`."""
+  max_items: int = 2000  # Per set (versions: aligned items); a seeded subsample beyond it.
+  permutations: int = 500
+  probe_size: int = 500  # versions: probes of the neighbour overlap.
+  k: int = 10  # versions: neighbours per probe.
+  psi_bins: int = 10  # Quantile bins of the reference, per dimension.
+  same_space: bool = True  # versions: False skips the tests that compare vectors across A and B.
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class DriftResult:
+  """`report` is what drift.json holds; `curves` the arrays behind the PNG's panels."""
+  report: dict[str, Any]
+  curves: dict[str, np.ndarray]
+
+  @property
+  def alarm(self) -> bool:
+    return bool(self.report['alarms'])
+
+  @property
+  def exit_code(self) -> int:
+    return EXIT_DRIFT if self.alarm else EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def _checked(vectors: Any, ids: Any, source: str, model_version: str | None = None) -> Embeddings:
+  vectors = np.asarray(vectors)
+  if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.number):
+    raise ValueError(f'{source}: expected numeric vectors [N, d], got {vectors.dtype} '
+                     f'{list(vectors.shape)}.')
+  if len(vectors) < MIN_ITEMS or vectors.shape[1] < 1:
+    raise ValueError(f'{source}: {len(vectors)} vectors of dimension {vectors.shape[1]}; a drift '
+                     f'report needs at least {MIN_ITEMS}.')
+  vectors = vectors.astype(np.float32)
+  bad = ~np.isfinite(vectors).all(axis=1)
+  if bad.any():
+    raise ValueError(f'{source}: {int(bad.sum())} vectors hold NaN or inf (first at row '
+                     f'{int(np.argmax(bad))}).')
+  if ids is not None:
+    ids = np.asarray(ids)
+    if ids.shape != (len(vectors),):
+      raise ValueError(f'{source}: {ids.shape} ids for {len(vectors)} vectors.')
+    if len(np.unique(ids)) != len(ids):
+      raise ValueError(f'{source}: duplicate ids.')
+  return Embeddings(vectors, ids, source, model_version)
+
+
+def load_store(path: str | pathlib.Path, version: str | None = None) -> Embeddings:
+  """An embedding store (`mmjax.deploy.store`, written by backfill): a store holding one model
+  version, or one version's directory (STORE/<version>); every shard's checksum is verified."""
+  data = store_lib.load(path, version)
+  return _checked(data.vectors, data.ids, str(data.path), data.version)
+
+
+def _load_npy(path: pathlib.Path) -> np.ndarray:
+  try:
+    return np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path}: cannot read ({e}).') from e
+
+
+def load_embeddings(path: str | pathlib.Path) -> Embeddings:
+  """An .npy / .npz file or an embedding-store directory (module docstring)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return load_store(path)
+  if not path.exists():
+    raise ValueError(f'{path}: no such file or directory.')
+  if path.suffix == '.npy':
+    return _checked(_load_npy(path), None, str(path))
+  if path.suffix == '.npz':
+    with np.load(path, allow_pickle=False) as z:
+      keys = [k for k in ('vectors', 'embeddings') if k in z.files]
+      if not keys and len(z.files) == 1:
+        keys = z.files
+      if not keys:
+        raise ValueError(f'{path}: no "vectors" or "embeddings" array (has {z.files}).')
+      return _checked(z[keys[0]], z['ids'] if 'ids' in z.files else None, str(path),
+                      str(z['model_version']) if 'model_version' in z.files else None)
+  raise ValueError(f'{path}: expected .npy, .npz or an embedding-store directory.')
+
+
+def align(a: Embeddings, b: Embeddings) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+  """Row indices of the items both sets hold (in a's order) and the counts of the rest."""
+  if a.ids is None or b.ids is None:
+    if len(a.vectors) != len(b.vectors):
+      raise ValueError(f'versions mode without ids aligns by position, but {a.source} has '
+                       f'{len(a.vectors)} vectors and {b.source} {len(b.vectors)}.')
+    idx = np.arange(len(a.vectors))
+    return idx, idx, {'aligned': len(idx), 'only_reference': 0, 'only_current': 0}
+  if a.ids.dtype.kind != b.ids.dtype.kind and {a.ids.dtype.kind, b.ids.dtype.kind} - {'i', 'u'}:
+    raise ValueError(f'ids of {a.source} ({a.ids.dtype}) and {b.source} ({b.ids.dtype}) are not '
+                     'comparable.')
+  _, ia, ib = np.intersect1d(a.ids, b.ids, assume_unique=True, return_indices=True)
+  order = np.argsort(ia)
+  ia, ib = ia[order], ib[order]
+  if len(ia) < MIN_ITEMS:
+    raise ValueError(f'{a.source} and {b.source} share {len(ia)} ids; a versions report needs '
+                     f'at least {MIN_ITEMS}.')
+  return ia, ib, {'aligned': len(ia), 'only_reference': len(a.ids) - len(ia),
+                  'only_current': len(b.ids) - len(ib)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics (pure functions of arrays).
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def permutation_masks(n: int, m: int, permutations: int, paired: bool,
+                      rng: np.random.Generator) -> np.ndarray:
+  """[n + m, 1 + permutations] float32 membership of the first set: column 0 is the observed
+  split (rows 0..n-1), the others random relabellings (paired: row i and n + i swap or not)."""
+  masks = np.zeros((n + m, 1 + permutations), np.float32)
+  masks[:n, 0] = 1
+  if paired:
+    swap = rng.random((n, permutations)) < 0.5
+    masks[:n, 1:] = ~swap
+    masks[n:, 1:] = swap
+  else:
+    order = np.argsort(rng.random((n + m, permutations)), axis=0)[:n]
+    np.put_along_axis(masks[:, 1:], order, 1.0, axis=0)
+  return masks
+
+
+def p_value(observed: float, null: np.ndarray) -> float:
+  """(1 + #{null >= observed}) / (1 + #null): a valid permutation p-value, never 0."""
+  return float((1 + np.sum(null >= observed)) / (1 + len(null)))
+
+
+def centroid_test(x: np.ndarray, y: np.ndarray, masks: np.ndarray, paired: bool) -> dict[str, Any]:
+  """Squared distance between the two centroids, its permutation null, and effect sizes relative
+  to the reference's spread (RMS distance of its vectors to their centroid)."""
+  n, m = len(x), len(y)
+  z = np.concatenate([x, y]).astype(np.float64)
+  sums = masks.T.astype(np.float64) @ z
+  null_and_obs = np.sum((sums / n - (z.sum(0) - sums) / m) ** 2, axis=1)
+  obs, null = float(null_and_obs[0]), null_and_obs[1:]
+  mx, my = x.mean(0, dtype=np.float64), y.mean(0, dtype=np.float64)
+  spread = float(np.sqrt(np.mean(np.sum((x - mx) ** 2, axis=1))))
+  if paired:  # Var(mean of x_i - y_i) = tr cov(x - y) / n.
+    noise = float(np.sum(np.var(x - y, axis=0, ddof=1))) / n
+  else:
+    noise = float(np.sum(np.var(x, axis=0, ddof=1))) / n + float(
+        np.sum(np.var(y, axis=0, ddof=1))) / m
+  cos = float(mx @ my / max(np.linalg.norm(mx) * np.linalg.norm(my), 1e-12))
+  return {
+      'l2': float(np.sqrt(obs)),
+      'relative': float(np.sqrt(obs)) / max(spread, 1e-12),
+      'debiased_relative': float(np.sqrt(max(obs - noise, 0.0))) / max(spread, 1e-12),
+      'cosine_distance': 1.0 - cos,
+      'reference_spread': spread,
+      'p_value': p_value(obs, null),
+      'effect': float(np.sqrt(max(obs - noise, 0.0))) / max(spread, 1e-12),
+  }, null
+
+
+def pairwise_sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  sq = np.sum(a * a, 1)[:, None] + np.sum(b * b, 1)[None, :] - 2.0 * (a @ b.T)
+  return np.maximum(sq, 0.0, out=sq)
+
+
+def median_bandwidth(z: np.ndarray, rng: np.random.Generator, sample: int = 1000) -> float:
+  """The median pairwise distance of (a seeded subsample of) the pooled vectors."""
+  s = z[rng.choice(len(z), min(sample, len(z)), replace=False)]
+  d2 = pairwise_sq_dists(s, s)[np.triu_indices(len(s), 1)]
+  return float(np.sqrt(max(np.median(d2), 1e-12)))
+
+
+def mmd2_from_kernel(kernel: np.ndarray, masks: np.ndarray, paired: bool = False) -> np.ndarray:
+  """Unbiased MMD^2 for every membership column of `masks`, from one [N, N] @ [N, P] matmul.
+
+  With the diagonal of K zeroed and a the first set's indicator: Sxx = a'Ka, Sxy = 1'Ka - Sxx,
+  Syy = 1'K1 - Sxx - 2 Sxy. paired (rows i and n + i are one item's two vectors): the item's own
+  cross term k(x_i, y_i) is left out as well, the paired U-statistic
+  sum_{i != j} k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i) / (n (n - 1))."""
+  k0 = kernel.copy()
+  np.fill_diagonal(k0, 0.0)
+  n = float(masks[:, 0].sum())
+  m = len(k0) - n
+  cross = n * m
+  if paired:
+    i = np.arange(int(n))
+    k0[i, i + int(n)] = k0[i + int(n), i] = 0.0
+    cross = n * (n - 1)
+  ka = k0 @ masks
+  sxx = np.sum(masks * ka, axis=0, dtype=np.float64)
+  sxy = k0.sum(0, dtype=np.float64) @ masks.astype(np.float64) - sxx
+  syy = k0.sum(dtype=np.float64) - sxx - 2 * sxy
+  return sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2 * sxy / cross
+
+
+def mmd_test(x: np.ndarray, y: np.ndarray, masks: np.ndarray, paired: bool,
+             rng: np.random.Generator) -> tuple[dict[str, Any], np.ndarray]:
+  """MMD^2 with k(u, v) = exp(-|u - v|^2 / (2 sigma^2)), sigma = median pooled distance."""
+  z = np.concatenate([x, y]).astype(np.float32)
+  sigma = median_bandwidth(z, rng)
+  kernel = pairwise_sq_dists(z, z)
+  np.multiply(kernel, -0.5 / sigma**2, out=kernel)
+  np.exp(kernel, out=kernel)
+  values = mmd2_from_kernel(kernel, masks, paired)
+  obs, null = float(values[0]), values[1:]
+  return {'mmd2': obs, 'bandwidth': sigma, 'null_mean': float(null.mean()),
+          'null_q99': float(np.quantile(null, 0.99)), 'p_value': p_value(obs, null),
+          'effect': obs}, null
+
+
+def nearest_distance(queries: np.ndarray, index: np.ndarray, block: int = 1024) -> np.ndarray:
+  """Cosine distance (1 - cos) of each query to its nearest vector of `index`."""
+  q, x = normalize(queries), normalize(index)
+  best = np.empty(len(q), np.float32)
+  for s in range(0, len(q), block):
+    best[s:s + block] = np.max(q[s:s + block] @ x.T, axis=1)
+  return 1.0 - best
+
+
+def nn_distance_test(x: np.ndarray, y: np.ndarray, paired: bool, permutations: int,
+                     rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Distances to the nearest neighbour in one half of the reference (the index), for the other
+  half (the baseline) and for the current set, which are then exchangeable under no drift.
+
+  paired: baseline and current are the A and B vectors of the same held-out items (sign-flip
+  test on their differences); otherwise a two-sample permutation test on the means."""
+  order = rng.permutation(len(x))
+  index, held = order[:len(x) // 2], order[len(x) // 2:]
+  base = nearest_distance(x[held], x[index])
+  cur = nearest_distance(y[held] if paired else y, x[index])
+  obs = abs(float(cur.mean() - base.mean()))
+  if paired:
+    diff = (cur - base).astype(np.float64)
+    signs = np.where(rng.random((permutations, len(diff))) < 0.5, -1.0, 1.0)
+    null = np.abs(signs @ diff) / len(diff)
+  else:
+    pooled = np.concatenate([base, cur]).astype(np.float64)
+    perm = np.argsort(rng.random((permutations, len(pooled))), axis=1)
+    shuffled = pooled[perm]
+    null = np.abs(shuffled[:, len(base):].mean(1) - shuffled[:, :len(base)].mean(1))
+  rel = float(cur.mean() / max(base.mean(), 1e-12) - 1.0)
+  q99 = float(np.quantile(base, 0.99))
+  return {
+      'reference_mean': float(base.mean()), 'current_mean': float(cur.mean()),
+      'reference_median': float(np.median(base)), 'current_median': float(np.median(cur)),
+      'relative_shift': rel,
+      'share_beyond_reference_q99': float(np.mean(cur > q99)),
+      'index_size': int(len(index)), 'p_value': p_value(obs, null), 'effect': abs(rel),
+  }, {'nn_reference': base, 'nn_current': cur, 'nn_null': null}
+
+
+def psi_per_dimension(ref: np.ndarray, cur: np.ndarray, bins: int = 10,
+                      eps: float = 1e-4) -> np.ndarray:
+  """Population stability index of each dimension over the reference's quantile bins:
+  sum over bins of (p_cur - p_ref) ln(p_cur / p_ref), proportions floored at `eps`."""
+  edges = np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1], axis=0)  # [bins - 1, d]
+
+  def proportions(v):
+    idx = np.zeros(v.shape, np.int32)
+    for e in edges:
+      idx += v > e
+    return np.stack([np.mean(idx == b, axis=0) for b in range(bins)])  # [bins, d]
+
+  p, q = np.maximum(proportions(ref), eps), np.maximum(proportions(cur), eps)
+  return np.sum((q - p) * np.log(q / p), axis=0)
+
+
+def psi_summary(x: np.ndarray, y: np.ndarray, bins: int, threshold: float) -> dict[str, Any]:
+  psi = psi_per_dimension(x, y, bins)
+  top = np.argsort(-psi)[:5]
+  return {
+      'mean': float(psi.mean()), 'max': float(psi.max()), 'share_over_threshold':
+      float(np.mean(psi > threshold)), 'bins': bins,
+      # E[PSI] of identically distributed sets, chi-square approximation: (bins - 1)(1/n + 1/m).
+      'noise_floor': (bins - 1) * (1 / len(x) + 1 / len(y)),
+      'top_dimensions': {int(j): float(psi[j]) for j in top},
+  }, psi
+
+
+def knn_overlap(a: np.ndarray, b: np.ndarray, probe_size: int, k: int,
+                rng: np.random.Generator) -> tuple[dict[str, Any], np.ndarray]:
+  """|top-k neighbours of a probe under A  ∩  under B| / k, over a seeded probe set; neighbours
+  by cosine among all aligned items but the probe itself. Needs no shared space."""
+  k = min(k, len(a) - 1)
+  probes = rng.choice(len(a), min(probe_size, len(a)), replace=False)
+
+  def top(v):
+    v = normalize(v)
+    sims = v[probes] @ v.T
+    sims[np.arange(len(probes)), probes] = -np.inf
+    return np.argpartition(-sims, k - 1, axis=1)[:, :k]
+
+  ta, tb = top(a), top(b)
+  overlap = (ta[:, :, None] == tb[:, None, :]).any(axis=2).sum(axis=1) / k
+  return {'mean': float(overlap.mean()), 'median': float(np.median(overlap)),
+          'p10': float(np.quantile(overlap, 0.1)),
+          'share_below_half': float(np.mean(overlap < 0.5)),
+          'k': int(k), 'probes': int(len(probes))}, overlap
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+
+def _subsample(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+  return np.sort(rng.choice(n, cap, replace=False)) if n > cap else np.arange(n)
+
+
+def _describe(e: Embeddings, used: int) -> dict[str, Any]:
+  return {'source': e.source, 'items': int(len(e.vectors)), 'used': int(used),
+          'dim': int(e.vectors.shape[1]), 'model_version': e.model_version}
+
+
+def compare(reference: Embeddings, current: Embeddings, mode: str = 'traffic',
+            thresholds: Thresholds = Thresholds(), settings: Settings = Settings()) -> DriftResult:
+  """The drift report of `current` against `reference` (module docstring)."""
+  if mode not in MODES:
+    raise ValueError(f'mode={mode!r}: expected one of {MODES}.')
+  if settings.max_items < MIN_ITEMS or settings.permutations < 1 or settings.psi_bins < 2:
+    raise ValueError(f'max_items >= {MIN_ITEMS}, permutations >= 1 and psi_bins >= 2 are '
+                     f'needed; got {settings}.')
+  if not 0 < thresholds.alpha < 1:
+    raise ValueError(f'alpha={thresholds.alpha}: expected a value in (0, 1).')
+  rng = np.random.default_rng(settings.seed)
+  paired = mode == 'versions'
+  dx, dy = reference.vectors.shape[1], current.vectors.shape[1]
+  report: dict[str, Any] = {'mode': mode}
+  if paired:
+    ia, ib, report['alignment'] = align(reference, current)
+    keep = _subsample(len(ia), settings.max_items, rng)
+    x, y = reference.vectors[ia[keep]], current.vectors[ib[keep]]
+    shared = settings.same_space and dx == dy
+  else:
+    if dx != dy:
+      raise ValueError(f'traffic mode compares one vector space, but {reference.source} has '
+                       f'dimension {dx} and {current.source} {dy} (versions mode compares two).')
+    x = reference.vectors[_subsample(len(reference.vectors), settings.max_items, rng)]
+    y = current.vectors[_subsample(len(current.vectors), settings.max_items, rng)]
+    shared = True
+  report['reference'], report['current'] = _describe(reference, len(x)), _describe(current, len(y))
+
+  stats: dict[str, dict[str, Any]] = {}
+  curves: dict[str, np.ndarray] = {}
+  skipped: dict[str, str] = {}
+  tests = ('centroid', 'mmd', 'nn_distance')
+  if shared:
+    masks = permutation_masks(len(x), len(y), settings.permutations, paired, rng)
+    stats['centroid'], curves['centroid_null'] = centroid_test(x, y, masks, paired)
+    stats['mmd'], curves['mmd_null'] = mmd_test(x, y, masks, paired, rng)
+    stats['nn_distance'], nn_curves = nn_distance_test(x, y, paired, settings.permutations, rng)
+    curves.update(nn_curves)
+    stats['psi'], curves['psi'] = psi_summary(x, y, settings.psi_bins, thresholds.psi_threshold)
+    if paired:
+      cos = np.sum(normalize(x) * normalize(y), axis=1)
+      stats['self_cosine'] = {'mean': float(cos.mean()), 'p5': float(np.quantile(cos, 0.05)),
+                              'min': float(cos.min())}
+  else:
+    why = (f'dimensions differ ({dx} vs {dy})' if dx != dy else 'same_space=False')
+    skipped = {t: why for t in (*tests, 'psi', 'self_cosine')}
+    tests = ()
+  if paired:
+    stats['knn_overlap'], curves['knn_overlap'] = knn_overlap(x, y, settings.probe_size,
+                                                              settings.k, rng)
+  per_test = thresholds.alpha / max(len(tests), 1)
+  if tests and 1 / (settings.permutations + 1) > per_test:
+    raise ValueError(f'permutations={settings.permutations} cannot give a p-value below '
+                     f'alpha / {len(tests)} = {per_test:.4g}: use at least '
+                     f'{int(np.ceil(1 / per_test))} permutations.')
+  floors = {'centroid': ('debiased relative shift', thresholds.min_centroid_shift),
+            'mmd': ('MMD^2', thresholds.min_mmd2),
+            'nn_distance': ('|relative shift|', thresholds.min_nn_shift)}
+  for name in tests:
+    s = stats[name]
+    what, floor = floors[name]
+    s['alarm'] = bool(s['p_value'] < per_test and s['effect'] >= floor)
+    s['rule'] = f'p_value < {per_test:.4g} and {what} >= {floor:g}'
+  if 'psi' in stats:
+    s = stats['psi']
+    s['alarm'] = bool(s['share_over_threshold'] > thresholds.max_psi_share)
+    s['rule'] = (f'share of dimensions with PSI > {thresholds.psi_threshold:g} is above '
+                 f'{thresholds.max_psi_share:g}')
+  if 'knn_overlap' in stats:
+    s = stats['knn_overlap']
+    s['alarm'] = bool(s['mean'] < thresholds.min_knn_overlap)
+    s['rule'] = f'mean top-{s["k"]} overlap < {thresholds.min_knn_overlap:g}'
+  report['alarms'] = [name for name, s in stats.items() if s.get('alarm')]
+  report['exit_code'] = EXIT_DRIFT if report['alarms'] else EXIT_OK
+  report['stats'] = stats
+  report['skipped'] = skipped
+  report['settings'] = {**dataclasses.asdict(settings), 'tests': list(tests),
+                        'alpha_per_test': per_test}
+  report['thresholds'] = dataclasses.asdict(thresholds)
+  curves['pca_reference'], curves['pca_current'] = _pca2(x, y if shared else None)
+  return DriftResult(report, curves)
+
+
+def _pca2(x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+  """Both sets projected on the reference's first two principal axes."""
+  mu = x.mean(0)
+  _, _, vt = np.linalg.svd(x - mu, full_matrices=False)
+  px = (x - mu) @ vt[:2].T
+  return px, ((y - mu) @ vt[:2].T if y is not None else np.zeros((0, 2), np.float32))
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """A few lines for a terminal or a cron mail."""
+  r, c = report['reference'], report['current']
+  lines = [f'Drift report ({report["mode"]}): {c["source"]} ({c["used"]} of {c["items"]}) vs '
+           f'{r["source"]} ({r["used"]} of {r["items"]})']
+  show = {'centroid': ('debiased_relative', 'p_value'), 'mmd': ('mmd2', 'p_value'),
+          'nn_distance': ('relative_shift', 'p_value'),
+          'psi': ('mean', 'max', 'share_over_threshold'), 'self_cosine': ('mean', 'p5'),
+          'knn_overlap': ('mean', 'p10')}
+  for name, s in report['stats'].items():
+    vals = ', '.join(f'{k}={s[k]:.4g}' for k in show.get(name, ()))
+    flag = 'ALARM' if s.get('alarm') else ('ok' if 'alarm' in s else 'info')
+    lines.append(f'  {name:<12} {flag:<6} {vals}')
+  for name, why in report['skipped'].items():
+    lines.append(f'  {name:<12} skipped ({why})')
+  verdict = ', '.join(report['alarms']) if report['alarms'] else 'none'
+  lines.append(f'Alarms: {verdict} (exit code {report["exit_code"]}).')
+  return '\n'.join(lines)
+
+
+def plot(result: DriftResult, path: str | pathlib.Path) -> list[str]:
+  """The PNG report (Agg, no display); returns its panel titles."""
+  # Deferred: matplotlib costs ~1 s to import, and only the report file needs it.
+  # pylint: disable=import-outside-toplevel
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  rep, cv, st = result.report, result.curves, result.report['stats']
+  panels = []
+
+  def null_panel(name, key, value):
+    def draw(ax):
+      ax.hist(cv[key], bins=40, color='0.6', label='permutation null')
+      ax.axvline(value, color='r' if st[name]['alarm'] else 'g', label='observed')
+      ax.legend(fontsize=7)
+      ax.set_xlabel(f'p = {st[name]["p_value"]:.3g}', fontsize=8)
+    return draw
+
+  if 'mmd' in st:
+    panels.append(('MMD^2 vs permutation null', null_panel('mmd', 'mmd_null', st['mmd']['mmd2'])))
+    panels.append(('centroid shift^2 vs permutation null', null_panel(
+        'centroid', 'centroid_null', st['centroid']['l2'] ** 2)))
+
+    def nn(ax):
+      hi = float(max(cv['nn_reference'].max(), cv['nn_current'].max()))
+      b = np.linspace(0, hi, 40)
+      ax.hist(cv['nn_reference'], bins=b, alpha=0.5, density=True, label='reference (held out)')
+      ax.hist(cv['nn_current'], bins=b, alpha=0.5, density=True, label='current')
+      ax.legend(fontsize=7)
+      ax.set_xlabel('cosine distance to nearest reference vector', fontsize=8)
+    panels.append(('nearest-neighbour distance', nn))
+
+    def psi(ax):
+      v = np.sort(cv['psi'])[::-1]
+      ax.bar(np.arange(len(v)), v, width=1.0, color='0.4')
+      ax.axhline(rep['thresholds']['psi_threshold'], color='r', ls='--', label='threshold')
+      ax.axhline(st['psi']['noise_floor'], color='g', ls=':', label='i.i.d. noise floor')
+      ax.legend(fontsize=7)
+      ax.set_xlabel('dimensions, sorted', fontsize=8)
+    panels.append(('per-dimension PSI', psi))
+
+    def pca(ax):
+      ax.scatter(*cv['pca_reference'].T, s=3, alpha=0.4, label='reference')
+      ax.scatter(*cv['pca_current'].T, s=3, alpha=0.4, label='current')
+      ax.legend(fontsize=7, markerscale=3)
+    panels.append(("reference's first two principal axes", pca))
+  if 'knn_overlap' in st:
+    def overlap(ax):
+      k = st['knn_overlap']['k']
+      ax.hist(cv['knn_overlap'], bins=(np.arange(k + 2) - 0.5) / k, color='0.4')
+      ax.axvline(rep['thresholds']['min_knn_overlap'], color='r', ls='--', label='threshold')
+      ax.axvline(st['knn_overlap']['mean'], color='b', label='mean')
+      ax.legend(fontsize=7)
+      ax.set_xlabel(f'top-{st["knn_overlap"]["k"]} overlap per probe', fontsize=8)
+    panels.append(('neighbour overlap, version A vs B', overlap))
+
+  cols = 3 if len(panels) > 2 else len(panels)
+  rows = (len(panels) + cols - 1) // cols
+  fig = Figure(figsize=(4.5 * cols, 3.4 * rows + 0.6))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  for ax, (title, draw) in zip(axes, panels):
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    draw(ax)
+  for ax in axes[len(panels):]:
+    ax.set_axis_off()
+  verdict = ('ALARM: ' + ', '.join(rep['alarms'])) if rep['alarms'] else 'no drift alarm'
+  fig.suptitle(f'{rep["mode"]}: {rep["current"]["source"]} vs {rep["reference"]["source"]}: '
+               f'{verdict}', fontsize=11)
+  fig.tight_layout(rect=(0, 0, 1, 0.95))
+  titles = [t for t, _ in panels]
+  fig.savefig(path, dpi=80, metadata={'Title': 'mmjax drift report', 'Panels': '; '.join(titles)})
+  return titles
+
+
+def write(result: DriftResult, out_dir: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """DIR/drift.json (written atomically) and DIR/drift.png."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  json_path, png_path = out_dir / REPORT_JSON, out_dir / REPORT_PNG
+  tmp = json_path.with_suffix('.tmp')
+  tmp.write_text(json.dumps(result.report, indent=1))
+  tmp.replace(json_path)
+  plot(result, png_path)
+  return json_path, png_path
+
+
+def plant(vectors: np.ndarray, kind: str, fraction: float, strength: float,
+          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """A known corruption of a `fraction` of the rows (for validating thresholds on one's own data):
+  'mean' adds `strength` x the set's spread along one random direction, 'noise' adds isotropic
+  Gaussian noise of norm ~ `strength` x spread, 'rotation' rotates the rows by `strength` radians
+  in d/2 random planes. Rows of unit norm stay unit norm. Returns (vectors, corrupted mask)."""
+  if kind not in PLANTS:
+    raise ValueError(f'kind={kind!r}: expected one of {PLANTS}.')
+  v = np.array(vectors, np.float32)
+  n, d = v.shape
+  mask = np.zeros(n, bool)
+  mask[rng.choice(n, int(round(fraction * n)), replace=False)] = True
+  spread = float(np.sqrt(np.mean(np.sum((v - v.mean(0)) ** 2, axis=1))))
+  rows = v[mask]
+  if kind == 'mean':
+    u = normalize(rng.normal(size=(1, d)))[0]
+    rows = rows + strength * spread * u
+  elif kind == 'noise':
+    rows = rows + rng.normal(size=rows.shape) * strength * spread / np.sqrt(d)
+  else:
+    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    c = rows @ basis
+    h = d // 2 * 2
+    a, b = c[:, 0:h:2].copy(), c[:, 1:h:2].copy()
+    c[:, 0:h:2] = np.cos(strength) * a - np.sin(strength) * b
+    c[:, 1:h:2] = np.sin(strength) * a + np.cos(strength) * b
+    rows = c @ basis.T
+  if np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-3):
+    rows = normalize(rows)
+  v[mask] = rows
+  return v, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def main(argv) -> None:
+  import sys  # pylint: disable=import-outside-toplevel
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  try:
+    thresholds = Thresholds(**{k: f[k].value for k in Thresholds.__dataclass_fields__})
+    settings = Settings(**{k: f[k].value for k in Settings.__dataclass_fields__})
+    result = compare(load_embeddings(f.reference), load_embeddings(f.current), f.mode,
+                     thresholds, settings)
+  except ValueError as e:
+    sys.exit(f'drift: {e}')  # Exit code 1 (EXIT_ERROR).
+  json_path, png_path = write(result, f.out)
+  print(format_report(result.report))
+  print(f'Wrote {json_path} and {png_path}.')
+  sys.exit(result.exit_code)
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=ungrouped-imports
+
+  flags.DEFINE_string('reference', None, 'Reference set (traffic) or version A (versions): '
+                      '.npy, .npz or an embedding-store directory.')
+  flags.DEFINE_string('current', None, 'Current set (traffic) or version B (versions).')
+  flags.DEFINE_string('out', None, 'Output directory: drift.json and drift.png.')
+  flags.DEFINE_enum('mode', 'traffic', MODES, 'traffic: two samples of one space; versions: '
+                    'two versions of the same items, aligned by id.')
+  _T, _S = Thresholds(), Settings()
+  flags.DEFINE_float('alpha', _T.alpha, 'False-alarm rate of the permutation tests together.')
+  flags.DEFINE_float('min_centroid_shift', _T.min_centroid_shift,
+                     'Centroid alarm floor: debiased centroid shift / reference spread.')
+  flags.DEFINE_float('min_mmd2', _T.min_mmd2, 'MMD alarm floor on MMD^2.')
+  flags.DEFINE_float('min_nn_shift', _T.min_nn_shift,
+                     'NN-distance alarm floor on |mean current / mean reference - 1|.')
+  flags.DEFINE_float('psi_threshold', _T.psi_threshold, 'PSI above which a dimension has shifted.')
+  flags.DEFINE_float('max_psi_share', _T.max_psi_share,
+                     'PSI alarm when more than this share of dimensions has shifted.')
+  flags.DEFINE_float('min_knn_overlap', _T.min_knn_overlap,
+                     'versions: alarm when the mean top-k neighbour overlap is below this.')
+  flags.DEFINE_integer('max_items', _S.max_items, 'Seeded subsample cap per set.')
+  flags.DEFINE_integer('permutations', _S.permutations, 'Permutations of the tests.')
+  flags.DEFINE_integer('probe_size', _S.probe_size, 'versions: probes of the neighbour overlap.')
+  flags.DEFINE_integer('k', _S.k, 'versions: neighbours per probe.')
+  flags.DEFINE_integer('psi_bins', _S.psi_bins, 'Reference quantile bins per dimension for PSI.')
+  flags.DEFINE_bool('same_space', _S.same_space, 'versions: A and B share one vector space '
+                    '(False: only the neighbour overlap, which needs none).')
+  flags.DEFINE_integer('seed', _S.seed, 'Seed of every subsample and permutation.')
+  flags.mark_flags_as_required(['reference', 'current', 'out'])
+  app.run(main)
