@@ -34,6 +34,7 @@ import ast
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -166,15 +167,15 @@ def run_mmjax(workdir: pathlib.Path, values: dict[str, object],
   workdir.mkdir(parents=True, exist_ok=True)
   if tokenizer is not None and not (workdir / 'tokenizer.json').exists():
     (workdir / 'tokenizer.json').write_bytes(tokenizer.read_bytes())  # The dump's very ids.
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), _children_cpu()
   subprocess.run([sys.executable, '-m', 'mmjax.main', f'--config={FLAGS.config}',
                   f'--workdir={workdir}', *as_flags(values)], check=True, cwd=REPO, env=_env(),
                  stdout=subprocess.DEVNULL)
-  wall = time.perf_counter() - t0
+  wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
   result = json.loads((workdir / 'eval.json').read_text())
   batch = load_config(values).batch_size
   train_s, steps = train_seconds(workdir, batch)
-  return {**result, 'train_s': train_s, 'wall_s': wall, 'steps': steps}
+  return {**result, 'train_s': train_s, 'wall_s': wall, 'cpu_s': cpu, 'steps': steps}
 
 
 def run_openclip(data: pathlib.Path, out: pathlib.Path) -> dict:
@@ -182,11 +183,18 @@ def run_openclip(data: pathlib.Path, out: pathlib.Path) -> dict:
          f'--out={out}']
   if FLAGS.threads:
     cmd.append(f'--threads={FLAGS.threads}')
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), _children_cpu()
   subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-  wall = time.perf_counter() - t0
+  wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
   result = json.loads((out / 'eval.json').read_text())
-  return {**result, 'wall_s': wall, 'steps': result['step']}
+  return {**result, 'wall_s': wall, 'cpu_s': cpu, 'steps': result['step']}
+
+
+def _children_cpu() -> float:
+  """User + system CPU seconds of the finished child processes (the whole command, start-up,
+  compilation and evaluation included): steadier than wall time on a shared machine."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
 
 
 def run_seed(corpus: dict[str, pathlib.Path], seed: int, root: pathlib.Path) -> dict[str, dict]:
@@ -239,8 +247,9 @@ def _cells(r: dict) -> str:
 
 def report(results: dict[int, dict[str, dict]], chance10: float) -> list[str]:
   """The markdown table (one row per system and seed, then the means) and the ratios."""
-  lines = ['| system | seed | steps | train time (s/step) | i2t R@1 / R@5 / R@10 (%) | '
-           't2i R@1 / R@5 / R@10 (%) |', '|---|---|---|---|---|---|']
+  lines = ['| system | seed | steps | train time (s/step) | command wall / CPU | '
+           'i2t R@1 / R@5 / R@10 (%) | t2i R@1 / R@5 / R@10 (%) |',
+           '|---|---|---|---|---|---|---|']
   systems = [('open_clip', 'open_clip 3.3.0'), ('mmjax', 'mmjax, equal steps'),
              ('mmjax_equal_time', 'mmjax, equal wall time')]
   for key, label in systems:
@@ -248,14 +257,17 @@ def report(results: dict[int, dict[str, dict]], chance10: float) -> list[str]:
     for seed, r in results.items():
       if key in r:
         x = r[key]
+        cpu = f'{x["cpu_s"]:.0f} s' if 'cpu_s' in x else 'n/a'
         lines.append(f'| {label} | {seed} | {x["steps"]} | {x["train_s"]:.0f} s '
-                     f'({x["train_s"] / x["steps"]:.2f}) | {_cells(x)} |')
+                     f'({x["train_s"] / x["steps"]:.2f}) | {x["wall_s"]:.0f} s / {cpu} | '
+                     f'{_cells(x)} |')
     if len(rows) > 1:
       mean = {f'held_out/{d}/recall@{k}': statistics.mean(recall(x, d, k) for x in rows)
               for d in DIRECTIONS for k in KS}
       t = statistics.mean(x['train_s'] for x in rows)
       n = statistics.mean(x['steps'] for x in rows)
-      lines.append(f'| **{label}** | mean | {n:.0f} | {t:.0f} s ({t / n:.2f}) | {_cells(mean)} |')
+      lines.append(f'| **{label}** | mean | {n:.0f} | {t:.0f} s ({t / n:.2f}) | | '
+                   f'{_cells(mean)} |')
   lines.append('')
   lines.append(f'Chance R@10 on the held-out split: {100 * chance10:.1f} %.')
   for key, label in (('mmjax', 'equal steps'), ('mmjax_equal_time', 'equal wall time')):
@@ -291,14 +303,16 @@ def main(argv):
   lines = report(results, min(1.0, 10 / num_val))
   print('\n'.join(lines))
   if FLAGS.append:
-    append(lines, load_before, load_after, time.perf_counter() - t0)
+    steps = next(iter(results.values()))['open_clip']['steps']
+    append(lines, load_before, load_after, time.perf_counter() - t0, list(results), steps)
 
 
 def _loadavg() -> str:
   return '/'.join(f'{x:.1f}' for x in os.getloadavg())
 
 
-def append(lines: list[str], load_before: str, load_after: str, seconds: float) -> None:
+def append(lines: list[str], load_before: str, load_after: str, seconds: float,
+           seeds: list[int], steps: int) -> None:
   import datetime  # pylint: disable=import-outside-toplevel
   now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
   config = pathlib.Path(FLAGS.config).resolve()
@@ -312,8 +326,8 @@ def append(lines: list[str], load_before: str, load_after: str, seconds: float) 
                'load average: in the note (--report_only)' if FLAGS.report_only else
                f'load average {load_before} -> {load_after} (1/5/15 min, start -> end); '
                f'{seconds:.0f} s in all'),
-           f'- command: `python bench/quality.py --config={config} --steps={FLAGS.steps} '
-           f'--seeds={",".join(FLAGS.seeds)}'
+           f'- command: `python bench/quality.py --config={config} --steps={steps} '
+           f'--seeds={",".join(map(str, seeds))}'
            + ''.join(f' --overrides={o}' for o in FLAGS.overrides) + '`',
            f'- corpus: {FLAGS.stamps}, held-out list bench/tuxpaint_heldout.txt '
            f'({len(read_heldout(FLAGS.heldout))} images), ingested with mmjax.data.prepare',
