@@ -50,24 +50,29 @@ from absl import app, flags  # noqa: E402
 import provenance  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('config', str(REPO / 'configs' / 'quality_tuxpaint.py'), 'The shared recipe.')
-flags.DEFINE_string('root', str(REPO / 'runs' / 'quality'), 'Corpus, dumps and workdirs.')
-flags.DEFINE_string('stamps', '/usr/share/tuxpaint/stamps', 'The Tux Paint stamps folder.')
-flags.DEFINE_string('heldout', str(REPO / 'bench' / 'tuxpaint_heldout.txt'),
-                    'Held-out stamp paths, relative to --stamps.')
-flags.DEFINE_integer('steps', 100, 'Training steps of the equal-steps comparison.')
-flags.DEFINE_list('seeds', ['0', '1'], 'Seeds (each: one dump, one run of each system, plus the '
-                  'equal-wall-time mmjax run).')
-flags.DEFINE_bool('equal_time', True, 'Also train mmjax for open_clip\'s training time.')
-flags.DEFINE_string('peer_python', '/work/peer-venv/bin/python', 'open_clip\'s interpreter.')
-flags.DEFINE_integer('threads', 0, 'torch threads for open_clip (0: torch\'s default).')
-flags.DEFINE_list('overrides', [], 'Extra --config.KEY=VALUE overrides for both systems, '
-                  'e.g. model.image.depth=2.')
-flags.DEFINE_bool('append', True, 'Append the result block to BENCHMARKS.md.')
-flags.DEFINE_string('benchmarks_file', str(REPO / 'BENCHMARKS.md'), 'Where results go.')
-flags.DEFINE_string('note', '', 'Free text stored with the result.')
-flags.DEFINE_bool('report_only', False, 'Report (and append) the seeds\' result.json files under '
-                  '--root instead of training.')
+
+
+def define_flags() -> None:
+  """The command line (defined when run, so tests can import the helpers)."""
+  flags.DEFINE_string('config', str(REPO / 'configs' / 'quality_tuxpaint.py'), 'The shared recipe.')
+  flags.DEFINE_string('root', str(REPO / 'runs' / 'quality'), 'Corpus, dumps and workdirs.')
+  flags.DEFINE_string('stamps', '/usr/share/tuxpaint/stamps', 'The Tux Paint stamps folder.')
+  flags.DEFINE_string('heldout', str(REPO / 'bench' / 'tuxpaint_heldout.txt'),
+                      'Held-out stamp paths, relative to --stamps.')
+  flags.DEFINE_integer('steps', 120, 'Training steps of the equal-steps comparison.')
+  flags.DEFINE_list('seeds', ['0', '1'], 'Seeds (each: one dump, one run of each system, plus the '
+                    'equal-wall-time mmjax run).')
+  flags.DEFINE_bool('equal_time', True, 'Also train mmjax for open_clip\'s training time.')
+  flags.DEFINE_string('peer_python', '/work/peer-venv/bin/python', 'open_clip\'s interpreter.')
+  flags.DEFINE_integer('threads', 0, 'torch threads for open_clip (0: torch\'s default).')
+  flags.DEFINE_list('overrides', [], 'Extra --config.KEY=VALUE overrides for both systems, '
+                    'e.g. model.image.depth=2.')
+  flags.DEFINE_bool('append', True, 'Append the result block to BENCHMARKS.md.')
+  flags.DEFINE_string('benchmarks_file', str(REPO / 'BENCHMARKS.md'), 'Where results go.')
+  flags.DEFINE_string('note', '', 'Free text stored with the result.')
+  flags.DEFINE_bool('report_only', False, 'Report (and append) the seeds\' result.json files under '
+                    '--root instead of training.')
+
 
 DIRECTIONS = ('i2t', 't2i')
 KS = (1, 5, 10)
@@ -338,4 +343,5 @@ def append(lines: list[str], load_before: str, load_after: str, seconds: float,
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
