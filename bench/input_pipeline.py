@@ -43,10 +43,14 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('workers', ['0', '1', '2'], 'Grain worker counts to measure.')
 flags.DEFINE_integer('batches', 30, 'Timed batches per worker count.')
 flags.DEFINE_integer('warmup_batches', 3, 'Batches read (and not timed) before timing.')
+flags.DEFINE_bool('time_step', True, 'Also compile and time the train step on pipeline batches.')
 
 
-def pipeline_rate(config, encoder, workers: int) -> tuple[float, float]:
-  """(pairs/s, seconds to the first batch) of the training pipeline with `workers` workers."""
+def pipeline_rate(config, encoder, workers: int) -> tuple[float, float, float]:
+  """(pairs/s, seconds to the first batch, CPU seconds of this process per batch) of the
+  training pipeline with `workers` workers. With 0 workers every read thread is in this process,
+  so the CPU time is the pipeline's whole cost, and much steadier than wall time on a busy
+  machine; with workers it is only the consumer's share."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.num_workers = workers
@@ -56,12 +60,12 @@ def pipeline_rate(config, encoder, workers: int) -> tuple[float, float]:
   first = time.perf_counter() - t0
   for _ in range(FLAGS.warmup_batches - 1):
     next(it)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(FLAGS.batches):
     next(it)
-  dt = time.perf_counter() - t0
+  dt, cpu = time.perf_counter() - t0, time.process_time() - c0
   del it  # Stops the worker processes.
-  return FLAGS.batches * config.batch_size / dt, first
+  return FLAGS.batches * config.batch_size / dt, first, cpu / FLAGS.batches
 
 
 def step_rate(config) -> tuple[float, float]:
@@ -94,19 +98,21 @@ def main(argv):
     encoder = loop.setup(config, tmp).encoder
   load_before = tsb._loadavg()  # pylint: disable=protected-access
   rates = {w: pipeline_rate(config, encoder, w) for w in workers}
-  consume, step_s = step_rate(config)
+  consume, step_s = step_rate(config) if FLAGS.time_step else (None, None)
   load_after = tsb._loadavg()  # pylint: disable=protected-access
   rows = [('config', ' '.join([tsb.config_name()] + tsb.config_overrides(sys.argv))),
           ('batch', f'{config.batch_size} pairs, data.name={config.data.name}, '
                     f'mixture={len(config.data.mixture)} sources')]
-  for w, (rate, first) in rates.items():
+  for w, (rate, first, cpu) in rates.items():
     rows.append((f'pipeline, {w} workers', f'{rate:.0f} pairs/s ({FLAGS.batches} batches; first '
-                                           f'batch after {first:.1f} s)'))
-  rows.append(('train step consumes', f'{consume:.1f} pairs/s (median step {step_s:.3f} s, '
-                                      f'{FLAGS.steps} steps after {FLAGS.warmup_steps} warmup)'))
-  best = max(r for r, _ in rates.values())
-  rows.append(('headroom', f'best pipeline / step = {best / consume:.1f}x '
-                           f'({"not" if best > consume else "IS"} the bottleneck)'))
+                                           f'batch after {first:.1f} s; {cpu:.3f} CPU s per '
+                                           f'batch in this process)'))
+  if consume is not None:
+    rows.append(('train step consumes', f'{consume:.1f} pairs/s (median step {step_s:.3f} s, '
+                                        f'{FLAGS.steps} steps after {FLAGS.warmup_steps} warmup)'))
+    best = max(r for r, _, _ in rates.values())
+    rows.append(('headroom', f'best pipeline / step = {best / consume:.1f}x '
+                             f'({"not" if best > consume else "IS"} the bottleneck)'))
   rows.append(('load average', f'{load_before} -> {load_after} on {os.cpu_count()} cores'))
   text = tsb.table(rows)
   print(text)

@@ -10,7 +10,10 @@ one .npz holding, from mmjax's own pipeline and tokenizer:
   `train_group` int32 [steps, B]: the first `--steps` batches `train_and_evaluate` takes, in
   order (the same `pipeline.make_train_dataset` call, the same seed);
 - `val_image`, `val_tokens`, `val_mask`: the validation pairs of `config.eval` (caption i
-  belongs to image i);
+  belongs to image i), when the run trains on the demo scenes;
+- per retrieval evaluator NAME of `config.evals` on ingested data (`dataset='records'`, TFDS):
+  `ret/NAME/image` (as mmjax's evaluator resizes them), `ret/NAME/tokens`, `ret/NAME/mask`
+  (every caption) and `ret/NAME/owner` (the image of each caption);
 - per zero-shot evaluator NAME of `config.evals`: `zs/NAME/image`, `zs/NAME/label`,
   `zs/NAME/tokens`, `zs/NAME/mask` (the prompts, class-major: C classes x T templates) and
   `zs/NAME/classes`;
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+import time
 
 import numpy as np
 from absl import app, flags
@@ -36,8 +40,9 @@ from ml_collections import config_flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from mmjax import config as config_lib  # noqa: E402
-from mmjax.data import pipeline, tokenizer as tokenizer_lib  # noqa: E402
-from mmjax.eval import classification as cls_lib, retrieval, specs as specs_lib  # noqa: E402
+from mmjax.data import augment, pipeline, tokenizer as tokenizer_lib  # noqa: E402
+from mmjax.eval import classification as cls_lib, evaluators, retrieval  # noqa: E402
+from mmjax.eval import specs as specs_lib  # noqa: E402
 from mmjax.train import loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config.', lock_config=True)
@@ -71,13 +76,19 @@ def train_batches(config, encoder: tokenizer_lib.TextEncoder, steps: int) -> dic
 
 
 def eval_arrays(config, encoder: tokenizer_lib.TextEncoder) -> dict[str, np.ndarray]:
-  """The validation pairs and every zero-shot task of the run's evaluation suite."""
+  """The validation pairs (demo data only), every zero-shot task and every retrieval evaluator
+  on ingested data of the run's evaluation suite."""
   size = config.model.image.image_size
-  val = retrieval.RetrievalEvaluator.demo_validation(config.eval.num_scenes, size, config.eval.seed)
-  tokens, mask = encoder(val.captions)
-  out = {'val_image': np.asarray(val.images), 'val_tokens': tokens, 'val_mask': mask}
+  out = {}
+  if config.data.name == 'demo':
+    val = retrieval.RetrievalEvaluator.demo_validation(config.eval.num_scenes, size,
+                                                       config.eval.seed)
+    tokens, mask = encoder(val.captions)
+    out |= {'val_image': np.asarray(val.images), 'val_tokens': tokens, 'val_mask': mask}
   for name, spec in config.evals.items():
     spec = specs_lib.resolved(spec)
+    if spec['type'] == 'retrieval' and spec['dataset'] != 'demo_validation':
+      out |= retrieval_arrays(config, encoder, name, spec)
     if spec['type'] != 'zero_shot':
       continue
     images, labels, classes = cls_lib.demo_single_objects(spec['num_images'], size,
@@ -90,15 +101,32 @@ def eval_arrays(config, encoder: tokenizer_lib.TextEncoder) -> dict[str, np.ndar
   return out
 
 
+def retrieval_arrays(config, encoder: tokenizer_lib.TextEncoder, name: str,
+                     spec: dict) -> dict[str, np.ndarray]:
+  """`ret/NAME/image`, `/tokens`, `/mask` and `/owner` (the image of each caption) of a retrieval
+  evaluator on ingested data: its images exactly as mmjax's evaluator sees them (the run's
+  deterministic view) and every caption of each."""
+  size = config.model.image.image_size
+  ev = evaluators.retrieval_evaluator(spec, size, augment.view(config.data, size))
+  if ev.images is None:
+    raise ValueError(f'config.evals.{name}: text-text retrieval has no peer counterpart here.')
+  tokens, mask = encoder(ev.captions)
+  owner = np.arange(len(ev.captions)) if ev.owners is None else np.asarray(ev.owners)
+  return {f'ret/{name}/image': np.asarray(ev.images), f'ret/{name}/tokens': tokens,
+          f'ret/{name}/mask': mask, f'ret/{name}/owner': owner.astype(np.int32)}
+
+
 def dump(config, workdir: str | pathlib.Path, out: str | pathlib.Path, steps: int = 0) -> dict:
   """Writes the .npz described in the module docstring; returns the recipe."""
   config_lib.validate(config)
   workdir = pathlib.Path(workdir).absolute()
   encoder = tokenizer_lib.TextEncoder(loop.get_tokenizer(config, workdir),
                                       config.model.text.max_len)
+  t0 = time.perf_counter()
   arrays = train_batches(config, encoder, steps or config.total_steps)
+  pipeline_s = time.perf_counter() - t0  # mmjax's input pipeline alone, in this process.
   arrays |= eval_arrays(config, encoder)
-  rec = recipe(config) | {'pad_id': encoder.pad_id}
+  rec = recipe(config) | {'pad_id': encoder.pad_id, 'pipeline_s': pipeline_s}
   pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
   np.savez(out, recipe=np.asarray(json.dumps(rec)), **arrays)
   return rec

@@ -237,18 +237,30 @@ def _embed(fn, *arrays, batch: int = 256) -> np.ndarray:
 
 
 def evaluate(model, data) -> dict[str, float]:
-  """mmjax's validation retrieval metrics and zero-shot accuracies of the dumped eval sets."""
+  """mmjax's metrics of the dumped eval sets: the demo validation pairs ('i2t/...'), each
+  retrieval set on ingested data ('NAME/i2t/...', any caption of an image relevant to it, as
+  `mmjax.eval.retrieval.RetrievalEvaluator` scores it) and each zero-shot task."""
   metrics = _mmjax_module('mmjax.eval.metrics')
   model.eval()
-  zimg = _embed(lambda x: encode_images(model, x), data['val_image'])
-  ztxt = _embed(lambda t, m: encode_texts(model, t, m), data['val_tokens'], data['val_mask'])
   names = ('recall@1', 'recall@5', 'recall@10', 'mrr', 'median_rank')
-  scores = zimg.astype(np.float32) @ ztxt.astype(np.float32).T
   out = {}
-  for direction, s in (('i2t', scores), ('t2i', scores.T)):
-    out |= {f'{direction}/{k}': v
-            for k, v in metrics.from_ranks(metrics.ranks_of_true(s), names).items()}
+  if 'val_image' in data.files:
+    zimg = _embed(lambda x: encode_images(model, x), data['val_image'])
+    ztxt = _embed(lambda t, m: encode_texts(model, t, m), data['val_tokens'], data['val_mask'])
+    scores = zimg.astype(np.float32) @ ztxt.astype(np.float32).T
+    for direction, s in (('i2t', scores), ('t2i', scores.T)):
+      out |= {f'{direction}/{k}': v
+              for k, v in metrics.from_ranks(metrics.ranks_of_true(s), names).items()}
   for key in data.files:
+    if key.startswith('ret/') and key.endswith('/owner'):
+      name = key.split('/')[1]
+      zimg = _embed(lambda x: encode_images(model, x), data[f'ret/{name}/image'])
+      ztxt = _embed(lambda t, m: encode_texts(model, t, m), data[f'ret/{name}/tokens'],
+                    data[f'ret/{name}/mask'])
+      scores = zimg.astype(np.float32) @ ztxt.astype(np.float32).T
+      rel = (np.arange(len(zimg))[:, None] == data[key][None, :]).astype(np.float32)
+      for direction, s, r in (('i2t', scores, rel), ('t2i', scores.T, rel.T)):
+        out |= {f'{name}/{direction}/{k}': v for k, v in metrics.from_scores(s, r, names).items()}
     if key.startswith('zs/') and key.endswith('/classes'):
       name = key.split('/')[1]
       out |= {f'{name}/{k}': v for k, v in zero_shot(model, data, name).items()

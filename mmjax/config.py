@@ -165,8 +165,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
                'eval.batch_size', 'data.num_train_examples', 'data.read_threads',
                'tokenizer.vocab_size', 'optimizer.learning_rate'):
     _positive(name, _get(config, name))
-  _require(config.data.num_workers >= 0,
-           f'config.data.num_workers={config.data.num_workers} must be >= 0.')
+  for name in ('data.num_workers', 'data.decode_cache_mb'):
+    _require(_get(config, name) >= 0, f'config.{name}={_get(config, name)} must be >= 0.')
   # Warmup may exceed total_steps (short smoke runs): the rate then never reaches its peak.
   _require(config.optimizer.warmup_steps >= 0,
            f'config.optimizer.warmup_steps={config.optimizer.warmup_steps} must be >= 0.')

@@ -183,6 +183,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # Grain worker processes (0: decode in the main process).
   c.data.worker_buffer_size = 2  # Batches each worker prepares ahead.
   c.data.read_threads = 2  # Threads reading/transforming elements per process.
+  # Decoded training images (RGB, before augmentation) kept in memory per process, in MiB: a
+  # corpus revisited every few steps is decoded once (each Grain worker holds its own). 0: off.
+  c.data.decode_cache_mb = 256
   # --- Image preprocessing and augmentation (mmjax.data.images, mmjax.data.augment) ----------
   # The deterministic resize, used by every evaluator and teacher embedding, and in training
   # when data.aug.crop does not crop: 'crop' (the centred square of the shorter side, resized)

@@ -141,6 +141,7 @@ BAD = {
     'zero-batch': ({'batch_size': 0}, ['config.batch_size=0']),
     'zero-steps': ({'total_steps': 0}, ['config.total_steps=0']),
     'negative-workers': ({'data.num_workers': -1}, ['config.data.num_workers=-1']),
+    'negative-decode-cache': ({'data.decode_cache_mb': -1}, ['config.data.decode_cache_mb=-1']),
     # Tokenizer.
     'tokenizer-vocab': ({'tokenizer.vocab_size': 300}, ['config.tokenizer.vocab_size=300',
                                                         'config.model.text.vocab_size=256']),

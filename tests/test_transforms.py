@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import struct
 import zlib
 
@@ -330,6 +331,35 @@ def test_evaluation_uses_the_deterministic_view(tmp_path):
   want = np.stack([images.load(src[i]['image'], View(64, 'letterbox', BG)) for i in range(4)])
   np.testing.assert_array_equal(got, want)
   assert (got[:, :10] == BG).all()  # A 20 x 40 image: 32 rows of content, 16 of padding each side.
+
+
+def test_decode_cache_gives_bitwise_the_same_batches_over_epochs(encoder, tmp_path):
+  """The decode cache changes no pixel: three epochs of 24 records with and without it."""
+  cfg = real_config(ingest(tmp_path / 'd'))
+  batches = {}
+  for mb in (0, 64):
+    cfg.data.decode_cache_mb = mb
+    it = iter(pipeline.make_train_dataset(cfg, encoder))
+    batches[mb] = [next(it) for _ in range(9)]  # 72 rows: every image 3 times.
+  for x, y in zip(batches[0], batches[64]):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_decode_cache_is_bounded_and_pickles_empty():
+  files = [pil_png(Image.fromarray(noise(10, 10 + i, i), 'RGB')) for i in range(4)]
+  cache = images.DecodeCache(max_bytes=2 * 10 * 13 * 3, background=BG)
+  for data in files + files[-2:]:
+    np.testing.assert_array_equal(np.asarray(cache.get(data)), images.decode(data, BG))
+  assert (cache.hits, cache.misses, len(cache)) == (2, 4, 2)  # The two most recent stay.
+  clone = pickle.loads(pickle.dumps(cache))
+  assert len(clone) == 0 and clone.max_bytes == cache.max_bytes and clone.background == BG
+  with pytest.raises(Exception):
+    cache.get(files[0][:40])  # Truncated: raises as a fresh decode does, caches nothing.
+  assert len(cache) == 2
+  off = images.DecodeCache(0)
+  off.get(files[0])
+  assert len(off) == 0
 
 
 def base_data():

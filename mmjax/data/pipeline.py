@@ -165,7 +165,8 @@ def make_train_dataset(config, encoder: TextEncoder | None, *, process_index: in
         encoder, view=augment.view(data, config.model.image.image_size),
         augment=augment.from_config(data), caption_sampling=data.caption_sampling,
         num_negatives=data.num_hard_negatives, source_index=i, text_pairs=text_pairs,
-        teacher_encoder=teacher_encoder, caption_query=caption_query(config) and not text_pairs))
+        teacher_encoder=teacher_encoder, caption_query=caption_query(config) and not text_pairs,
+        decode_cache_mb=data.decode_cache_mb))
     streams.append(ds)
   weights = [s.weight for s in specs]
   if sub:

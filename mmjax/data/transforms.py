@@ -42,8 +42,10 @@ class Preprocess(grain.transforms.RandomMap):
   def __init__(self, encoder: TextEncoder, *, view: View, augment: Augment | None = None,
                caption_sampling: str = 'random', num_negatives: int = 0, source_index: int = 0,
                text_pairs: bool = False, teacher_encoder: TextEncoder | None = None,
-               caption_query: bool = False):
+               caption_query: bool = False, decode_cache_mb: int = 0):
     self.encoder, self.view, self.augment = encoder, view, augment
+    # Decoded stored images, kept per process (`config.data.decode_cache_mb`).
+    self.decoded = images.DecodeCache(decode_cache_mb * 2**20, view.background)
     self.caption_sampling = caption_sampling
     self.num_negatives, self.source_index, self.text_pairs = num_negatives, source_index, text_pairs
     # Distillation with a live teacher: its own tokens of the same texts ('teacher_tokens').
@@ -51,9 +53,10 @@ class Preprocess(grain.transforms.RandomMap):
     self.caption_query = caption_query  # 'query_tokens': another caption of the same image.
 
   def _image(self, image: Any, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    decoded = self.decoded.get(image)  # RGB on the view's background: both paths take it as is.
     if self.augment is None:
-      return images.load(image, self.view)
-    return self.augment.image(image, self.view, rng, flip)
+      return images.load(decoded, self.view)
+    return self.augment.image(decoded, self.view, rng, flip)
 
   def _text(self, text: str, flip: bool) -> str:
     text = records.normalise_caption(text)
