@@ -22,7 +22,7 @@ from mmjax.parallel.mesh import mesh_shape
 from mmjax.types import (MESH_AXES, REMAT_POLICIES, ConfigError, DecoderConfig,  # noqa: F401
                          LoraConfig, ModelConfig, TextConfig, TransformerConfig, ViTConfig,
                          lists_to_tuples, require)
-from mmjax.data import augment
+from mmjax.data import augment, demo
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 model_config = kinds.dual_encoder_config  # The typed config of a two_tower run config.
@@ -139,6 +139,14 @@ def _validate_data(config) -> None:
     _require(name != 'tfds' or src.get('tfds_name'),
              f"config.{where}.tfds_name is empty: a 'tfds' source needs a dataset name.")
     _require(src.get('weight', 1.0) > 0, f'config.{where}.weight={src.get("weight")} must be > 0.')
+    if name == 'demo' and src.get('negatives'):
+      try:
+        demo.negative_attributes(src['negatives'])
+      except ValueError as e:
+        raise ConfigError(f'config.{where}.{e}') from e
+      _require(data.num_hard_negatives > 0,
+               f'config.{where}.negatives={src["negatives"]!r} renders hard negatives, but '
+               f'config.data.num_hard_negatives={data.num_hard_negatives}: set it to >= 1.')
 
 
 def validate_schema(config: ml_collections.ConfigDict) -> None:

@@ -167,7 +167,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.captions_key = 'captions'  # tfds: path of the caption text(s), e.g. 'captions/text'.
   c.data.group_key = ''  # tfds: path of a duplicate-group id ('' none), e.g. 'image/id'.
   c.data.keep = ''  # records: a keep file of `python -m mmjax.data.filter` ('' = every example).
-  c.data.negatives = ''  # records: a negatives file of `python -m mmjax.data.mine_negatives`.
+  # records: a negatives file of `python -m mmjax.data.mine_negatives`; demo: comma-separated scene
+  # attributes ('shape', 'colour', 'size', 'position'): each example gets num_hard_negatives
+  # rendered scenes (image + caption) that differ from it in one of them, for one object.
+  c.data.negatives = ''
   # Weighted mixture; when non-empty it replaces the single source above. A tuple of dicts with
   # the fields above (name, path, tfds_name, split, image_key, captions_key, group_key, keep,
   # negatives) plus `weight`, e.g. (dict(name='records', path='data/a', weight=3.0),

@@ -142,6 +142,10 @@ BAD = {
     'zero-steps': ({'total_steps': 0}, ['config.total_steps=0']),
     'negative-workers': ({'data.num_workers': -1}, ['config.data.num_workers=-1']),
     'negative-decode-cache': ({'data.decode_cache_mb': -1}, ['config.data.decode_cache_mb=-1']),
+    'demo-negatives-attribute': ({'data.negatives': 'shapes', 'data.num_hard_negatives': 1},
+                                 ['config.data.negatives', "'shapes'"]),
+    'demo-negatives-without-k': ({'data.negatives': 'shape'},
+                                 ['config.data.negatives', 'num_hard_negatives=0']),
     # Tokenizer.
     'tokenizer-vocab': ({'tokenizer.vocab_size': 300}, ['config.tokenizer.vocab_size=300',
                                                         'config.model.text.vocab_size=256']),

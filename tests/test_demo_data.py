@@ -210,3 +210,36 @@ def test_caption_corpus_covers_vocabulary():
     val_captions = {demo.canonical_caption(demo.DemoScenes("validation").scene(i))
                     for i in range(100)}
     assert not val_captions & set(corpus)
+
+
+def test_hard_negatives_change_one_attribute_of_one_object():
+    ds = demo.DemoScenes("train", num_examples=50, image_size=32, seed=0)
+    for i in range(20):
+        scene = ds.scene(i)
+        attrs = ("shape",) if i % 2 else ("shape", "colour")
+        images, caps = demo.hard_negatives(scene, attrs, 2, 32, np.random.default_rng(i))
+        assert len(images) == len(caps) == 2
+        for j, cap in enumerate(caps):
+            assert images[j].shape == (32, 32, 3) and images[j].dtype == np.uint8
+            # The caption names a train scene that differs in exactly that attribute.
+            other = next(m for m in demo._mutations(scene, attrs[j % len(attrs)])
+                         if all(_object_bound(cap, o) for o in m.objects))
+            assert other.split() == "train"
+            assert _scene_diff(scene, other) == [attrs[j % len(attrs)]]
+    again = demo.hard_negatives(ds.scene(3), ("shape",), 1, 32, np.random.default_rng(3))
+    first = demo.hard_negatives(ds.scene(3), ("shape",), 1, 32, np.random.default_rng(3))
+    assert again[1] == first[1] and np.array_equal(again[0][0], first[0][0])
+    assert demo.negative_attributes(" shape, size ") == ("shape", "size")
+    with pytest.raises(ValueError, match="'hue'"):
+        demo.negative_attributes("shape,hue")
+
+
+def test_demo_source_carries_rendered_negatives():
+    from mmjax.data import sources  # Grain: only this test needs it.
+    plain = sources.DemoSource(20, 32, 0)
+    with_neg = sources.DemoSource(20, 32, 0, negatives="shape", num_negatives=1)
+    a, b = plain[5], with_neg[5]
+    assert np.array_equal(a["image"], b["image"]) and a["captions"] == b["captions"]
+    assert a["neg_images"] == [] and a["neg_texts"] == []
+    assert len(b["neg_images"]) == len(b["neg_texts"]) == 1
+    assert not np.array_equal(b["neg_images"][0], b["image"])

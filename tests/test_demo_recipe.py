@@ -1,16 +1,15 @@
 """The demo recipe (configs/demo.py) leaves the contrastive collapse plateau early, on two seeds.
 
 The loss of a collapsed model, one that scores every pair alike, is ln B for InfoNCE (ln B + 1 for
-the sigmoid loss at its in-batch optimum bias). The recipe before this test sat on that plateau
-for most of its 400 steps (README: "What `make demo` does"); this runs the demo's own batches,
-model, optimizer and schedule (the real step, compiled once) for its first steps and checks the
-loss is clearly below the plateau by a fixed step. Seed 2 leaves it later (4.48 by step 100,
-R@1 0.09 / 0.06 at step 400; README), so seeds 0 and 1 are the ones checked.
+the sigmoid loss at its in-batch optimum bias): `mmjax.train.health.collapse_loss`. The sigmoid
+recipe sat on that plateau for most of its 400 steps, and InfoNCE with the old initialisation
+(text positions at std 1/sqrt(width), a Xavier patch kernel) still sat on it at step 60 on seed 2
+(README: "What `make demo` does"). This runs the demo's own batches, model, optimizer and schedule
+(the real step, compiled once) for its first steps and checks the loss is far below the plateau
+by a fixed step, on seed 0 and on seed 2, the one that lagged.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import numpy as np
@@ -19,11 +18,13 @@ import pytest
 from configs import demo
 from mmjax.data import pipeline
 from mmjax.parallel import mesh as mesh_lib
-from mmjax.train import loop
+from mmjax.train import health, loop
 
-STEPS = 100  # Warm-up is 40 steps; measured: seeds 0, 1, 2 at 3.17, 3.56, 4.48 by step 100.
+# Warm-up is 40 steps. Measured (one device, the logged step-100 batch): seeds 0, 1, 2 at 1.40,
+# 1.38, 1.73; with the old init 3.17, 3.56, 4.48 (commit 7378eb8), seed 2 at 4.85 on step 60 here.
+STEPS = 100
 WINDOW = 10  # The loss is judged on the mean of the last WINDOW steps (one batch is noisy).
-MARGIN = 0.5  # "Clearly below": at least this much under ln B.
+MARGIN = 2.0  # "Far below": at least this much under ln B (4.85 - 2.0 = 2.85 at B = 128).
 
 
 def first_losses(config, workdir, steps: int):
@@ -43,21 +44,13 @@ def first_losses(config, workdir, steps: int):
   return np.asarray(jax.device_get(losses))
 
 
-def collapse_loss(config) -> float:
-  """The loss when every similarity is equal: ln B (InfoNCE); ln B + 1 for the sigmoid loss
-  (its minimum over the shared logit, reached at logit -ln(B - 1))."""
-  b = config.batch_size
-  if config.loss.kind == 'softmax':
-    return math.log(b)
-  return math.log(b) + (b - 1) * math.log1p(1 / (b - 1))  # ~ ln B + 1
-
-
-# ~75 s on 2 cores (two seeds x 100 steps at batch 128 over the 8 simulated test devices): over
-# the default suite's budget, so it runs in `make test-slow`.
+# ~75-130 s on 2 quiet cores (two seeds x 100 steps at batch 128 over the 8 simulated test
+# devices): over the default suite's budget, so it runs in `make test-slow`.
 @pytest.mark.slow
 def test_demo_recipe_leaves_the_plateau_on_two_seeds(tmp_path):
-  plateau = collapse_loss(demo.get_config())
-  for seed in (0, 1):
+  config = demo.get_config()
+  plateau = health.collapse_loss(config.loss.kind, config.batch_size)
+  for seed in (0, 2):
     config = demo.get_config()
     config.seed = seed
     losses = first_losses(config, tmp_path / f'seed{seed}', STEPS)

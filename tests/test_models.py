@@ -552,3 +552,45 @@ def test_remat_gives_the_same_gradients(tiny_config):
                               text=dataclasses.replace(cfg.text, remat=True))
   for a, b in zip(jax.tree.leaves(grads(cfg)), jax.tree.leaves(grads(remat))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation statistics (real `init`, one layer: the embeddings do not depend on depth).
+
+
+@functools.lru_cache(maxsize=None)
+def demo_init_params():
+  """Initial (unboxed) parameters of the demo's ViT and text towers, depth 1."""
+  cfg = shipped('demo')
+  vit = ViT(dataclasses.replace(cfg.image, depth=1))
+  txt = TextTransformer(dataclasses.replace(cfg.text, depth=1))
+  s = cfg.image.image_size
+  images = jnp.zeros((1, s, s, 3), jnp.float32)
+  tokens = jnp.zeros((1, cfg.text.max_len), jnp.int32)
+  img = vit.init(jax.random.key(0), images)['params']
+  text = txt.init(jax.random.key(1), tokens, jnp.ones_like(tokens))['params']
+  return cfg, nn.unbox(img), nn.unbox(text)
+
+
+def test_patch_kernel_init_is_lecun_over_the_patch_fan_in():
+  # The Xavier default counted the patch area in the fan-out too: std 0.035 at the demo's
+  # p=4, C=3, width=96 instead of 1/sqrt(48) = 0.144 (big_vision; open_clip's conv: 0.083).
+  cfg, img, _ = demo_init_params()
+  p = cfg.image.patch_size
+  kernel = np.asarray(img['patch_kernel'])
+  assert kernel.shape == (p, p, 3, cfg.image.width)
+  expected = 1 / math.sqrt(p * p * 3)
+  assert abs(kernel.std() / expected - 1) < 0.06, (kernel.std(), expected)
+  # Truncated at 2 std (flax's variance-scaling normal), so nothing beyond ~2.3x expected.
+  assert np.abs(kernel).max() < 2.3 * expected
+
+
+def test_text_position_embedding_starts_below_the_token_embedding():
+  # At 1/sqrt(width) (0.10 for width 96) positions were 5x the tokens' 0.02: every caption
+  # pooled to nearly one vector at init. open_clip: tokens 0.02, positions 0.01.
+  _, _, text = demo_init_params()
+  tok = np.asarray(text['token_embedding']).std()
+  pos = np.asarray(text['pos_embedding']).std()
+  assert abs(tok / 0.02 - 1) < 0.05, tok
+  assert abs(pos / 0.01 - 1) < 0.05, pos
+  assert pos < tok

@@ -203,7 +203,39 @@ class DemoScenes:
                 "scene_key": scene.key(), "index": operator.index(index)}
 
 
-_ATTRIBUTES = ("colour", "shape", "size", "position")
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position")
+_ATTRIBUTES = ATTRIBUTES
+
+
+def negative_attributes(text: str) -> tuple[str, ...]:
+    """Comma-separated attributes ('shape,colour') -> ('shape', 'colour'); unknown ones raise."""
+    attributes = tuple(a.strip() for a in text.split(",") if a.strip())
+    bad = [a for a in attributes if a not in ATTRIBUTES]
+    if bad:
+        raise ValueError(f"negatives={text!r} names {bad}: a demo source's negatives are "
+                         f"comma-separated attributes of {ATTRIBUTES}")
+    return attributes
+
+
+def hard_negatives(scene: Scene, attributes: tuple[str, ...], num: int, image_size: int,
+                   rng: np.random.Generator) -> tuple[list[np.ndarray], list[str]]:
+    """``num`` train scenes that differ from ``scene`` in one attribute of one object, rendered
+    and captioned: (images, captions). The j-th changes ``attributes[j % len(attributes)]``
+    (a random object, a random other value). Scenes of the validation split are never used; a
+    scene with no train mutation of that attribute (rare) gives fewer negatives."""
+    for a in attributes:
+        if a not in ATTRIBUTES:
+            raise ValueError(f"unknown attribute {a!r}; expected one of {ATTRIBUTES}")
+    images, caps = [], []
+    for j in range(num):
+        candidates = [m for m in _mutations(scene, attributes[j % len(attributes)])
+                      if m.split() == "train"]
+        if not candidates:
+            continue
+        other = candidates[int(rng.integers(len(candidates)))]
+        images.append(render(other, image_size, rng))
+        caps.append(captions(other, rng, num=1)[0])
+    return images, caps
 
 
 def _mutations(scene: Scene, attribute: str) -> list[Scene]:

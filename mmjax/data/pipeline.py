@@ -110,7 +110,8 @@ def link_duplicates(local: dict[str, np.ndarray], process_index: int,
 def make_sources(config) -> tuple[list[sources_lib.SourceSpec], list[Any]]:
   specs = sources_lib.specs_from_config(config.data)
   srcs = [sources_lib.make(s, num_demo_examples=config.data.num_train_examples,
-                           image_size=config.model.image.image_size, seed=config.seed)
+                           image_size=config.model.image.image_size, seed=config.seed,
+                           num_negatives=config.data.num_hard_negatives)
           for s in specs]
   return specs, srcs
 

@@ -42,7 +42,9 @@ class SourceSpec:
   captions_key: str = 'captions'
   group_key: str = ''
   keep: str = ''  # records: a `mmjax.data.filter` keep file (indices), '' = every example.
-  negatives: str = ''  # records: a `mmjax.data.mine_negatives` file of mined negatives.
+  # records: a `mmjax.data.mine_negatives` file of mined negatives; demo: comma-separated scene
+  # attributes ('shape', 'colour', 'size', 'position'): rendered one-attribute hard negatives.
+  negatives: str = ''
   weight: float = 1.0  # Mixture weight (relative).
 
   @classmethod
@@ -149,23 +151,35 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
 
 
 class DemoSource(grain.sources.RandomAccessDataSource):
-  """The procedural demo scenes in the common element layout."""
+  """The procedural demo scenes in the common element layout; with `negatives` (attributes),
+  each example carries `num_negatives` rendered scenes that differ from it in one of them."""
 
-  def __init__(self, num_examples: int, image_size: int, seed: int):
+  def __init__(self, num_examples: int, image_size: int, seed: int, negatives: str = '',
+               num_negatives: int = 0):
     self._scenes = demo.DemoScenes(split='train', num_examples=num_examples,
                                    image_size=image_size, seed=seed)
+    self.attributes = demo.negative_attributes(negatives)
+    self.num_negatives = num_negatives if self.attributes else 0
+    self.image_size, self.seed = image_size, seed
 
   def __len__(self) -> int:
     return len(self._scenes)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     ex = self._scenes[int(index)]
-    return _element(image=ex['image'], captions=ex['captions'])
+    if not self.num_negatives:
+      return _element(image=ex['image'], captions=ex['captions'])
+    rng = np.random.default_rng([0x6E6567, self.seed, int(index)])  # "neg": its own stream
+    images, texts = demo.hard_negatives(self._scenes.scene(int(index)), self.attributes,
+                                        self.num_negatives, self.image_size, rng)
+    return _element(image=ex['image'], captions=ex['captions'], neg_images=images,
+                    neg_texts=texts)
 
 
-def make(spec: SourceSpec, *, num_demo_examples: int, image_size: int, seed: int):
+def make(spec: SourceSpec, *, num_demo_examples: int, image_size: int, seed: int,
+         num_negatives: int = 0):
   if spec.name == 'demo':
-    return DemoSource(num_demo_examples, image_size, seed)
+    return DemoSource(num_demo_examples, image_size, seed, spec.negatives, num_negatives)
   if spec.name == 'records':
     if not spec.path:
       raise ValueError("A 'records' source needs path= (the `prepare --out` directory).")

@@ -12,6 +12,9 @@ import mmjax.models.layers as layers
 import mmjax.models.poolers as poolers
 
 
+PATCH_KERNEL_INIT = nn.initializers.lecun_normal()
+
+
 def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
   """Fixed 2-D sin-cos position embedding (MoCo v3 / big_vision layout), [1, h*w, width]."""
   if width % 4:
@@ -44,8 +47,12 @@ class ViT(nn.Module):
       raise ValueError(f'Image size {h}x{w} is not a multiple of patch_size={p}.')
     gh, gw = h // p, w // p
     # Patch embedding as one matmul over flattened patches; the kernel keeps the conv layout
-    # [p, p, C, width] so released conv weights load unchanged.
-    kernel = self.param('patch_kernel', layers.dense_init((None, None, None, 'embed')),
+    # [p, p, C, width] so released conv weights load unchanged. LeCun normal over the fan-in
+    # p*p*C (big_vision's ViT, flax's Conv default): std 1/sqrt(p*p*C). The Xavier default of
+    # the other layers would count the patch area in the fan-out too (std ~0.035 at p=4, C=3,
+    # width=96, 4x smaller), which starts every patch token near the position embedding alone.
+    kernel = self.param('patch_kernel', layers.dense_init((None, None, None, 'embed'),
+                                                          PATCH_KERNEL_INIT),
                         (p, p, c, cfg.width), self.param_dtype)
     patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, gh * gw, p * p * c).astype(self.dtype)
