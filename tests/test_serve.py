@@ -382,3 +382,67 @@ def test_cli_refuses_a_public_bind_without_an_api_key(env):
                       '--host=0.0.0.0'], capture_output=True, text=True, cwd=REPO, timeout=120,
                      env={**os.environ, 'PYTHONPATH': REPO, 'MMJAX_SERVE_API_KEY': ''})
   assert r.returncode == 1 and 'not a loopback address' in r.stderr, r.stderr
+
+
+def test_promoting_a_build_switches_while_serving_and_no_request_fails(env, tmp_path):
+  v1, v2, root = env['v1'], env['v2'], tmp_path / 'index'
+  backfill.backfill(v2, 'demo:60', tmp_path / 'store2', shard_size=32, progress=False)
+  index.build(env['root'] / 'store', root, name='b1', held_out=20)
+  index.build(tmp_path / 'store2', root, name='b2', held_out=20)
+  index.promote(root, 'b1', min_recall=0.5)
+  settings = dataclasses.replace(SETTINGS, watch_s=0.05)
+
+  async def body():
+    service = serve.Service(v1, index.Searcher(root), settings, index_root=root, watch='current')
+    seen, stop = [], asyncio.Event()
+    async with _client(service) as c:
+
+      async def client(i):
+        while not stop.is_set():
+          r = await c.post('/search', json={'text': f'a red star {i % 3}', 'k': 3})
+          seen.append((r.status_code, r.json().get('model_version'), r.json().get('index_build')))
+
+      async def wait_for(build):
+        for _ in range(2400):
+          if service.build == build:
+            return
+          await asyncio.sleep(0.05)
+        raise AssertionError(f'no switch to {build}')
+
+      clients = [asyncio.get_running_loop().create_task(client(i)) for i in range(4)]
+      await asyncio.sleep(0.3)
+      await asyncio.to_thread(index.promote, root, 'b2', min_recall=0.5)
+      await wait_for('b2')
+      n = len(seen)
+      while len(seen) < n + 20:
+        await asyncio.sleep(0.02)
+      await asyncio.to_thread(index.rollback, root)
+      await wait_for('b1')
+      n = len(seen)
+      while len(seen) < n + 20:
+        await asyncio.sleep(0.02)
+      stop.set()
+      await asyncio.gather(*clients)
+      metrics = (await c.get('/metrics')).text
+    return seen, metrics
+
+  seen, metrics = asyncio.run(body())
+  assert all(s == 200 for s, _, _ in seen), [x for x in seen if x[0] != 200][:5]
+  # Each answer names a consistent pair, and all three phases were served.
+  assert set((v, b) for _, v, b in seen) == {(v1.version, 'b1'), (v2.version, 'b2')}
+  phases = [b for i, (_, _, b) in enumerate(seen) if i == 0 or b != seen[i - 1][2]]
+  assert phases[0] == 'b1' and 'b2' in phases and seen[-1][2] == 'b1', phases
+  assert 'mmjax_switches_total 2.0' in metrics
+  assert f'mmjax_version{{index_build="b2",model_version="{v2.version}"}} 0.0' in metrics
+  assert f'mmjax_version{{index_build="b1",model_version="{v1.version}"}} 1.0' in metrics
+
+  # Started with an explicit --model, the service refuses to switch to another model version.
+  async def fixed():
+    service = serve.Service(v1, index.Searcher(root), SETTINGS, index_root=root,
+                            watch='current', fixed_model=True)
+    await asyncio.to_thread(index.promote, root, 'b2', min_recall=0.5)
+    with pytest.raises(store.VersionMismatchError, match='started with --model'):
+      await service.check_switch()
+    assert service.build == 'b1'
+
+  asyncio.run(fixed())

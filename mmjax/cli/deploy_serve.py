@@ -32,6 +32,9 @@ flags.DEFINE_integer('max_items', serve.Settings.max_items, 'Texts + images per 
 flags.DEFINE_integer('max_text_chars', serve.Settings.max_text_chars, 'Longest text accepted.')
 flags.DEFINE_integer('max_pixels', serve.Settings.max_pixels, 'Largest image accepted (pixels).')
 flags.DEFINE_integer('max_k', serve.Settings.max_k, 'Largest k of /search.')
+flags.DEFINE_float('watch_s', serve.Settings.watch_s,
+                   'Seconds between checks of --build (an alias) for a newly promoted build to '
+                   'switch to while serving; 0: never.')
 FLAGS = flags.FLAGS
 
 
@@ -46,7 +49,8 @@ def main() -> None:
         max_batch=FLAGS.max_batch, max_wait_ms=FLAGS.max_wait_ms, buckets=buckets,
         cache_size=FLAGS.cache_size, max_request_bytes=FLAGS.max_request_bytes,
         max_items=FLAGS.max_items, max_text_chars=FLAGS.max_text_chars,
-        max_pixels=FLAGS.max_pixels, max_k=FLAGS.max_k, api_key=api_key)
+        max_pixels=FLAGS.max_pixels, max_k=FLAGS.max_k, api_key=api_key,
+        watch_s=FLAGS.watch_s)
     service = serve.load_service(FLAGS.index, build=FLAGS.build, model=FLAGS.model,
                                  settings=settings)
   except (ValueError, OSError) as e:  # A bad flag, a missing build, a cross-version model.

@@ -15,6 +15,12 @@ service compiles each bucket once at start-up and never while serving. Query emb
 in an LRU cache keyed by model version + modality + normalised input (whitespace-collapsed text,
 the SHA-256 of the preprocessed image pixels): a cache never outlives its model version.
 
+Served on an alias (`--build=current`, the default), the service picks up a newly promoted build
+without a restart: every `watch_s` seconds it reads the alias; a new build (and its serving
+export, when of another model version) is loaded and compiled beside the serving one, then
+swapped in with one assignment, so no request fails and a request in flight finishes on the
+model and index it started with.
+
 Bad input is a 4xx with a message naming the field: unknown fields, empty or over-long texts,
 undecodable images, decompression bombs, too many items, a k out of range (422); a body over
 `max_request_bytes` (413); a query vector of another model version than the index (409). Binding a
@@ -35,6 +41,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import pathlib
 import time
 from typing import Any, Callable, Sequence
@@ -64,6 +71,7 @@ class Settings:
   max_pixels: int = 25_000_000  # A larger image is refused unread (a decompression bomb).
   max_k: int = 1_000
   api_key: str | None = None
+  watch_s: float = 2.0  # How often the served alias is checked for a new build; 0 = never.
 
   def bucket_sizes(self, shards: int = 1) -> tuple[int, ...]:
     if self.max_batch < 1:
@@ -270,62 +278,170 @@ class Metrics:
         'mmjax_version', 'The served model version and index build (value 1).',
         ['model_version', 'index_build'], registry=r)
     self.ready = prometheus_client.Gauge('mmjax_ready', '1 once compiled and loaded.', registry=r)
+    self.switches = prometheus_client.Counter('mmjax_switches', 'Hot switches to a new build.',
+                                              registry=r)
+    self.switch_failures = prometheus_client.Counter(
+        'mmjax_switch_failures', 'Promoted builds that could not be switched to.', registry=r)
 
 
-class Service:
-  """The model, the index, the batcher and the cache behind the HTTP app."""
+@dataclasses.dataclass(frozen=True)
+class Served:
+  """What one request is answered with, start to end: a model and the index build of its
+  version. A hot switch replaces the service's `Served` in one assignment; a request in flight
+  keeps the one it started with."""
+  model: serving.ServingModel
+  searcher: index_lib.Searcher | None
 
-  def __init__(self, model: serving.ServingModel, searcher: index_lib.Searcher | None,
-               settings: Settings = Settings()):
-    if searcher is not None:
-      store_lib.check_same_version('The serving model', model.version,
-                                   f'the index build {searcher.path.name}', searcher.version)
-    self.model, self.searcher, self.settings = model, searcher, settings
-    self.metrics = Metrics()
-    self.cache = LRUCache(settings.cache_size)
-    self.buckets = settings.bucket_sizes(len(model.devices))
-    spec = model.spec
-    self.view = images_lib.View(spec['image_size'], spec['resize'], tuple(spec['background']))
-    self.batcher = Batcher(self._embed_batch, self.buckets, settings.max_wait_ms / 1000,
-                           self._on_batch)
-    self.ready = False
-    self._search_lock: asyncio.Lock | None = None
+  def __post_init__(self):
+    if self.searcher is not None:
+      store_lib.check_same_version('The serving model', self.model.version,
+                                   f'the index build {self.searcher.path.name}',
+                                   self.searcher.version)
 
   @property
   def build(self) -> str:
     return self.searcher.path.name if self.searcher is not None else ''
 
+  @property
+  def view(self) -> images_lib.View:
+    spec = self.model.spec
+    return images_lib.View(spec['image_size'], spec['resize'], tuple(spec['background']))
+
+
+class Service:
+  """The model, the index, the batcher and the cache behind the HTTP app.
+
+  Given `index_root` and an alias (`current`, `previous`) as `watch`, the service checks the
+  alias every `settings.watch_s` seconds and switches to the build it points at: the new build
+  (and, for another model version, its serving export) is loaded and compiled beside the one
+  serving, then swapped in (`check_switch`). `fixed_model`: the model was given explicitly, so a
+  build of another version is not switched to (counted in mmjax_switch_failures)."""
+
+  def __init__(self, model: serving.ServingModel, searcher: index_lib.Searcher | None,
+               settings: Settings = Settings(), *, index_root: str | pathlib.Path | None = None,
+               watch: str | None = None, fixed_model: bool = False):
+    self.state = Served(model, searcher)
+    self.settings = settings
+    self.index_root, self.watch, self.fixed_model = index_root, watch, fixed_model
+    self.metrics = Metrics()
+    self.cache = LRUCache(settings.cache_size)
+    self.buckets = settings.bucket_sizes(len(model.devices))
+    self.batcher = Batcher(self._embed_batch, self.buckets, settings.max_wait_ms / 1000,
+                           self._on_batch)
+    self.ready = False
+    self._search_lock: asyncio.Lock | None = None
+    self._watcher: asyncio.Task | None = None
+
+  @property
+  def model(self) -> serving.ServingModel:
+    return self.state.model
+
+  @property
+  def searcher(self) -> index_lib.Searcher | None:
+    return self.state.searcher
+
+  @property
+  def build(self) -> str:
+    return self.state.build
+
+  @property
+  def view(self) -> images_lib.View:
+    return self.state.view
+
   def _embed_batch(self, modality: str, items: list, batch_size: int) -> np.ndarray:
-    inputs = np.stack(items) if modality == 'image' else items
-    return self.model.embed(modality, inputs, batch_size=batch_size)
+    """items: (model, input) pairs; one model call per model (two only across a switch)."""
+    out: list[np.ndarray | None] = [None] * len(items)
+    groups: dict[int, list[int]] = {}
+    for i, (model, _) in enumerate(items):
+      groups.setdefault(id(model), []).append(i)
+    for rows in groups.values():
+      model = items[rows[0]][0]
+      xs = [items[i][1] for i in rows]
+      inputs = np.stack(xs) if modality == 'image' else xs
+      size = batch_size if len(groups) == 1 else self.batcher.bucket(len(rows))
+      for i, v in zip(rows, model.embed(modality, inputs, batch_size=size)):
+        out[i] = v
+    return np.stack(out)
 
   def _on_batch(self, modality: str, n: int, padded: int) -> None:
     self.metrics.batch.labels(modality).observe(n)
     self.metrics.padded.labels(modality).inc(padded - n)
 
-  def warm_up(self) -> None:
+  def warm_up(self, state: Served | None = None) -> None:
     """Compiles every bucket size of both modalities (and one search) before /readyz says so."""
-    size = self.model.spec['image_size']
+    model, searcher = (state or self.state).model, (state or self.state).searcher
+    size = model.spec['image_size']
     for b in self.buckets:
-      self.model.embed_images(np.zeros((b, size, size, 3), np.uint8), batch_size=b)
-      self.model.embed_texts(['warm up'] * b, batch_size=b)
-    if self.searcher is not None:
-      self.searcher.search(np.zeros((1, self.model.embed_dim), np.float32), 1,
-                           query_version=self.model.version)
+      model.embed_images(np.zeros((b, size, size, 3), np.uint8), batch_size=b)
+      model.embed_texts(['warm up'] * b, batch_size=b)
+    if searcher is not None:
+      searcher.search(np.zeros((1, model.embed_dim), np.float32), 1, query_version=model.version)
+
+  def _show(self, state: Served, value: float) -> None:
+    self.metrics.version.labels(state.model.version, state.build).set(value)
+    if value:
+      self.metrics.index_size.set(len(state.searcher.ids) if state.searcher is not None else 0)
 
   async def start(self) -> None:
     self._search_lock = asyncio.Lock()
     await asyncio.to_thread(self.warm_up)
     self.batcher.start(serving.MODALITIES)
-    self.metrics.index_size.set(len(self.searcher.ids) if self.searcher is not None else 0)
-    self.metrics.version.labels(self.model.version, self.build).set(1)
+    self._show(self.state, 1)
+    if self.index_root is not None and self.watch in index_lib.ALIASES and self.settings.watch_s:
+      self._watcher = asyncio.get_running_loop().create_task(self._watch())
     self.ready = True
     self.metrics.ready.set(1)
 
   async def stop(self) -> None:
     self.ready = False
     self.metrics.ready.set(0)
+    if self._watcher is not None:
+      self._watcher.cancel()
+      await asyncio.gather(self._watcher, return_exceptions=True)
+      self._watcher = None
     await self.batcher.stop()
+
+  def _load(self, name: str) -> Served:
+    searcher = index_lib.Searcher(self.index_root, name)
+    model = self.model
+    if searcher.version != model.version:
+      if self.fixed_model:
+        raise store_lib.VersionMismatchError(
+            f'The promoted build {name} is of model version {searcher.version!r} but the service '
+            f'was started with --model of {model.version!r}: not switched. Restart without '
+            '--model (the build\'s own serving export is then loaded).')
+      model = serving.load(searcher.info['model']['path'], batch_size=max(self.buckets),
+                           devices=model.devices)
+    state = Served(model, searcher)
+    self.warm_up(state)
+    return state
+
+  async def check_switch(self) -> bool:
+    """Switches to the build the watched alias points at, if it moved; True if switched."""
+    name = index_lib.alias(self.index_root, self.watch)
+    if name is None or name == self.build:
+      return False
+    new = await asyncio.to_thread(self._load, name)
+    old, self.state = self.state, new  # Requests that started on `old` finish on it.
+    self._show(old, 0)
+    self._show(new, 1)
+    self.metrics.switches.inc()
+    logging.info('Switched from %s (%s) to %s (%s).', old.build, old.model.version, new.build,
+                 new.model.version)
+    return True
+
+  async def _watch(self) -> None:
+    failed: str | None = None
+    while True:
+      await asyncio.sleep(self.settings.watch_s)
+      try:
+        await self.check_switch()
+        failed = None
+      except Exception as e:  # pylint: disable=broad-except  # Keep serving the old build.
+        if str(e) != failed:  # Count and log each new failure once, not every poll.
+          failed = str(e)
+          self.metrics.switch_failures.inc()
+          logging.error('Hot switch failed, still serving %s: %s', self.build, e)
 
   # Input preparation (raises BadRequest naming the field).
   def prepare_text(self, text: Any, field: str) -> str:
@@ -335,7 +451,7 @@ class Service:
       raise BadRequest(f'{field}: {e}.') from e
     return ' '.join(text.split())
 
-  def prepare_image(self, data: str, field: str) -> np.ndarray:
+  def prepare_image(self, data: str, field: str, state: Served | None = None) -> np.ndarray:
     try:
       raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -343,30 +459,34 @@ class Service:
     if not raw:
       raise BadRequest(f'{field}: empty image.')
     try:
-      return backfill.prepare_image(raw, self.view, self.settings.max_pixels)
+      return backfill.prepare_image(raw, (state or self.state).view, self.settings.max_pixels)
     except backfill.BadInput as e:
       raise BadRequest(f'{field}: {e}.') from e
     except Exception as e:  # pylint: disable=broad-except  # Pillow raises many kinds.
       raise BadRequest(f'{field}: not a decodable image ({type(e).__name__}: {e}).') from e
 
-  async def embed_one(self, modality: str, item) -> tuple[np.ndarray, bool]:
+  async def embed_one(self, modality: str, item,
+                      state: Served | None = None) -> tuple[np.ndarray, bool]:
+    state = state or self.state
     digest = item if modality == 'text' else hashlib.sha256(item.tobytes()).hexdigest()
-    key = (self.model.version, modality, digest)
+    key = (state.model.version, modality, digest)
     vector = self.cache.get(key)
     hit = vector is not None
     if hit:
       self.metrics.cache_hits.inc()
     else:
       self.metrics.cache_misses.inc()
-      vector = await self.batcher.submit(modality, item)
+      vector = await self.batcher.submit(modality, (state.model, item))
       self.cache.put(key, vector)
     self.metrics.cache_ratio.set(self.cache.hit_ratio)
     return vector, hit
 
-  async def _embed_items(self, modality: str, items: list) -> list[np.ndarray]:
-    return [v for v, _ in await asyncio.gather(*(self.embed_one(modality, x) for x in items))]
+  async def _embed_items(self, modality: str, items: list, state: Served) -> list[np.ndarray]:
+    return [v for v, _ in await asyncio.gather(*(self.embed_one(modality, x, state)
+                                                 for x in items))]
 
   async def embed(self, req: EmbedRequest) -> EmbedResponse:
+    state = self.state
     n = len(req.texts) + len(req.images)
     if n == 0:
       raise BadRequest('Give at least one of texts, images.')
@@ -375,15 +495,18 @@ class Service:
                        413)
     texts = [self.prepare_text(t, f'texts[{i}]') for i, t in enumerate(req.texts)]
     images = await asyncio.to_thread(
-        lambda: [self.prepare_image(x, f'images[{i}]') for i, x in enumerate(req.images)])
-    tv, iv = await asyncio.gather(self._embed_items('text', texts),
-                                  self._embed_items('image', images))
-    return EmbedResponse(model_version=self.model.version,
+        lambda: [self.prepare_image(x, f'images[{i}]', state) for i, x in enumerate(req.images)]
+    ) if req.images else []
+    tv, iv = await asyncio.gather(self._embed_items('text', texts, state),
+                                  self._embed_items('image', images, state))
+    return EmbedResponse(model_version=state.model.version,
                          text_vectors=[v.tolist() for v in tv],
                          image_vectors=[v.tolist() for v in iv])
 
   async def search(self, req: SearchRequest) -> SearchResponse:
-    if self.searcher is None:
+    state = self.state
+    model, searcher = state.model, state.searcher
+    if searcher is None:
       raise BadRequest('This service has no index (started without --index): /search is off.',
                        404)
     given = [f for f in ('text', 'image', 'vector') if getattr(req, f) is not None]
@@ -396,26 +519,26 @@ class Service:
       if req.model_version is None:
         raise BadRequest('vector needs its model_version.')
       vector = np.asarray(req.vector, np.float32)
-      if vector.shape != (self.model.embed_dim,) or not np.isfinite(vector).all():
-        raise BadRequest(f'vector: expected {self.model.embed_dim} finite floats, got '
+      if vector.shape != (model.embed_dim,) or not np.isfinite(vector).all():
+        raise BadRequest(f'vector: expected {model.embed_dim} finite floats, got '
                          f'{len(req.vector)}.')
     else:
       if req.text is not None:
-        vector, hit = await self.embed_one('text', self.prepare_text(req.text, 'text'))
+        vector, hit = await self.embed_one('text', self.prepare_text(req.text, 'text'), state)
       else:
-        pixels = await asyncio.to_thread(self.prepare_image, req.image, 'image')
-        vector, hit = await self.embed_one('image', pixels)
-    version = req.model_version or self.model.version
+        pixels = await asyncio.to_thread(self.prepare_image, req.image, 'image', state)
+        vector, hit = await self.embed_one('image', pixels, state)
+    version = req.model_version or model.version
     try:
-      store_lib.check_same_version('The query', version, f'the index build {self.build}',
-                                   self.searcher.version)
+      store_lib.check_same_version('The query', version, f'the index build {state.build}',
+                                   searcher.version)
     except store_lib.VersionMismatchError as e:
       raise BadRequest(str(e), 409) from e
     async with self._search_lock:
-      scores, ids = await asyncio.to_thread(self.searcher.search, vector[None], req.k,
+      scores, ids = await asyncio.to_thread(searcher.search, vector[None], req.k,
                                             query_version=version)
     return SearchResponse(ids=[str(i) for i in ids[0]], scores=[float(s) for s in scores[0]],
-                          model_version=self.model.version, index_build=self.build,
+                          model_version=model.version, index_build=state.build,
                           cached=hit)
 
 
@@ -541,6 +664,7 @@ def load_service(index: str | None, *, build: str = 'current', model: str | None
                  settings: Settings = Settings()) -> Service:
   """The service of an index build and a serving export (default: the build's own model)."""
   searcher = index_lib.Searcher(index, build) if index else None
+  fixed_model = model is not None
   if model is None:
     if searcher is None:
       raise ValueError('Give --model (a serving export), --index (an index root) or both.')
@@ -548,7 +672,7 @@ def load_service(index: str | None, *, build: str = 'current', model: str | None
   if not pathlib.Path(model).is_dir():
     raise FileNotFoundError(f'--model={model}: no such serving export directory.')
   return Service(serving.load(model, batch_size=max(settings.bucket_sizes())), searcher,
-                 settings)
+                 settings, index_root=index, watch=build, fixed_model=fixed_model)
 
 
 def describe(service: Service) -> str:
