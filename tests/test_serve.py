@@ -283,6 +283,61 @@ def test_a_model_of_another_version_than_the_index_is_refused(env):
   assert serve.Settings(max_batch=6).bucket_sizes(shards=4) == (4, 8)
 
 
+def test_upserted_items_are_found_and_deleted_ones_are_not(env):
+  async def body():
+    service = _service(env)
+    out = {}
+    async with _client(service) as c:
+      q = {'text': 'a purple hexagon on grass', 'k': 5}
+      out['put'] = await c.post('/items', json={'id': 'new-1', 'text': q['text']})
+      out['found'] = (await c.post('/search', json=q)).json()
+      out['del'] = await c.delete('/items/new-1')
+      out['gone'] = (await c.post('/search', json=q)).json()
+      out['again'] = await c.delete('/items/new-1')
+      image = {'image': _b64(env['images'][1]), 'k': 5}
+      out['img_before'] = (await c.post('/search', json=image)).json()
+      out['del_indexed'] = await c.delete(f'/items/{env["image_ids"][1]}')
+      out['img_after'] = (await c.post('/search', json=image)).json()
+      out['bad'] = [await c.post('/items', json=b) for b in (
+          {'id': 'x', 'text': 'a', 'extra': 1}, {'id': '', 'text': 'a'}, {'id': 'x'},
+          {'id': 'x', 'text': 'a', 'image': _b64(env['images'][0])}, {'id': 'x', 'text': ' '})]
+      out['metrics'] = (await c.get('/metrics')).text
+    return out
+
+  out = asyncio.run(body())
+  assert out['put'].status_code == 200 and out['put'].json()['index_build'] == 'b1'
+  assert out['found']['ids'][0] == 'new-1' and out['found']['scores'][0] == pytest.approx(1, 1e-4)
+  assert out['del'].json()['deleted'] and 'new-1' not in out['gone']['ids']
+  assert len(out['gone']['ids']) == 5 and out['again'].status_code == 404
+  assert out['img_before']['ids'][0] == env['image_ids'][1]
+  assert out['del_indexed'].status_code == 200 and env['image_ids'][1] not in out['img_after']['ids']
+  assert [r.status_code for r in out['bad']] == [422] * 5, [r.text for r in out['bad']]
+  assert 'mmjax_requests_total{endpoint="/items",status="200"} 3.0' in out['metrics']
+
+
+def test_write_ahead_log_replays_and_drops_only_a_torn_tail(tmp_path):
+  path = tmp_path / 'wal' / 'v.jsonl'
+  delta = serve.Delta(path, 'v', 2)
+  delta.upsert('a', np.array([1, 0]))
+  delta.upsert('b', np.array([0, 1]))
+  delta.delete('a')
+  delta.close()
+  with open(path, 'a', encoding='utf-8') as f:
+    f.write('{"op": "upsert", "id": "c", "vers')  # Killed mid-write.
+  again = serve.Delta(path, 'v', 2)
+  assert set(again.vectors) == {'b'} and again.deleted == {'a'}
+  assert again.search(np.array([0, 1]), 3) == [(1.0, 'b')]
+  again.close()
+  lines = path.read_text().splitlines()
+  path.write_text('\n'.join(lines[:1] + ['garbage'] + lines[1:]) + '\n')
+  with pytest.raises(ValueError, match='line 2: not JSON'):
+    serve.Delta(path, 'v', 2)
+  other = tmp_path / 'wal' / 'w.jsonl'
+  other.write_text(lines[0] + '\n')  # A line of version 'v' in the log of version 'w'.
+  with pytest.raises(store.VersionMismatchError, match="line 1 is of model version 'v'"):
+    serve.Delta(other, 'w', 2)
+
+
 # --- A real server on loopback -------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -317,6 +372,19 @@ def _fuzz(rng: random.Random, good_png: bytes):
       rng.choice([[], 'text', 1, {'texts': 'abc'}, {'text': ['a']}])).encode()
 
 
+def _wait_ready(c, proc, log_path, timeout=240) -> None:
+  deadline = time.monotonic() + timeout
+  while True:
+    assert proc.poll() is None, log_path.read_text()
+    assert time.monotonic() < deadline, f'not ready in {timeout} s'
+    try:
+      if c.get('/readyz').status_code == 200:
+        return
+    except httpx.TransportError:
+      pass
+    time.sleep(0.3)
+
+
 def test_real_server_on_loopback_serves_refuses_and_survives_fuzzing(env, tmp_path):
   port = _free_port()
   log = open(tmp_path / 'server.log', 'w')  # pylint: disable=consider-using-with
@@ -328,16 +396,7 @@ def test_real_server_on_loopback_serves_refuses_and_survives_fuzzing(env, tmp_pa
   base = f'http://127.0.0.1:{port}'
   try:
     with httpx.Client(base_url=base, timeout=30) as c:
-      deadline = time.monotonic() + 240
-      while True:
-        assert proc.poll() is None, (tmp_path / 'server.log').read_text()
-        assert time.monotonic() < deadline, 'not ready in 240 s'
-        try:
-          if c.get('/readyz').status_code == 200:
-            break
-        except httpx.TransportError:
-          pass
-        time.sleep(0.3)
+      _wait_ready(c, proc, tmp_path / 'server.log')
       model = env['v1']
       r = c.post('/embed', json={'texts': ['a red star']})
       assert r.status_code == 200 and r.json()['model_version'] == model.version
@@ -366,6 +425,20 @@ def test_real_server_on_loopback_serves_refuses_and_survives_fuzzing(env, tmp_pa
       assert r.status_code == 200 and len(r.json()['ids']) == 4
       metrics = c.get('/metrics').text
       assert 'mmjax_requests_total{endpoint="/search",status="422"}' in metrics
+      # Live updates, then kill -9: every acknowledged update survives the restart.
+      q = {'text': 'a purple hexagon on grass', 'k': 5}
+      assert c.post('/items', json={'id': 'keep-1', 'text': q['text']}).status_code == 200
+      assert c.post('/items', json={'id': 'drop-1', 'text': q['text'] + ' too'}).status_code == 200
+      assert c.delete('/items/drop-1').status_code == 200
+      assert c.post('/search', json=q).json()['ids'][0] == 'keep-1'
+    proc.kill()
+    proc.wait()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,  # pylint: disable=consider-using-with
+                            env={**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'})
+    with httpx.Client(base_url=base, timeout=30) as c:
+      _wait_ready(c, proc, tmp_path / 'server.log')
+      ids = c.post('/search', json=q).json()['ids']
+      assert ids[0] == 'keep-1' and 'drop-1' not in ids, ids
   finally:
     proc.terminate()
     try:

@@ -6,6 +6,8 @@
   POST /embed   {"texts": [str], "images": [base64]} -> vectors, model_version
   POST /search  {"text": str} | {"image": base64} | {"vector": [float], "model_version": str},
                 "k": int -> ids, scores, model_version, index build
+  POST /items   {"id": str, "text": str | "image": base64} (upsert; searchable on return)
+  DELETE /items/{id}
   GET  /healthz (alive), /readyz (200 once every batch size is compiled and the index loaded),
        /metrics (Prometheus text)
 
@@ -14,6 +16,10 @@ for at most `max_wait_ms` into a batch padded to the smallest bucket size that h
 service compiles each bucket once at start-up and never while serving. Query embeddings are kept
 in an LRU cache keyed by model version + modality + normalised input (whitespace-collapsed text,
 the SHA-256 of the preprocessed image pixels): a cache never outlives its model version.
+
+Upserts and deletes go to a write-ahead log (INDEX_ROOT/wal/MODEL_VERSION.jsonl, fsync'ed before
+the answer) and to an exact-search `Delta` merged into every search; the log is replayed at
+start-up, so a killed server keeps every acknowledged update.
 
 Served on an alias (`--build=current`, the default), the service picks up a newly promoted build
 without a restart: every `watch_s` seconds it reads the alias; a new build (and its serving
@@ -37,11 +43,13 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import ipaddress
 import json
 import logging
+import os
 import pathlib
 import time
 from typing import Any, Callable, Sequence
@@ -121,6 +129,13 @@ class SearchRequest(BaseModel):
   model_version: str | None = Field(
       None, description='The model version of the query; refused (409) unless the index\'s.')
   k: int = Field(10, description='Neighbours returned.')
+
+
+class ItemRequest(BaseModel):
+  model_config = ConfigDict(extra='forbid')
+  id: str = Field(..., min_length=1, max_length=256, description='The item id (upsert: replace).')
+  text: str | None = Field(None, description='The item as a text.')
+  image: str | None = Field(None, description='The item as an image: an encoded file, base64.')
 
 
 class SearchResponse(BaseModel):
@@ -278,10 +293,91 @@ class Metrics:
         'mmjax_version', 'The served model version and index build (value 1).',
         ['model_version', 'index_build'], registry=r)
     self.ready = prometheus_client.Gauge('mmjax_ready', '1 once compiled and loaded.', registry=r)
+    self.delta_size = prometheus_client.Gauge(
+        'mmjax_delta_size', 'Upserted items searched beside the index.', registry=r)
     self.switches = prometheus_client.Counter('mmjax_switches', 'Hot switches to a new build.',
                                               registry=r)
     self.switch_failures = prometheus_client.Counter(
         'mmjax_switch_failures', 'Promoted builds that could not be switched to.', registry=r)
+
+
+class Delta:
+  """Live updates beside an index build: upserted vectors searched exactly, deleted ids hidden.
+
+  Every update is appended to a write-ahead log (one JSON line, flushed and fsync'ed before the
+  request is acknowledged) at WAL_DIR/MODEL_VERSION.jsonl and replayed at start-up, so a killed
+  server restarts with every acknowledged update. A torn last line (a kill mid-write, never
+  acknowledged) is dropped; a damaged line elsewhere is an error naming the file and line."""
+
+  def __init__(self, path: pathlib.Path | None, version: str, dim: int):
+    self.path, self.version, self.dim = path, version, dim
+    self.vectors: dict[str, np.ndarray] = {}
+    self.deleted: set[str] = set()
+    self._file = None
+    if path is not None:
+      self._replay()
+      path.parent.mkdir(parents=True, exist_ok=True)
+      self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def _replay(self) -> None:
+    if not self.path.is_file():
+      return
+    lines = self.path.read_text(encoding='utf-8').split('\n')
+    for n, line in enumerate(lines, start=1):
+      if not line.strip():
+        continue
+      try:
+        entry = json.loads(line)
+      except json.JSONDecodeError as e:
+        if n == len(lines):  # The torn tail of a killed write: never acknowledged.
+          logging.warning('%s: dropping a torn last line.', self.path)
+          break
+        raise ValueError(f'{self.path} line {n}: not JSON ({e}): the log is damaged.') from e
+      if entry.get('version') != self.version:
+        raise store_lib.VersionMismatchError(
+            f'{self.path} line {n} is of model version {entry.get("version")!r}, the index of '
+            f'{self.version!r}.')
+      self._apply(entry)
+
+  def _apply(self, entry: dict[str, Any]) -> None:
+    if entry['op'] == 'upsert':
+      self.vectors[entry['id']] = np.asarray(entry['vector'], np.float32)
+      self.deleted.discard(entry['id'])
+    else:
+      self.vectors.pop(entry['id'], None)
+      self.deleted.add(entry['id'])
+
+  def _log(self, entry: dict[str, Any]) -> None:
+    if self._file is not None:
+      self._file.write(json.dumps(entry) + '\n')
+      self._file.flush()
+      os.fsync(self._file.fileno())
+    self._apply(entry)
+
+  def upsert(self, item_id: str, vector: np.ndarray) -> None:
+    self._log({'op': 'upsert', 'id': item_id, 'version': self.version,
+               'vector': [float(x) for x in np.asarray(vector, np.float32)]})
+
+  def delete(self, item_id: str) -> None:
+    self._log({'op': 'delete', 'id': item_id, 'version': self.version})
+
+  @property
+  def hidden(self) -> set[str]:
+    """Index ids not to return: deleted, or replaced by an upsert."""
+    return self.deleted | set(self.vectors)
+
+  def search(self, query: np.ndarray, k: int) -> list[tuple[float, str]]:
+    if not self.vectors:
+      return []
+    ids = list(self.vectors)
+    scores = np.stack([self.vectors[i] for i in ids]) @ np.asarray(query, np.float32)
+    top = np.argsort(-scores, kind='stable')[:k]
+    return [(float(scores[j]), ids[j]) for j in top]
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +387,7 @@ class Served:
   keeps the one it started with."""
   model: serving.ServingModel
   searcher: index_lib.Searcher | None
+  delta: Delta | None = None
 
   def __post_init__(self):
     if self.searcher is not None:
@@ -301,6 +398,10 @@ class Served:
   @property
   def build(self) -> str:
     return self.searcher.path.name if self.searcher is not None else ''
+
+  @functools.cached_property
+  def index_ids(self) -> set[str]:
+    return set(map(str, self.searcher.ids)) if self.searcher is not None else set()
 
   @property
   def view(self) -> images_lib.View:
@@ -320,7 +421,8 @@ class Service:
   def __init__(self, model: serving.ServingModel, searcher: index_lib.Searcher | None,
                settings: Settings = Settings(), *, index_root: str | pathlib.Path | None = None,
                watch: str | None = None, fixed_model: bool = False):
-    self.state = Served(model, searcher)
+    self.wal_dir = pathlib.Path(index_root) / 'wal' if index_root is not None else None
+    self.state = Served(model, searcher, self._delta(model, searcher))
     self.settings = settings
     self.index_root, self.watch, self.fixed_model = index_root, watch, fixed_model
     self.metrics = Metrics()
@@ -331,6 +433,12 @@ class Service:
     self.ready = False
     self._search_lock: asyncio.Lock | None = None
     self._watcher: asyncio.Task | None = None
+
+  def _delta(self, model: serving.ServingModel, searcher) -> Delta | None:
+    if searcher is None:
+      return None
+    path = self.wal_dir / f'{model.version}.jsonl' if self.wal_dir is not None else None
+    return Delta(path, model.version, model.embed_dim)
 
   @property
   def model(self) -> serving.ServingModel:
@@ -400,6 +508,8 @@ class Service:
       await asyncio.gather(self._watcher, return_exceptions=True)
       self._watcher = None
     await self.batcher.stop()
+    if self.state.delta is not None:
+      self.state.delta.close()
 
   def _load(self, name: str) -> Served:
     searcher = index_lib.Searcher(self.index_root, name)
@@ -412,7 +522,7 @@ class Service:
             '--model (the build\'s own serving export is then loaded).')
       model = serving.load(searcher.info['model']['path'], batch_size=max(self.buckets),
                            devices=model.devices)
-    state = Served(model, searcher)
+    state = Served(model, searcher, self._delta(model, searcher))
     self.warm_up(state)
     return state
 
@@ -535,11 +645,53 @@ class Service:
     except store_lib.VersionMismatchError as e:
       raise BadRequest(str(e), 409) from e
     async with self._search_lock:
-      scores, ids = await asyncio.to_thread(searcher.search, vector[None], req.k,
-                                            query_version=version)
-    return SearchResponse(ids=[str(i) for i in ids[0]], scores=[float(s) for s in scores[0]],
+      hits = await asyncio.to_thread(self._search, state, vector, req.k, version)
+    return SearchResponse(ids=[i for _, i in hits], scores=[s for s, _ in hits],
                           model_version=model.version, index_build=state.build,
                           cached=hit)
+
+  @staticmethod
+  def _search(state: Served, vector: np.ndarray, k: int, version: str) -> list[tuple[float, str]]:
+    """The index's top k merged with the delta's (exact), deleted and replaced ids left out."""
+    delta, searcher = state.delta, state.searcher
+    hidden = delta.hidden if delta is not None else set()
+    scores, ids = searcher.search(vector[None], k + len(hidden), query_version=version)
+    hits = [(float(s), str(i)) for s, i in zip(scores[0], ids[0]) if str(i) not in hidden]
+    if delta is not None:
+      hits += delta.search(vector, k)
+    return sorted(hits, key=lambda h: -h[0])[:k]
+
+  async def upsert(self, req: 'ItemRequest') -> dict[str, Any]:
+    state = self.state
+    if state.delta is None:
+      raise BadRequest('This service has no index (started without --index): /items is off.',
+                       404)
+    if (req.text is None) == (req.image is None):
+      raise BadRequest('Give exactly one of text, image.')
+    if req.text is not None:
+      vector, _ = await self.embed_one('text', self.prepare_text(req.text, 'text'), state)
+    else:
+      pixels = await asyncio.to_thread(self.prepare_image, req.image, 'image', state)
+      vector, _ = await self.embed_one('image', pixels, state)
+    async with self._search_lock:
+      await asyncio.to_thread(state.delta.upsert, req.id, vector)
+    self.metrics.delta_size.set(len(state.delta.vectors))
+    return {'id': req.id, 'model_version': state.model.version, 'index_build': state.build}
+
+  async def delete(self, item_id: str) -> dict[str, Any]:
+    state = self.state
+    if state.delta is None:
+      raise BadRequest('This service has no index (started without --index): /items is off.',
+                       404)
+    known = item_id in state.delta.vectors or (
+        item_id not in state.delta.deleted and item_id in state.index_ids)
+    if not known:
+      raise BadRequest(f'No item {item_id!r} in the index build {state.build} or its updates.',
+                       404)
+    async with self._search_lock:
+      await asyncio.to_thread(state.delta.delete, item_id)
+    self.metrics.delta_size.set(len(state.delta.vectors))
+    return {'id': item_id, 'deleted': True, 'index_build': state.build}
 
 
 class BodyLimit:
@@ -614,7 +766,8 @@ def create_app(service: Service, *, lifespan: bool = True) -> Any:
         metrics.requests.labels(path, '401').inc()
         return response
     response = await call_next(request)
-    endpoint = path if path in ('/embed', '/search', '/metrics') + OPEN_PATHS else 'other'
+    endpoint = (path if path in ('/embed', '/search', '/metrics') + OPEN_PATHS else
+                '/items' if path.startswith('/items') else 'other')
     metrics.requests.labels(endpoint, str(response.status_code)).inc()
     metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
     return response
@@ -648,6 +801,18 @@ def create_app(service: Service, *, lifespan: bool = True) -> Any:
     if not service.ready:
       return not_ready()
     return await service.embed(req)
+
+  @api.post('/items')
+  async def upsert(req: ItemRequest):
+    if not service.ready:
+      return not_ready()
+    return await service.upsert(req)
+
+  @api.delete('/items/{item_id}')
+  async def delete(item_id: str):
+    if not service.ready:
+      return not_ready()
+    return await service.delete(item_id)
 
   @api.post('/search', response_model=SearchResponse)
   async def search(req: SearchRequest):
