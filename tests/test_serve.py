@@ -238,9 +238,12 @@ def test_bad_input_is_a_4xx_with_a_message_and_the_service_keeps_serving(env):
       got = [(await _send(c, path, payload)) for _, path, payload, _, _ in cases]
       after = await c.post('/search', json={'text': 'a red star', 'k': 2})
       health = await c.get('/healthz')
-    return got, after, health
+      schema = (await c.get('/openapi.json')).json()
+    return got, after, health, schema
 
-  got, after, health = asyncio.run(body())
+  got, after, health, schema = asyncio.run(body())
+  assert {'/embed', '/search', '/items', '/items/{item_id}'} <= set(schema['paths'])
+  assert schema['components']['schemas']['SearchRequest']['additionalProperties'] is False
   for (what, _, _, status, fragment), r in zip(cases, got):
     assert r.status_code == status, (what, r.status_code, r.text)
     assert fragment in json.dumps(r.json()['detail']), (what, r.text)
