@@ -21,15 +21,13 @@ import textwrap
 import time
 import zlib
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import mmjax
-from mmjax import embedder as embedder_lib, kinds
-from mmjax.data import demo, tokenizer as tokenizer_lib
+from mmjax.data import demo
 from mmjax.deploy import backfill, drift, export, index, serving, store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -41,30 +39,10 @@ def _env(devices: int = 8) -> dict[str, str]:
           'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count={devices}'.strip()}
 
 
-def make_params_export(directory: pathlib.Path, seed: int) -> pathlib.Path:
-  """An untrained tiny model's params export (what `--mode=export` writes)."""
-  from configs import tiny  # pylint: disable=import-outside-toplevel
-  config = tiny.get_config()
-  kind = kinds.get(config)
-  model_config = kind.model_config(config)
-  model = kind.model(model_config)
-  params = nn.unbox(model.init(jax.random.key(seed), *model.init_inputs())['params'])
-  tok = tokenizer_lib.train_wordpiece(demo.caption_corpus(num_scenes=200), vocab_size=256)
-  encoder = tokenizer_lib.TextEncoder(tok, model_config.text.max_len)
-  return embedder_lib.export(directory / 'export', model_config, params, encoder.to_str())
-
-
 @pytest.fixture(scope='module')
-def models(tmp_path_factory):
-  """Two serving exports (model versions v1, v2) and their params exports."""
-  root = tmp_path_factory.mktemp('deploy_models')
-  out = {}
-  for seed, name in ((0, 'v1'), (1, 'v2')):
-    params_dir = make_params_export(root / name, seed)
-    platforms = ['cpu', 'tpu'] if name == 'v1' else ['cpu']  # TPU lowering needs no TPU.
-    out[name] = (params_dir, export.export_serving(params_dir, root / f'{name}-serving',
-                                                   name=name, platforms=platforms))
-  return out
+def models(deploy_models):
+  """Two serving exports (model versions v1, v2) and their params exports (tests/conftest.py)."""
+  return deploy_models
 
 
 @pytest.fixture(scope='module')

@@ -7,6 +7,8 @@
   backfill  corpus -> versioned, sharded, checksummed embedding store (resumable, incremental)
   store     the store format and its reader: `store.load(path, version)` -> ids, vectors, manifest
   index     ScaNN builds from a store, the promotion gate, `current` / `previous`, rollback
+  serve     the HTTP embedding and search service (FastAPI; the `serve` extra): micro-batching,
+            query cache, Prometheus metrics
 
 See docs/deploy.md. Nothing here is imported by `import mmjax`.
 """

@@ -117,37 +117,45 @@ class ServingModel:
                          out_specs=P('batch'))
     return jax.jit(body)
 
-  def _run(self, modality: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
+  def _run(self, modality: str, arrays: Sequence[np.ndarray],
+           batch_size: int | None = None) -> np.ndarray:
     n, out = len(arrays[0]), []
-    for start in range(0, n, self.batch_size):
-      chunk = [a[start:start + self.batch_size] for a in arrays]
+    batch_size = batch_size or self.batch_size
+    if batch_size % len(self.devices):
+      raise ValueError(f'batch_size={batch_size} is not a multiple of the {len(self.devices)} '
+                       'devices the model is split over.')
+    for start in range(0, n, batch_size):
+      chunk = [a[start:start + batch_size] for a in arrays]
       valid = len(chunk[0])
-      if valid < self.batch_size:
-        chunk = [np.concatenate([c, np.zeros((self.batch_size - valid,) + c.shape[1:], c.dtype)])
+      if valid < batch_size:
+        chunk = [np.concatenate([c, np.zeros((batch_size - valid,) + c.shape[1:], c.dtype)])
                  for c in chunk]
       chunk = [jax.device_put(c, self._rows) for c in chunk]
       out.append(np.asarray(self._fns[modality](self.params, *chunk))[:valid])
     return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
-  def embed_images(self, images: np.ndarray) -> np.ndarray:
-    """uint8 [N, S, S, 3] (S = spec['image_size']) -> float32 [N, D], L2-normalised."""
+  def embed_images(self, images: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+    """uint8 [N, S, S, 3] (S = spec['image_size']) -> float32 [N, D], L2-normalised. The batches
+    are of `batch_size` rows (default: the model's), the last padded: one compile per size."""
     images = np.asarray(images)
     size = self.spec['image_size']
     if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
       raise ValueError(f'Expected uint8 images [N, {size}, {size}, 3], got {images.dtype} '
                        f'{images.shape}.')
-    return self._run('image', [images])
+    return self._run('image', [images], batch_size)
 
-  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-    """list of str -> float32 [N, D], L2-normalised."""
+  def embed_texts(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
+    """list of str -> float32 [N, D], L2-normalised (batches as in `embed_images`)."""
     if isinstance(texts, str):
       raise TypeError('embed_texts takes a list of strings, got one string.')
-    return self._run('text', list(self.encoder(list(texts))))
+    return self._run('text', list(self.encoder(list(texts))), batch_size)
 
-  def embed(self, modality: str, inputs) -> np.ndarray:
+  def embed(self, modality: str, inputs, *, batch_size: int | None = None) -> np.ndarray:
     if modality not in MODALITIES:
       raise ValueError(f'modality={modality!r} is not one of {MODALITIES}.')
-    return self.embed_images(inputs) if modality == 'image' else self.embed_texts(inputs)
+    if modality == 'image':
+      return self.embed_images(inputs, batch_size=batch_size)
+    return self.embed_texts(inputs, batch_size=batch_size)
 
 
 def load(path: str | pathlib.Path, **kwargs) -> ServingModel:

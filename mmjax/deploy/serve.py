@@ -1,0 +1,850 @@
+"""An embedding and search service over a serving export and an index build (FastAPI + uvicorn).
+
+  python -m mmjax.deploy.serve --index=runs/index [--build=current] [--model=SERVING_EXPORT] \
+      [--host=127.0.0.1] [--port=8000] [--api_key=...]
+
+  POST /embed   {"texts": [str], "images": [base64]} -> vectors, model_version
+  POST /search  {"text": str} | {"image": base64} | {"vector": [float], "model_version": str},
+                "k": int -> ids, scores, model_version, index build
+  POST /items   {"id": str, "text": str | "image": base64} (upsert; searchable on return)
+  DELETE /items/{id}
+  GET  /healthz (alive), /readyz (200 once every batch size is compiled and the index loaded),
+       /metrics (Prometheus text)
+
+Queries are embedded through a micro-batcher (`Batcher`): concurrent requests' items are gathered
+for at most `max_wait_ms` into a batch padded to the smallest bucket size that holds it, so the
+service compiles each bucket once at start-up and never while serving. Query embeddings are kept
+in an LRU cache keyed by model version + modality + normalised input (whitespace-collapsed text,
+the SHA-256 of the preprocessed image pixels): a cache never outlives its model version.
+
+Upserts and deletes go to a write-ahead log (INDEX_ROOT/wal/MODEL_VERSION.jsonl, fsync'ed before
+the answer) and to an exact-search `Delta` merged into every search; the log is replayed at
+start-up, so a killed server keeps every acknowledged update.
+
+Served on an alias (`--build=current`, the default), the service picks up a newly promoted build
+without a restart: every `watch_s` seconds it reads the alias; a new build (and its serving
+export, when of another model version) is loaded and compiled beside the serving one, then
+swapped in with one assignment, so no request fails and a request in flight finishes on the
+model and index it started with.
+
+Bad input is a 4xx with a message naming the field: unknown fields, empty or over-long texts,
+undecodable images, decompression bombs, too many items, a k out of range (422); a body over
+`max_request_bytes` (413); a query vector of another model version than the index (409). Binding a
+non-loopback address requires an API key (`Authorization: Bearer KEY` or `X-API-Key: KEY`, on
+every endpoint but /healthz and /readyz).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import prometheus_client
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmjax.data import images as images_lib
+from mmjax.deploy import backfill, index as index_lib, serving, store as store_lib
+
+OPEN_PATHS = ('/healthz', '/readyz')
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Service limits and batching; every field is a flag of `python -m mmjax.deploy.serve`."""
+  max_batch: int = 32  # Items per model call; 1 = no micro-batching.
+  max_wait_ms: float = 3.0  # How long the first queued item waits for company.
+  buckets: tuple[int, ...] = ()  # Padded batch sizes (default: powers of 2 up to max_batch).
+  cache_size: int = 10_000  # LRU entries of query embeddings; 0 = no cache.
+  max_request_bytes: int = 8 << 20  # Request bodies over this are refused (413).
+  max_items: int = 64  # Texts + images in one /embed request.
+  max_text_chars: int = 2_000
+  max_pixels: int = 25_000_000  # A larger image is refused unread (a decompression bomb).
+  max_k: int = 1_000
+  api_key: str | None = None
+  watch_s: float = 2.0  # How often the served alias is checked for a new build; 0 = never.
+
+  def bucket_sizes(self, shards: int = 1) -> tuple[int, ...]:
+    if self.max_batch < 1:
+      raise ValueError(f'max_batch={self.max_batch}: must be at least 1.')
+    sizes = self.buckets or tuple(sorted({min(1 << i, self.max_batch)
+                                          for i in range(self.max_batch.bit_length() + 1)}))
+    if max(sizes) < self.max_batch:
+      raise ValueError(f'buckets={sizes}: the largest must hold max_batch={self.max_batch}.')
+    return tuple(sorted({-(-s // shards) * shards for s in sizes}))
+
+
+def is_loopback(host: str) -> bool:
+  if host == 'localhost':
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+  if not is_loopback(host) and not api_key:
+    raise ValueError(f'--host={host} is not a loopback address: pass --api_key (or '
+                     'MMJAX_SERVE_API_KEY) so that the service is not open to the network.')
+
+
+# --- Request and response models (unknown fields refused) ----------------------------------------
+
+class EmbedRequest(BaseModel):
+  model_config = ConfigDict(extra='forbid')
+  texts: list[str] = Field(default_factory=list, description='Texts to embed.')
+  images: list[str] = Field(default_factory=list,
+                            description='Encoded image files (PNG, JPEG, ...), base64.')
+
+
+class EmbedResponse(BaseModel):
+  model_version: str
+  text_vectors: list[list[float]]
+  image_vectors: list[list[float]]
+
+
+class SearchRequest(BaseModel):
+  model_config = ConfigDict(extra='forbid')
+  text: str | None = Field(None, description='A text query.')
+  image: str | None = Field(None, description='An image query: an encoded image file, base64.')
+  vector: list[float] | None = Field(None, description='A query embedding (needs model_version).')
+  model_version: str | None = Field(
+      None, description='The model version of the query; refused (409) unless the index\'s.')
+  k: int = Field(10, description='Neighbours returned.')
+
+
+class ItemRequest(BaseModel):
+  model_config = ConfigDict(extra='forbid')
+  id: str = Field(..., min_length=1, max_length=256, description='The item id (upsert: replace).')
+  text: str | None = Field(None, description='The item as a text.')
+  image: str | None = Field(None, description='The item as an image: an encoded file, base64.')
+
+
+class SearchResponse(BaseModel):
+  ids: list[str]
+  scores: list[float]
+  model_version: str
+  index_build: str
+  cached: bool
+
+
+class BadRequest(ValueError):
+  """Input the service refuses: (status, message naming the field)."""
+
+  def __init__(self, message: str, status: int = 422):
+    super().__init__(message)
+    self.status = status
+
+
+# --- Cache and micro-batcher ---------------------------------------------------------------------
+
+class LRUCache:
+  """A bounded map of query embeddings; evicts the least recently used."""
+
+  def __init__(self, size: int):
+    self.size, self.hits, self.misses = size, 0, 0
+    self._data: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+
+  def get(self, key: tuple) -> np.ndarray | None:
+    if self.size <= 0:
+      self.misses += 1
+      return None
+    value = self._data.get(key)
+    if value is None:
+      self.misses += 1
+      return None
+    self._data.move_to_end(key)
+    self.hits += 1
+    return value
+
+  def put(self, key: tuple, value: np.ndarray) -> None:
+    if self.size <= 0:
+      return
+    self._data[key] = value
+    self._data.move_to_end(key)
+    while len(self._data) > self.size:
+      self._data.popitem(last=False)
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  @property
+  def hit_ratio(self) -> float:
+    total = self.hits + self.misses
+    return self.hits / total if total else 0.0
+
+
+class Batcher:
+  """Gathers single items per modality into padded bucketed batches run on one worker thread.
+
+  `run(modality, items, batch_size)` embeds `items` (at most the largest bucket) padded to
+  `batch_size` rows and returns their [len(items), D] vectors."""
+
+  def __init__(self, run: Callable[[str, list, int], np.ndarray], buckets: Sequence[int],
+               max_wait_s: float, on_batch: Callable[[str, int, int], None] | None = None):
+    self.run, self.buckets, self.max_wait_s = run, tuple(sorted(buckets)), max_wait_s
+    self.max_batch = self.buckets[-1]
+    self.on_batch = on_batch or (lambda modality, n, padded: None)
+    self._queues: dict[str, asyncio.Queue] = {}
+    self._tasks: list[asyncio.Task] = []
+    self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+  def bucket(self, n: int) -> int:
+    return next(b for b in self.buckets if b >= n)
+
+  def start(self, modalities: Sequence[str]) -> None:
+    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='mmjax-embed')
+    for m in modalities:
+      self._queues[m] = asyncio.Queue()
+      self._tasks.append(asyncio.get_running_loop().create_task(self._loop(m)))
+
+  async def stop(self) -> None:
+    for t in self._tasks:
+      t.cancel()
+    await asyncio.gather(*self._tasks, return_exceptions=True)
+    self._tasks.clear()
+    if self._executor is not None:
+      self._executor.shutdown(wait=True)
+
+  async def submit(self, modality: str, item) -> np.ndarray:
+    future = asyncio.get_running_loop().create_future()
+    await self._queues[modality].put((item, future))
+    return await future
+
+  async def _loop(self, modality: str) -> None:
+    queue, loop = self._queues[modality], asyncio.get_running_loop()
+    while True:
+      batch = [await queue.get()]
+      deadline = loop.time() + self.max_wait_s
+      while len(batch) < self.max_batch:
+        if not queue.empty():
+          batch.append(queue.get_nowait())
+          continue
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+          break
+        try:
+          batch.append(await asyncio.wait_for(queue.get(), remaining))
+        except asyncio.TimeoutError:
+          break
+      batch = [(x, f) for x, f in batch if not f.done()]  # Callers gone: skip their items.
+      if not batch:
+        continue
+      padded = self.bucket(len(batch))
+      self.on_batch(modality, len(batch), padded)
+      try:
+        vectors = await loop.run_in_executor(self._executor, self.run, modality,
+                                             [x for x, _ in batch], padded)
+      except Exception as e:  # pylint: disable=broad-except
+        for _, f in batch:
+          if not f.done():
+            f.set_exception(e)
+        continue
+      for (_, f), v in zip(batch, vectors):
+        if not f.done():
+          f.set_result(v)
+
+
+# --- The service ---------------------------------------------------------------------------------
+
+class Metrics:
+  """The Prometheus metrics of one service (its own registry: several apps in one process)."""
+
+  def __init__(self):
+    self.registry = r = prometheus_client.CollectorRegistry()
+    self.requests = prometheus_client.Counter(
+        'mmjax_requests', 'Requests by endpoint and status code.', ['endpoint', 'status'],
+        registry=r)
+    self.latency = prometheus_client.Histogram(
+        'mmjax_request_latency_seconds', 'Request latency by endpoint.', ['endpoint'], registry=r,
+        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+    self.batch = prometheus_client.Histogram(
+        'mmjax_batch_items', 'Items per model call (before padding).', ['modality'], registry=r,
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    self.padded = prometheus_client.Counter(
+        'mmjax_batch_padding_rows', 'Padding rows run by the model.', ['modality'], registry=r)
+    self.cache_hits = prometheus_client.Counter('mmjax_cache_hits', 'Query cache hits.',
+                                                registry=r)
+    self.cache_misses = prometheus_client.Counter('mmjax_cache_misses', 'Query cache misses.',
+                                                  registry=r)
+    self.cache_ratio = prometheus_client.Gauge('mmjax_cache_hit_ratio',
+                                               'Query cache hits / lookups.', registry=r)
+    self.index_size = prometheus_client.Gauge('mmjax_index_size', 'Items in the index.',
+                                              registry=r)
+    self.version = prometheus_client.Gauge(
+        'mmjax_version', 'The served model version and index build (value 1).',
+        ['model_version', 'index_build'], registry=r)
+    self.ready = prometheus_client.Gauge('mmjax_ready', '1 once compiled and loaded.', registry=r)
+    self.delta_size = prometheus_client.Gauge(
+        'mmjax_delta_size', 'Upserted items searched beside the index.', registry=r)
+    self.switches = prometheus_client.Counter('mmjax_switches', 'Hot switches to a new build.',
+                                              registry=r)
+    self.switch_failures = prometheus_client.Counter(
+        'mmjax_switch_failures', 'Promoted builds that could not be switched to.', registry=r)
+
+
+class Delta:
+  """Live updates beside an index build: upserted vectors searched exactly, deleted ids hidden.
+
+  Every update is appended to a write-ahead log (one JSON line, flushed and fsync'ed before the
+  request is acknowledged) at WAL_DIR/MODEL_VERSION.jsonl and replayed at start-up, so a killed
+  server restarts with every acknowledged update. A torn last line (a kill mid-write, never
+  acknowledged) is dropped; a damaged line elsewhere is an error naming the file and line."""
+
+  def __init__(self, path: pathlib.Path | None, version: str, dim: int):
+    self.path, self.version, self.dim = path, version, dim
+    self.vectors: dict[str, np.ndarray] = {}
+    self.deleted: set[str] = set()
+    self._file = None
+    if path is not None:
+      self._replay()
+      path.parent.mkdir(parents=True, exist_ok=True)
+      self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def _replay(self) -> None:
+    if not self.path.is_file():
+      return
+    lines = self.path.read_text(encoding='utf-8').split('\n')
+    for n, line in enumerate(lines, start=1):
+      if not line.strip():
+        continue
+      try:
+        entry = json.loads(line)
+      except json.JSONDecodeError as e:
+        if n == len(lines):  # The torn tail of a killed write: never acknowledged.
+          logging.warning('%s: dropping a torn last line.', self.path)
+          break
+        raise ValueError(f'{self.path} line {n}: not JSON ({e}): the log is damaged.') from e
+      if entry.get('version') != self.version:
+        raise store_lib.VersionMismatchError(
+            f'{self.path} line {n} is of model version {entry.get("version")!r}, the index of '
+            f'{self.version!r}.')
+      self._apply(entry)
+
+  def _apply(self, entry: dict[str, Any]) -> None:
+    if entry['op'] == 'upsert':
+      self.vectors[entry['id']] = np.asarray(entry['vector'], np.float32)
+      self.deleted.discard(entry['id'])
+    else:
+      self.vectors.pop(entry['id'], None)
+      self.deleted.add(entry['id'])
+
+  def _log(self, entry: dict[str, Any]) -> None:
+    if self._file is not None:
+      self._file.write(json.dumps(entry) + '\n')
+      self._file.flush()
+      os.fsync(self._file.fileno())
+    self._apply(entry)
+
+  def upsert(self, item_id: str, vector: np.ndarray) -> None:
+    self._log({'op': 'upsert', 'id': item_id, 'version': self.version,
+               'vector': [float(x) for x in np.asarray(vector, np.float32)]})
+
+  def delete(self, item_id: str) -> None:
+    self._log({'op': 'delete', 'id': item_id, 'version': self.version})
+
+  @property
+  def hidden(self) -> set[str]:
+    """Index ids not to return: deleted, or replaced by an upsert."""
+    return self.deleted | set(self.vectors)
+
+  def search(self, query: np.ndarray, k: int) -> list[tuple[float, str]]:
+    if not self.vectors:
+      return []
+    ids = list(self.vectors)
+    scores = np.stack([self.vectors[i] for i in ids]) @ np.asarray(query, np.float32)
+    top = np.argsort(-scores, kind='stable')[:k]
+    return [(float(scores[j]), ids[j]) for j in top]
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+  """What one request is answered with, start to end: a model and the index build of its
+  version. A hot switch replaces the service's `Served` in one assignment; a request in flight
+  keeps the one it started with."""
+  model: serving.ServingModel
+  searcher: index_lib.Searcher | None
+  delta: Delta | None = None
+
+  def __post_init__(self):
+    if self.searcher is not None:
+      store_lib.check_same_version('The serving model', self.model.version,
+                                   f'the index build {self.searcher.path.name}',
+                                   self.searcher.version)
+
+  @property
+  def build(self) -> str:
+    return self.searcher.path.name if self.searcher is not None else ''
+
+  @functools.cached_property
+  def index_ids(self) -> set[str]:
+    return set(map(str, self.searcher.ids)) if self.searcher is not None else set()
+
+  @property
+  def view(self) -> images_lib.View:
+    spec = self.model.spec
+    return images_lib.View(spec['image_size'], spec['resize'], tuple(spec['background']))
+
+
+class Service:
+  """The model, the index, the batcher and the cache behind the HTTP app.
+
+  Given `index_root` and an alias (`current`, `previous`) as `watch`, the service checks the
+  alias every `settings.watch_s` seconds and switches to the build it points at: the new build
+  (and, for another model version, its serving export) is loaded and compiled beside the one
+  serving, then swapped in (`check_switch`). `fixed_model`: the model was given explicitly, so a
+  build of another version is not switched to (counted in mmjax_switch_failures)."""
+
+  def __init__(self, model: serving.ServingModel, searcher: index_lib.Searcher | None,
+               settings: Settings = Settings(), *, index_root: str | pathlib.Path | None = None,
+               watch: str | None = None, fixed_model: bool = False):
+    self.wal_dir = pathlib.Path(index_root) / 'wal' if index_root is not None else None
+    self.state = Served(model, searcher, self._delta(model, searcher))
+    self.settings = settings
+    self.index_root, self.watch, self.fixed_model = index_root, watch, fixed_model
+    self.metrics = Metrics()
+    self.cache = LRUCache(settings.cache_size)
+    self.buckets = settings.bucket_sizes(len(model.devices))
+    self.batcher = Batcher(self._embed_batch, self.buckets, settings.max_wait_ms / 1000,
+                           self._on_batch)
+    self.ready = False
+    self._search_lock: asyncio.Lock | None = None
+    self._watcher: asyncio.Task | None = None
+
+  def _delta(self, model: serving.ServingModel, searcher) -> Delta | None:
+    if searcher is None:
+      return None
+    path = self.wal_dir / f'{model.version}.jsonl' if self.wal_dir is not None else None
+    return Delta(path, model.version, model.embed_dim)
+
+  @property
+  def model(self) -> serving.ServingModel:
+    return self.state.model
+
+  @property
+  def searcher(self) -> index_lib.Searcher | None:
+    return self.state.searcher
+
+  @property
+  def build(self) -> str:
+    return self.state.build
+
+  @property
+  def view(self) -> images_lib.View:
+    return self.state.view
+
+  def _embed_batch(self, modality: str, items: list, batch_size: int) -> np.ndarray:
+    """items: (model, input) pairs; one model call per model (two only across a switch)."""
+    out: list[np.ndarray | None] = [None] * len(items)
+    groups: dict[int, list[int]] = {}
+    for i, (model, _) in enumerate(items):
+      groups.setdefault(id(model), []).append(i)
+    for rows in groups.values():
+      model = items[rows[0]][0]
+      xs = [items[i][1] for i in rows]
+      inputs = np.stack(xs) if modality == 'image' else xs
+      size = batch_size if len(groups) == 1 else self.batcher.bucket(len(rows))
+      for i, v in zip(rows, model.embed(modality, inputs, batch_size=size)):
+        out[i] = v
+    return np.stack(out)
+
+  def _on_batch(self, modality: str, n: int, padded: int) -> None:
+    self.metrics.batch.labels(modality).observe(n)
+    self.metrics.padded.labels(modality).inc(padded - n)
+
+  def warm_up(self, state: Served | None = None) -> None:
+    """Compiles every bucket size of both modalities (and one search) before /readyz says so."""
+    model, searcher = (state or self.state).model, (state or self.state).searcher
+    size = model.spec['image_size']
+    for b in self.buckets:
+      model.embed_images(np.zeros((b, size, size, 3), np.uint8), batch_size=b)
+      model.embed_texts(['warm up'] * b, batch_size=b)
+    if searcher is not None:
+      searcher.search(np.zeros((1, model.embed_dim), np.float32), 1, query_version=model.version)
+
+  def _show(self, state: Served, value: float) -> None:
+    self.metrics.version.labels(state.model.version, state.build).set(value)
+    if value:
+      self.metrics.index_size.set(len(state.searcher.ids) if state.searcher is not None else 0)
+
+  async def start(self) -> None:
+    self._search_lock = asyncio.Lock()
+    await asyncio.to_thread(self.warm_up)
+    self.batcher.start(serving.MODALITIES)
+    self._show(self.state, 1)
+    if self.index_root is not None and self.watch in index_lib.ALIASES and self.settings.watch_s:
+      self._watcher = asyncio.get_running_loop().create_task(self._watch())
+    self.ready = True
+    self.metrics.ready.set(1)
+
+  async def stop(self) -> None:
+    self.ready = False
+    self.metrics.ready.set(0)
+    if self._watcher is not None:
+      self._watcher.cancel()
+      await asyncio.gather(self._watcher, return_exceptions=True)
+      self._watcher = None
+    await self.batcher.stop()
+    if self.state.delta is not None:
+      self.state.delta.close()
+
+  def _load(self, name: str) -> Served:
+    searcher = index_lib.Searcher(self.index_root, name)
+    model = self.model
+    if searcher.version != model.version:
+      if self.fixed_model:
+        raise store_lib.VersionMismatchError(
+            f'The promoted build {name} is of model version {searcher.version!r} but the service '
+            f'was started with --model of {model.version!r}: not switched. Restart without '
+            '--model (the build\'s own serving export is then loaded).')
+      model = serving.load(searcher.info['model']['path'], batch_size=max(self.buckets),
+                           devices=model.devices)
+    state = Served(model, searcher, self._delta(model, searcher))
+    self.warm_up(state)
+    return state
+
+  async def check_switch(self) -> bool:
+    """Switches to the build the watched alias points at, if it moved; True if switched."""
+    name = index_lib.alias(self.index_root, self.watch)
+    if name is None or name == self.build:
+      return False
+    new = await asyncio.to_thread(self._load, name)
+    old, self.state = self.state, new  # Requests that started on `old` finish on it.
+    self._show(old, 0)
+    self._show(new, 1)
+    self.metrics.switches.inc()
+    logging.info('Switched from %s (%s) to %s (%s).', old.build, old.model.version, new.build,
+                 new.model.version)
+    return True
+
+  async def _watch(self) -> None:
+    failed: str | None = None
+    while True:
+      await asyncio.sleep(self.settings.watch_s)
+      try:
+        await self.check_switch()
+        failed = None
+      except Exception as e:  # pylint: disable=broad-except  # Keep serving the old build.
+        if str(e) != failed:  # Count and log each new failure once, not every poll.
+          failed = str(e)
+          self.metrics.switch_failures.inc()
+          logging.error('Hot switch failed, still serving %s: %s', self.build, e)
+
+  # Input preparation (raises BadRequest naming the field).
+  def prepare_text(self, text: Any, field: str) -> str:
+    try:
+      text = backfill.prepare_text(text, self.settings.max_text_chars)
+    except backfill.BadInput as e:
+      raise BadRequest(f'{field}: {e}.') from e
+    return ' '.join(text.split())
+
+  def prepare_image(self, data: str, field: str, state: Served | None = None) -> np.ndarray:
+    try:
+      raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+      raise BadRequest(f'{field}: not valid base64 ({e}).') from e
+    if not raw:
+      raise BadRequest(f'{field}: empty image.')
+    try:
+      return backfill.prepare_image(raw, (state or self.state).view, self.settings.max_pixels)
+    except backfill.BadInput as e:
+      raise BadRequest(f'{field}: {e}.') from e
+    except Exception as e:  # pylint: disable=broad-except  # Pillow raises many kinds.
+      raise BadRequest(f'{field}: not a decodable image ({type(e).__name__}: {e}).') from e
+
+  async def embed_one(self, modality: str, item,
+                      state: Served | None = None) -> tuple[np.ndarray, bool]:
+    state = state or self.state
+    digest = item if modality == 'text' else hashlib.sha256(item.tobytes()).hexdigest()
+    key = (state.model.version, modality, digest)
+    vector = self.cache.get(key)
+    hit = vector is not None
+    if hit:
+      self.metrics.cache_hits.inc()
+    else:
+      self.metrics.cache_misses.inc()
+      vector = await self.batcher.submit(modality, (state.model, item))
+      self.cache.put(key, vector)
+    self.metrics.cache_ratio.set(self.cache.hit_ratio)
+    return vector, hit
+
+  async def _embed_items(self, modality: str, items: list, state: Served) -> list[np.ndarray]:
+    return [v for v, _ in await asyncio.gather(*(self.embed_one(modality, x, state)
+                                                 for x in items))]
+
+  async def embed(self, req: EmbedRequest) -> EmbedResponse:
+    state = self.state
+    n = len(req.texts) + len(req.images)
+    if n == 0:
+      raise BadRequest('Give at least one of texts, images.')
+    if n > self.settings.max_items:
+      raise BadRequest(f'{n} items in one request: at most max_items={self.settings.max_items}.',
+                       413)
+    texts = [self.prepare_text(t, f'texts[{i}]') for i, t in enumerate(req.texts)]
+    images = await asyncio.to_thread(
+        lambda: [self.prepare_image(x, f'images[{i}]', state) for i, x in enumerate(req.images)]
+    ) if req.images else []
+    tv, iv = await asyncio.gather(self._embed_items('text', texts, state),
+                                  self._embed_items('image', images, state))
+    return EmbedResponse(model_version=state.model.version,
+                         text_vectors=[v.tolist() for v in tv],
+                         image_vectors=[v.tolist() for v in iv])
+
+  async def search(self, req: SearchRequest) -> SearchResponse:
+    state = self.state
+    model, searcher = state.model, state.searcher
+    if searcher is None:
+      raise BadRequest('This service has no index (started without --index): /search is off.',
+                       404)
+    given = [f for f in ('text', 'image', 'vector') if getattr(req, f) is not None]
+    if len(given) != 1:
+      raise BadRequest(f'Give exactly one of text, image, vector (got {given or "none"}).')
+    if not 1 <= req.k <= self.settings.max_k:
+      raise BadRequest(f'k={req.k}: must be in [1, {self.settings.max_k}].')
+    hit = False
+    if req.vector is not None:
+      if req.model_version is None:
+        raise BadRequest('vector needs its model_version.')
+      vector = np.asarray(req.vector, np.float32)
+      if vector.shape != (model.embed_dim,) or not np.isfinite(vector).all():
+        raise BadRequest(f'vector: expected {model.embed_dim} finite floats, got '
+                         f'{len(req.vector)}.')
+    else:
+      if req.text is not None:
+        vector, hit = await self.embed_one('text', self.prepare_text(req.text, 'text'), state)
+      else:
+        pixels = await asyncio.to_thread(self.prepare_image, req.image, 'image', state)
+        vector, hit = await self.embed_one('image', pixels, state)
+    version = req.model_version or model.version
+    try:
+      store_lib.check_same_version('The query', version, f'the index build {state.build}',
+                                   searcher.version)
+    except store_lib.VersionMismatchError as e:
+      raise BadRequest(str(e), 409) from e
+    async with self._search_lock:
+      hits = await asyncio.to_thread(self._search, state, vector, req.k, version)
+    return SearchResponse(ids=[i for _, i in hits], scores=[s for s, _ in hits],
+                          model_version=model.version, index_build=state.build,
+                          cached=hit)
+
+  @staticmethod
+  def _search(state: Served, vector: np.ndarray, k: int, version: str) -> list[tuple[float, str]]:
+    """The index's top k merged with the delta's (exact), deleted and replaced ids left out."""
+    delta, searcher = state.delta, state.searcher
+    hidden = delta.hidden if delta is not None else set()
+    scores, ids = searcher.search(vector[None], k + len(hidden), query_version=version)
+    hits = [(float(s), str(i)) for s, i in zip(scores[0], ids[0]) if str(i) not in hidden]
+    if delta is not None:
+      hits += delta.search(vector, k)
+    return sorted(hits, key=lambda h: -h[0])[:k]
+
+  async def upsert(self, req: 'ItemRequest') -> dict[str, Any]:
+    state = self.state
+    if state.delta is None:
+      raise BadRequest('This service has no index (started without --index): /items is off.',
+                       404)
+    if (req.text is None) == (req.image is None):
+      raise BadRequest('Give exactly one of text, image.')
+    if req.text is not None:
+      vector, _ = await self.embed_one('text', self.prepare_text(req.text, 'text'), state)
+    else:
+      pixels = await asyncio.to_thread(self.prepare_image, req.image, 'image', state)
+      vector, _ = await self.embed_one('image', pixels, state)
+    async with self._search_lock:
+      await asyncio.to_thread(state.delta.upsert, req.id, vector)
+    self.metrics.delta_size.set(len(state.delta.vectors))
+    return {'id': req.id, 'model_version': state.model.version, 'index_build': state.build}
+
+  async def delete(self, item_id: str) -> dict[str, Any]:
+    state = self.state
+    if state.delta is None:
+      raise BadRequest('This service has no index (started without --index): /items is off.',
+                       404)
+    known = item_id in state.delta.vectors or (
+        item_id not in state.delta.deleted and item_id in state.index_ids)
+    if not known:
+      raise BadRequest(f'No item {item_id!r} in the index build {state.build} or its updates.',
+                       404)
+    async with self._search_lock:
+      await asyncio.to_thread(state.delta.delete, item_id)
+    self.metrics.delta_size.set(len(state.delta.vectors))
+    return {'id': item_id, 'deleted': True, 'index_build': state.build}
+
+
+class BodyLimit:
+  """ASGI middleware: a request body over `limit` bytes is answered 413 before any handler."""
+
+  def __init__(self, app, limit: int):
+    self.app, self.limit = app, limit
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] != 'http':
+      return await self.app(scope, receive, send)
+    headers = dict(scope.get('headers') or [])
+    try:
+      declared = int(headers.get(b'content-length', b'0'))
+    except ValueError:
+      declared = 0
+    chunks, size, more = [], 0, declared <= self.limit
+    while more:
+      message = await receive()
+      if message['type'] != 'http.request':
+        break
+      chunks.append(message.get('body', b''))
+      size += len(chunks[-1])
+      more = message.get('more_body', False) and size <= self.limit
+    if declared > self.limit or size > self.limit:
+      response = JSONResponse({'detail': f'Request body over max_request_bytes={self.limit}.'},
+                              status_code=413)
+      return await response(scope, receive, send)
+    body, sent = b''.join(chunks), False
+
+    async def replay():
+      nonlocal sent
+      if not sent:
+        sent = True
+        return {'type': 'http.request', 'body': body, 'more_body': False}
+      return await receive()
+
+    return await self.app(scope, replay, send)
+
+
+def create_app(service: Service, *, lifespan: bool = True) -> Any:
+  """The app of `service`: its lifespan starts `service.start()` (compile, load), after which
+  /readyz turns 200 (with lifespan=False the caller starts and stops the service).
+  Returns the ASGI app (the body-size limit around FastAPI); `.fastapi` is the FastAPI one."""
+  @contextlib.asynccontextmanager
+  async def run(_):
+    # Compiling runs beside serving: /healthz answers at once, /readyz once it is done.
+    starting = asyncio.get_running_loop().create_task(service.start())
+    try:
+      yield
+    finally:
+      starting.cancel()
+      await asyncio.gather(starting, return_exceptions=True)
+      await service.stop()
+
+  api = FastAPI(title='mmjax embedding service', version=service.model.version,
+                lifespan=run if lifespan else None)
+  metrics = service.metrics
+
+  @api.middleware('http')
+  async def guard(request: Request, call_next):
+    path, start = request.url.path, time.perf_counter()
+    key = service.settings.api_key
+    if key and path not in OPEN_PATHS:
+      given = request.headers.get('x-api-key') or ''
+      auth = request.headers.get('authorization') or ''
+      if auth.lower().startswith('bearer '):
+        given = auth[7:]
+      if not hmac.compare_digest(given.encode(), key.encode()):
+        response = JSONResponse({'detail': 'Missing or wrong API key (Authorization: Bearer KEY '
+                                           'or X-API-Key: KEY).'}, status_code=401)
+        metrics.requests.labels(path, '401').inc()
+        return response
+    response = await call_next(request)
+    endpoint = (path if path in ('/embed', '/search', '/metrics') + OPEN_PATHS else
+                '/items' if path.startswith('/items') else 'other')
+    metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+    return response
+
+  @api.exception_handler(BadRequest)
+  async def bad_request(_, e: BadRequest):
+    return JSONResponse({'detail': str(e)}, status_code=e.status)
+
+  def not_ready():
+    return JSONResponse({'detail': 'Not ready: compiling the model or loading the index.'},
+                        status_code=503)
+
+  @api.get('/healthz')
+  async def healthz():
+    return {'status': 'ok'}
+
+  @api.get('/readyz')
+  async def readyz():
+    if not service.ready:
+      return not_ready()
+    return {'status': 'ready', 'model_version': service.model.version,
+            'index_build': service.build}
+
+  @api.get('/metrics')
+  async def metrics_text():
+    return PlainTextResponse(prometheus_client.generate_latest(metrics.registry),
+                             media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+  @api.post('/embed', response_model=EmbedResponse)
+  async def embed(req: EmbedRequest):
+    if not service.ready:
+      return not_ready()
+    return await service.embed(req)
+
+  @api.post('/items')
+  async def upsert(req: ItemRequest):
+    if not service.ready:
+      return not_ready()
+    return await service.upsert(req)
+
+  @api.delete('/items/{item_id}')
+  async def delete(item_id: str):
+    if not service.ready:
+      return not_ready()
+    return await service.delete(item_id)
+
+  @api.post('/search', response_model=SearchResponse)
+  async def search(req: SearchRequest):
+    if not service.ready:
+      return not_ready()
+    return await service.search(req)
+
+  app = BodyLimit(api, service.settings.max_request_bytes)
+  app.fastapi = api
+  return app
+
+
+def load_service(index: str | None, *, build: str = 'current', model: str | None = None,
+                 settings: Settings = Settings()) -> Service:
+  """The service of an index build and a serving export (default: the build's own model)."""
+  searcher = index_lib.Searcher(index, build) if index else None
+  fixed_model = model is not None
+  if model is None:
+    if searcher is None:
+      raise ValueError('Give --model (a serving export), --index (an index root) or both.')
+    model = searcher.info['model']['path']
+  if not pathlib.Path(model).is_dir():
+    raise FileNotFoundError(f'--model={model}: no such serving export directory.')
+  return Service(serving.load(model, batch_size=max(settings.bucket_sizes())), searcher,
+                 settings, index_root=index, watch=build, fixed_model=fixed_model)
+
+
+def describe(service: Service) -> str:
+  return json.dumps({'model_version': service.model.version, 'index_build': service.build,
+                     'buckets': list(service.buckets)}, sort_keys=True)
+
+
+if __name__ == '__main__':  # The command lives in the CLI layer (mmjax.cli.deploy_serve).
+  import runpy
+  runpy.run_module('mmjax.cli.deploy_serve', run_name='__main__')
