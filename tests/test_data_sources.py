@@ -194,8 +194,14 @@ def test_mixing_text_pairs_with_images_is_refused(tiny_config, encoder, tmp_path
     pipeline.make_train_dataset(tiny_config, encoder)
 
 
-def build_tfds(data_dir: pathlib.Path) -> None:
-  """A tiny coco-captions-like TFDS dataset, built locally (no download, no TensorFlow)."""
+_BUILDERS: dict[str, type] = {}
+
+
+def _tiny_captions_builder() -> type:
+  """The builder class, defined once per process: TFDS registers a builder by its class name
+  and refuses a second class of the same name (several test files build this dataset)."""
+  if 'tiny_captions' in _BUILDERS:
+    return _BUILDERS['tiny_captions']
   tfds = pytest.importorskip('tensorflow_datasets')
 
   class TinyCaptions(tfds.core.GeneratorBasedBuilder):
@@ -216,7 +222,14 @@ def build_tfds(data_dir: pathlib.Path) -> None:
         yield i, {'image': np.full((10, 14, 3), i * 9, np.uint8), 'image/id': i // 2,
                   'captions': {'text': [f'a {WORDS[i % 10]} cat', f'a {WORDS[i % 10]} dog']}}
 
-  TinyCaptions(data_dir=str(data_dir), file_format='array_record').download_and_prepare()
+  _BUILDERS['tiny_captions'] = TinyCaptions
+  return TinyCaptions
+
+
+def build_tfds(data_dir: pathlib.Path) -> None:
+  """A tiny coco-captions-like TFDS dataset, built locally (no download, no TensorFlow)."""
+  builder = _tiny_captions_builder()(data_dir=str(data_dir), file_format='array_record')
+  builder.download_and_prepare()
 
 
 def test_tfds_source_with_feature_mapping(tiny_config, encoder, tmp_path):
