@@ -39,8 +39,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -49,19 +47,24 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import pathlib
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
-import prometheus_client
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+try:
+  import prometheus_client
+  from fastapi import FastAPI, Request
+  from fastapi.responses import JSONResponse, PlainTextResponse
+  from pydantic import BaseModel, ConfigDict, Field
+except ImportError as e:  # The default install stays lean: the service is an extra.
+  raise ImportError(f'mmjax.deploy.serve needs the serve extra ({e.name} is missing): '
+                    'pip install "mmjax[serve]" (fastapi, uvicorn, prometheus-client).') from e
 
 from mmjax.data import images as images_lib
 from mmjax.deploy import backfill, index as index_lib, serving, store as store_lib
+from mmjax.deploy.batching import Batcher, LRUCache  # noqa: F401  (re-exported)
+from mmjax.deploy.live import Delta  # noqa: F401  (re-exported)
 
 OPEN_PATHS = ('/healthz', '/readyz')
 
@@ -154,115 +157,6 @@ class BadRequest(ValueError):
     self.status = status
 
 
-# --- Cache and micro-batcher ---------------------------------------------------------------------
-
-class LRUCache:
-  """A bounded map of query embeddings; evicts the least recently used."""
-
-  def __init__(self, size: int):
-    self.size, self.hits, self.misses = size, 0, 0
-    self._data: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
-
-  def get(self, key: tuple) -> np.ndarray | None:
-    if self.size <= 0:
-      self.misses += 1
-      return None
-    value = self._data.get(key)
-    if value is None:
-      self.misses += 1
-      return None
-    self._data.move_to_end(key)
-    self.hits += 1
-    return value
-
-  def put(self, key: tuple, value: np.ndarray) -> None:
-    if self.size <= 0:
-      return
-    self._data[key] = value
-    self._data.move_to_end(key)
-    while len(self._data) > self.size:
-      self._data.popitem(last=False)
-
-  def __len__(self) -> int:
-    return len(self._data)
-
-  @property
-  def hit_ratio(self) -> float:
-    total = self.hits + self.misses
-    return self.hits / total if total else 0.0
-
-
-class Batcher:
-  """Gathers single items per modality into padded bucketed batches run on one worker thread.
-
-  `run(modality, items, batch_size)` embeds `items` (at most the largest bucket) padded to
-  `batch_size` rows and returns their [len(items), D] vectors."""
-
-  def __init__(self, run: Callable[[str, list, int], np.ndarray], buckets: Sequence[int],
-               max_wait_s: float, on_batch: Callable[[str, int, int], None] | None = None):
-    self.run, self.buckets, self.max_wait_s = run, tuple(sorted(buckets)), max_wait_s
-    self.max_batch = self.buckets[-1]
-    self.on_batch = on_batch or (lambda modality, n, padded: None)
-    self._queues: dict[str, asyncio.Queue] = {}
-    self._tasks: list[asyncio.Task] = []
-    self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-  def bucket(self, n: int) -> int:
-    return next(b for b in self.buckets if b >= n)
-
-  def start(self, modalities: Sequence[str]) -> None:
-    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='mmjax-embed')
-    for m in modalities:
-      self._queues[m] = asyncio.Queue()
-      self._tasks.append(asyncio.get_running_loop().create_task(self._loop(m)))
-
-  async def stop(self) -> None:
-    for t in self._tasks:
-      t.cancel()
-    await asyncio.gather(*self._tasks, return_exceptions=True)
-    self._tasks.clear()
-    if self._executor is not None:
-      self._executor.shutdown(wait=True)
-
-  async def submit(self, modality: str, item) -> np.ndarray:
-    future = asyncio.get_running_loop().create_future()
-    await self._queues[modality].put((item, future))
-    return await future
-
-  async def _loop(self, modality: str) -> None:
-    queue, loop = self._queues[modality], asyncio.get_running_loop()
-    while True:
-      batch = [await queue.get()]
-      deadline = loop.time() + self.max_wait_s
-      while len(batch) < self.max_batch:
-        if not queue.empty():
-          batch.append(queue.get_nowait())
-          continue
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-          break
-        try:
-          batch.append(await asyncio.wait_for(queue.get(), remaining))
-        except asyncio.TimeoutError:
-          break
-      batch = [(x, f) for x, f in batch if not f.done()]  # Callers gone: skip their items.
-      if not batch:
-        continue
-      padded = self.bucket(len(batch))
-      self.on_batch(modality, len(batch), padded)
-      try:
-        vectors = await loop.run_in_executor(self._executor, self.run, modality,
-                                             [x for x, _ in batch], padded)
-      except Exception as e:  # pylint: disable=broad-except
-        for _, f in batch:
-          if not f.done():
-            f.set_exception(e)
-        continue
-      for (_, f), v in zip(batch, vectors):
-        if not f.done():
-          f.set_result(v)
-
-
 # --- The service ---------------------------------------------------------------------------------
 
 class Metrics:
@@ -299,85 +193,6 @@ class Metrics:
                                               registry=r)
     self.switch_failures = prometheus_client.Counter(
         'mmjax_switch_failures', 'Promoted builds that could not be switched to.', registry=r)
-
-
-class Delta:
-  """Live updates beside an index build: upserted vectors searched exactly, deleted ids hidden.
-
-  Every update is appended to a write-ahead log (one JSON line, flushed and fsync'ed before the
-  request is acknowledged) at WAL_DIR/MODEL_VERSION.jsonl and replayed at start-up, so a killed
-  server restarts with every acknowledged update. A torn last line (a kill mid-write, never
-  acknowledged) is dropped; a damaged line elsewhere is an error naming the file and line."""
-
-  def __init__(self, path: pathlib.Path | None, version: str, dim: int):
-    self.path, self.version, self.dim = path, version, dim
-    self.vectors: dict[str, np.ndarray] = {}
-    self.deleted: set[str] = set()
-    self._file = None
-    if path is not None:
-      self._replay()
-      path.parent.mkdir(parents=True, exist_ok=True)
-      self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
-
-  def _replay(self) -> None:
-    if not self.path.is_file():
-      return
-    lines = self.path.read_text(encoding='utf-8').split('\n')
-    for n, line in enumerate(lines, start=1):
-      if not line.strip():
-        continue
-      try:
-        entry = json.loads(line)
-      except json.JSONDecodeError as e:
-        if n == len(lines):  # The torn tail of a killed write: never acknowledged.
-          logging.warning('%s: dropping a torn last line.', self.path)
-          break
-        raise ValueError(f'{self.path} line {n}: not JSON ({e}): the log is damaged.') from e
-      if entry.get('version') != self.version:
-        raise store_lib.VersionMismatchError(
-            f'{self.path} line {n} is of model version {entry.get("version")!r}, the index of '
-            f'{self.version!r}.')
-      self._apply(entry)
-
-  def _apply(self, entry: dict[str, Any]) -> None:
-    if entry['op'] == 'upsert':
-      self.vectors[entry['id']] = np.asarray(entry['vector'], np.float32)
-      self.deleted.discard(entry['id'])
-    else:
-      self.vectors.pop(entry['id'], None)
-      self.deleted.add(entry['id'])
-
-  def _log(self, entry: dict[str, Any]) -> None:
-    if self._file is not None:
-      self._file.write(json.dumps(entry) + '\n')
-      self._file.flush()
-      os.fsync(self._file.fileno())
-    self._apply(entry)
-
-  def upsert(self, item_id: str, vector: np.ndarray) -> None:
-    self._log({'op': 'upsert', 'id': item_id, 'version': self.version,
-               'vector': [float(x) for x in np.asarray(vector, np.float32)]})
-
-  def delete(self, item_id: str) -> None:
-    self._log({'op': 'delete', 'id': item_id, 'version': self.version})
-
-  @property
-  def hidden(self) -> set[str]:
-    """Index ids not to return: deleted, or replaced by an upsert."""
-    return self.deleted | set(self.vectors)
-
-  def search(self, query: np.ndarray, k: int) -> list[tuple[float, str]]:
-    if not self.vectors:
-      return []
-    ids = list(self.vectors)
-    scores = np.stack([self.vectors[i] for i in ids]) @ np.asarray(query, np.float32)
-    top = np.argsort(-scores, kind='stable')[:k]
-    return [(float(scores[j]), ids[j]) for j in top]
-
-  def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
 
 
 @dataclasses.dataclass(frozen=True)
