@@ -216,6 +216,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   kinds.get(config).validate(config)
   _validate_distill_multitask(config)
   _positive('model.image.patch_size', img.patch_size)
+  _require(all(isinstance(ch, int) and ch > 0 for ch in img.stem_channels),
+           f'config.model.image.stem_channels={tuple(img.stem_channels)} must be positive ints '
+           '(output channels of each 3x3 conv), or () for none.')
   _require(len(img.pixel_mean) == len(img.pixel_std) and len(img.pixel_mean) in (0, 3)
            and all(s > 0 for s in img.pixel_std),
            f'config.model.image.pixel_mean={img.pixel_mean} / pixel_std={img.pixel_std} must be '

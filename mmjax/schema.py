@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.image.final_ln = True  # LayerNorm after the last block (False for post-LN stacks).
   c.model.image.locked = False  # LiT: frozen, run in eval mode, no gradient computed through it.
   c.model.image.patch_bias = True  # Bias on the patch embedding (CLIP has none).
+  # Convolutional stem: one 3x3 stride-1 conv + GELU per entry (its output channels), run on the
+  # full-resolution image before the patch embedding, which then patchifies the last one's
+  # feature map. () (default): the plain ViT patch embedding of raw pixels.
+  c.model.image.stem_channels = ()
   c.model.image.posemb_cls = False  # The learned position embedding covers the CLS token (CLIP).
   # uint8 pixels -> (x/255 - mean)/std per RGB channel (CLIP's statistics); () maps to [-1, 1].
   c.model.image.pixel_mean = ()

@@ -95,6 +95,7 @@ class ViTConfig(TransformerConfig):
   posemb_cls: bool = False  # The learned position embedding also covers the CLS token (CLIP).
   pixel_mean: tuple[float, ...] = ()  # uint8 pixels -> (x/255 - mean)/std; () maps to [-1, 1].
   pixel_std: tuple[float, ...] = ()
+  stem_channels: tuple[int, ...] = ()  # 3x3 conv + GELU layers before the patches; (): none.
 
   @property
   def num_patches(self) -> int:

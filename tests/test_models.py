@@ -10,6 +10,7 @@ and shared between tests.
 import dataclasses
 import functools
 import math
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -594,3 +595,34 @@ def test_text_position_embedding_starts_below_the_token_embedding():
   assert abs(tok / 0.02 - 1) < 0.05, tok
   assert abs(pos / 0.01 - 1) < 0.05, pos
   assert pos < tok
+
+
+def test_conv_stem_feeds_the_patch_embedding_and_trains():
+  # config.model.image.stem_channels: 3x3 stride-1 conv + GELU layers before patchifying; the
+  # patch kernel then reads the last conv's channels. () keeps the plain ViT (no stem params).
+  cfg = ViTConfig(image_size=16, patch_size=4, width=32, depth=1, num_heads=2, mlp_dim=64,
+                  stem_channels=(8, 12))
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
+  vit = ViT(cfg)
+  params = nn.unbox(vit.init(jax.random.key(1), images)['params'])
+  assert params['stem_0']['kernel'].shape == (3, 3, 3, 8)
+  assert params['stem_1']['kernel'].shape == (3, 3, 8, 12)
+  assert params['patch_kernel'].shape == (4, 4, 12, 32)
+  out = vit.apply({'params': params}, images)
+  assert out.shape == (2, 32) and np.all(np.isfinite(out))
+  grads = jax.grad(lambda p: jnp.sum(vit.apply({'params': p}, images) ** 2))(params)
+  assert float(jnp.abs(grads['stem_0']['kernel']).sum()) > 0
+  plain = nn.unbox(ViT(dataclasses.replace(cfg, stem_channels=())).init(
+      jax.random.key(1), images)['params'])
+  assert not any(k.startswith('stem_') for k in plain)
+  assert plain['patch_kernel'].shape == (4, 4, 3, 32)
+
+
+def test_conv_stem_channels_are_validated():
+  c = config_lib.load_config_file(pathlib.Path(__file__).parents[1] / 'configs' / 'demo.py')
+  c.model.image.stem_channels = (16, 0)
+  with pytest.raises(config_lib.ConfigError, match=r'model\.image\.stem_channels=\(16, 0\)'):
+    config_lib.validate(c, num_devices=1, num_processes=1)
+  c.model.image.stem_channels = (16,)
+  config_lib.validate(c, num_devices=1, num_processes=1)
+  assert config_lib.model_config(c).image.stem_channels == (16,)

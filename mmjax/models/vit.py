@@ -51,6 +51,15 @@ class ViT(nn.Module):
     # p*p*C (big_vision's ViT, flax's Conv default): std 1/sqrt(p*p*C). The Xavier default of
     # the other layers would count the patch area in the fan-out too (std ~0.035 at p=4, C=3,
     # width=96, 4x smaller), which starts every patch token near the position embedding alone.
+    # Optional convolutional stem (config.model.image.stem_channels): 3x3 stride-1 convs + GELU
+    # at full resolution, so a patch token sees local edges and corners, not only raw pixels.
+    for i, ch in enumerate(cfg.stem_channels):
+      images = nn.Conv(ch, (3, 3), padding='SAME', dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=layers.dense_init((None, None, None, None), PATCH_KERNEL_INIT),
+                       bias_init=layers.dense_init((None,), nn.initializers.zeros),
+                       name=f'stem_{i}')(images)
+      images = nn.gelu(images, approximate=True)
+      c = ch
     kernel = self.param('patch_kernel', layers.dense_init((None, None, None, 'embed'),
                                                           PATCH_KERNEL_INIT),
                         (p, p, c, cfg.width), self.param_dtype)
