@@ -22,7 +22,7 @@ to the checkpoint's architecture (`python -m mmjax.hf DIR` prints it) and
   --config.init.image=hf:DIR
 """
 
-from configs import base
+from configs import base, real_captions
 from mmjax.eval import specs
 
 
@@ -61,17 +61,7 @@ def get_config():
   c.data.llm.weights.t2i = 1.0
   c.data.llm.weights.composed = 0.0  # Image-caption data has no edit pairs.
   c.data.num_hard_negatives = 0
-  c.data.resize = 'letterbox'
-  c.data.background = (255, 255, 255)
-  c.data.caption_sampling = 'random'
-  c.data.augment = 'custom'
-  c.data.aug.crop = 'random_resized'
-  c.data.aug.crop_scale = (0.6, 1.0)
-  c.data.aug.flip = 0.5
-  c.data.aug.brightness = 0.2
-  c.data.aug.contrast = 0.2
-  c.data.aug.saturation = 0.2
-  c.data.aug.hue = 0.0
+  real_captions.real_image_preprocessing(c.data)  # Letterbox, augmentation.
 
   c.log_every_steps = 20
   c.checkpoint.every_steps = 100

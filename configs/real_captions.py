@@ -20,6 +20,22 @@ from configs import base
 from mmjax.eval import specs
 
 
+def real_image_preprocessing(data) -> None:
+  """The preprocessing of real drawings and photos (the module docstring), on `config.data`;
+  shared by the recipes that train on ingested image-caption records."""
+  data.resize = 'letterbox'
+  data.background = (255, 255, 255)
+  data.caption_sampling = 'random'
+  data.augment = 'custom'
+  data.aug.crop = 'random_resized'
+  data.aug.crop_scale = (0.6, 1.0)
+  data.aug.flip = 0.5
+  data.aug.brightness = 0.2
+  data.aug.contrast = 0.2
+  data.aug.saturation = 0.2
+  data.aug.hue = 0.0  # No hue shift: captions name colours.
+
+
 def get_config():
   c = base.get_config()
   c.batch_size = 128
@@ -48,17 +64,7 @@ def get_config():
 
   c.data.name = 'records'
   c.data.path = ''  # --config.data.path=<the training split's prepare --out>
-  c.data.resize = 'letterbox'
-  c.data.background = (255, 255, 255)
-  c.data.caption_sampling = 'random'
-  c.data.augment = 'custom'
-  c.data.aug.crop = 'random_resized'
-  c.data.aug.crop_scale = (0.6, 1.0)
-  c.data.aug.flip = 0.5
-  c.data.aug.brightness = 0.2
-  c.data.aug.contrast = 0.2
-  c.data.aug.saturation = 0.2
-  c.data.aug.hue = 0.0
+  real_image_preprocessing(c.data)
 
   c.log_every_steps = 25
   c.checkpoint.every_steps = 250
