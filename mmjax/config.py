@@ -32,6 +32,7 @@ IMAGE_POOLS = ('cls', 'gap', 'map')
 TEXT_POOLS = ('last', 'first', 'mean', 'map')
 LOSSES = ('sigmoid', 'softmax')
 HEADS = ('linear', 'mlp', 'none')
+STEM_DOWNSAMPLE = ('', 'maxpool', 'stride')
 DTYPES = ('float32', 'bfloat16', 'float16')
 POSEMBS = ('learn', 'sincos2d')
 SCHEDULES = ('cosine', 'constant')
@@ -223,9 +224,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
            and all(s > 0 for s in img.pixel_std),
            f'config.model.image.pixel_mean={img.pixel_mean} / pixel_std={img.pixel_std} must be '
            'both empty or both 3 values (per RGB channel), std > 0.')
-  _require(img.image_size % img.patch_size == 0,
+  _one_of('model.image.stem_downsample', img.stem_downsample, STEM_DOWNSAMPLE)
+  reduction = img.patch_size * (2 ** len(img.stem_channels) if img.stem_downsample else 1)
+  _require(img.image_size % reduction == 0,
            f'config.model.image.image_size={img.image_size} is not a multiple of '
-           f'config.model.image.patch_size={img.patch_size}.')
+           f'config.model.image.patch_size={img.patch_size}'
+           + (f' x the stem reduction {reduction // img.patch_size}' if reduction > img.patch_size
+              else '') + '.')
   _require(img.image_size >= 16, f'config.model.image.image_size={img.image_size} must be >= 16.')
   txt = config.model.text
   _one_of('model.text.pool', txt.pool, TEXT_POOLS)

@@ -58,6 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
   # full-resolution image before the patch embedding, which then patchifies the last one's
   # feature map. () (default): the plain ViT patch embedding of raw pixels.
   c.model.image.stem_channels = ()
+  # How each stem conv downsamples: '' (default) keeps the full resolution; 'maxpool' (2x2 max
+  # pool after each conv: a hybrid CNN-ViT front end) or 'stride' (stride-2 convs, the
+  # early-convolution stem of Xiao et al. 2021) halve it per conv, and then image_size must be a
+  # multiple of patch_size x 2 ** len(stem_channels) (patch_size 1 is usual).
+  c.model.image.stem_downsample = ''
   c.model.image.posemb_cls = False  # The learned position embedding covers the CLS token (CLIP).
   # uint8 pixels -> (x/255 - mean)/std per RGB channel (CLIP's statistics); () maps to [-1, 1].
   c.model.image.pixel_mean = ()

@@ -96,10 +96,23 @@ class ViTConfig(TransformerConfig):
   pixel_mean: tuple[float, ...] = ()  # uint8 pixels -> (x/255 - mean)/std; () maps to [-1, 1].
   pixel_std: tuple[float, ...] = ()
   stem_channels: tuple[int, ...] = ()  # 3x3 conv + GELU layers before the patches; (): none.
+  # How each stem conv downsamples: '' keeps full resolution; 'maxpool' (3x3 conv, then 2x2 max
+  # pool) or 'stride' (3x3 stride-2 conv) halve it per conv.
+  stem_downsample: str = ''
+
+  @property
+  def stem_reduction(self) -> int:
+    """How many pixels one stem output position spans per side (2 ** convs when downsampling)."""
+    return 2 ** len(self.stem_channels) if self.stem_downsample else 1
+
+  @property
+  def grid_size(self) -> int:
+    """Side of the patch-token grid: image_size / (stem reduction x patch_size)."""
+    return self.image_size // self.stem_reduction // self.patch_size
 
   @property
   def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
+    return self.grid_size ** 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +247,7 @@ LLM_PROJECTORS = ('mlp', 'linear')
 
 def tokens_per_image(image: ViTConfig, merge: int) -> int:
   """Visual tokens one image becomes in the LLM embedder: (patch grid / merge)^2."""
-  return (image.image_size // image.patch_size // merge) ** 2
+  return (image.grid_size // merge) ** 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +268,7 @@ class LLMEmbedderConfig:
   param_dtype: str = 'float32'
 
   def __post_init__(self):
-    grid = self.image.image_size // self.image.patch_size
+    grid = self.image.grid_size
     if self.merge < 1 or grid % self.merge:
       raise ValueError(f'model.llm.merge={self.merge} must divide the {grid}x{grid} patch grid.')
     if self.pool not in LLM_POOLS:

@@ -20,6 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mmjax import config as config_lib
+from mmjax.data import llm_tasks
 from mmjax.config import ModelConfig, TextConfig, ViTConfig
 from mmjax.models import TextTransformer, TwoTower, ViT, poolers
 from mmjax.models import two_tower as two_tower_lib
@@ -626,3 +627,40 @@ def test_conv_stem_channels_are_validated():
   c.model.image.stem_channels = (16,)
   config_lib.validate(c, num_devices=1, num_processes=1)
   assert config_lib.model_config(c).image.stem_channels == (16,)
+
+
+@pytest.mark.parametrize('mode', ['maxpool', 'stride'])
+def test_downsampling_stem_halves_the_grid_per_conv(mode):
+  # stem_downsample='maxpool' (2x2 max pool after each conv) or 'stride' (stride-2 convs): two
+  # stem convs take a 16 px image to a 4x4 map, which patch_size=1 turns into 16 tokens; the
+  # max-pooled stem is shift-invariant inside each pooling window, the strided one is not.
+  cfg = ViTConfig(image_size=16, patch_size=1, width=32, depth=1, num_heads=2, mlp_dim=64,
+                  stem_channels=(8, 12), stem_downsample=mode)
+  assert cfg.stem_reduction == 4 and cfg.grid_size == 4 and cfg.num_patches == 16
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
+  vit = ViT(cfg)
+  params = nn.unbox(vit.init(jax.random.key(1), images)['params'])
+  assert params['pos_embedding'].shape == (1, 16, 32)
+  assert params['patch_kernel'].shape == (1, 1, 12, 32)
+  tokens = vit.apply({'params': params}, images, patch_tokens=True)
+  assert tokens.shape == (2, 16, 32)
+  grads = jax.grad(lambda p: jnp.sum(vit.apply({'params': p}, images) ** 2))(params)
+  assert float(jnp.abs(grads['stem_0']['kernel']).sum()) > 0
+  with pytest.raises(ValueError, match=r'stem reduction 4'):
+    vit.apply({'params': params}, images[:, :14, :14])
+
+
+def test_stem_downsample_is_validated_and_sizes_the_llm_visual_tokens():
+  c = config_lib.load_config_file(pathlib.Path(__file__).parents[1] / 'configs' / 'demo.py')
+  c.model.image.stem_channels = (16, 32)
+  c.model.image.stem_downsample = 'avgpool'
+  with pytest.raises(config_lib.ConfigError, match=r"model\.image\.stem_downsample='avgpool'"):
+    config_lib.validate(c, num_devices=1, num_processes=1)
+  c.model.image.stem_downsample = 'maxpool'  # 32 px / 4 = 8, not a multiple of patch 16.
+  c.model.image.patch_size = 16
+  with pytest.raises(config_lib.ConfigError, match=r'patch_size=16 x the stem reduction 4'):
+    config_lib.validate(c, num_devices=1, num_processes=1)
+  c.model.image.patch_size = 2
+  config_lib.validate(c, num_devices=1, num_processes=1)
+  assert config_lib.model_config(c).image.grid_size == 4
+  assert llm_tasks.tokens_per_image(c) == 16

@@ -369,8 +369,9 @@ def stack_images(images: Sequence[np.ndarray], max_images: int, size: int) -> np
 
 def tokens_per_image(config) -> int:
   img = config.model.image
-  return _tokens_per_image(ViTConfig(image_size=img.image_size, patch_size=img.patch_size),
-                           config.model.llm.merge)
+  vit = ViTConfig(image_size=img.image_size, patch_size=img.patch_size,
+                  stem_channels=tuple(img.stem_channels), stem_downsample=img.stem_downsample)
+  return _tokens_per_image(vit, config.model.llm.merge)
 
 
 def make_encoder(config, tokenizer: Tokenizer) -> MultimodalEncoder:

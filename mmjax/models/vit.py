@@ -42,23 +42,32 @@ class ViT(nn.Module):
                patch_tokens: bool = False) -> jax.Array:
     cfg = self.config
     b, h, w, c = images.shape
-    p = cfg.patch_size
-    if h % p or w % p:
-      raise ValueError(f'Image size {h}x{w} is not a multiple of patch_size={p}.')
-    gh, gw = h // p, w // p
+    p, r = cfg.patch_size, cfg.stem_reduction
+    if h % (p * r) or w % (p * r):
+      raise ValueError(f'Image size {h}x{w} is not a multiple of patch_size={p} x the stem '
+                       f'reduction {r} (stem_downsample={cfg.stem_downsample!r}).')
+    gh, gw = h // (p * r), w // (p * r)
     # Patch embedding as one matmul over flattened patches; the kernel keeps the conv layout
     # [p, p, C, width] so released conv weights load unchanged. LeCun normal over the fan-in
     # p*p*C (big_vision's ViT, flax's Conv default): std 1/sqrt(p*p*C). The Xavier default of
     # the other layers would count the patch area in the fan-out too (std ~0.035 at p=4, C=3,
     # width=96, 4x smaller), which starts every patch token near the position embedding alone.
-    # Optional convolutional stem (config.model.image.stem_channels): 3x3 stride-1 convs + GELU
-    # at full resolution, so a patch token sees local edges and corners, not only raw pixels.
+    # Optional convolutional stem (config.model.image.stem_channels): 3x3 convs + GELU, so a
+    # patch token sees local edges and corners, not only raw pixels. stem_downsample='' keeps
+    # the full resolution; 'maxpool' halves it per conv with a 2x2 max pool after the GELU (a
+    # hybrid CNN-ViT front end); 'stride' with stride-2 convs, the early-convolution stem of
+    # Xiao et al. 2021. On the demo's 32 px scenes max pooling is what lets the tower see shape
+    # (bench/shape_supervised.py, BENCHMARKS.md): a stride-2 conv subsamples a 4-pixel object.
+    stride = 2 if cfg.stem_downsample == 'stride' else 1
     for i, ch in enumerate(cfg.stem_channels):
-      images = nn.Conv(ch, (3, 3), padding='SAME', dtype=self.dtype, param_dtype=self.param_dtype,
+      images = nn.Conv(ch, (3, 3), (stride, stride), padding='SAME', dtype=self.dtype,
+                       param_dtype=self.param_dtype,
                        kernel_init=layers.dense_init((None, None, None, None), PATCH_KERNEL_INIT),
                        bias_init=layers.dense_init((None,), nn.initializers.zeros),
                        name=f'stem_{i}')(images)
       images = nn.gelu(images, approximate=True)
+      if cfg.stem_downsample == 'maxpool':
+        images = nn.max_pool(images, (2, 2), (2, 2))
       c = ch
     kernel = self.param('patch_kernel', layers.dense_init((None, None, None, 'embed'),
                                                           PATCH_KERNEL_INIT),
