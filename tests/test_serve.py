@@ -118,7 +118,7 @@ def test_embed_and_search_match_direct_embedding_and_search(env):
 
   out, text_q, image_q, spaced, metrics, service = asyncio.run(body())
   np.testing.assert_allclose(out['text_vectors'], model.embed_texts(texts), atol=1e-5)
-  pixels = serve.backfill.prepare_image(env['images'][0], service.view, 10**7)[None]
+  pixels = backfill.prepare_image(env['images'][0], service.view, 10**7)[None]
   np.testing.assert_allclose(out['image_vectors'], model.embed_images(pixels), atol=1e-5)
   scores, ids = searcher.search_texts(model, texts[:1], k=5)
   assert text_q['ids'] == ids[0].tolist() and text_q['index_build'] == 'b1'

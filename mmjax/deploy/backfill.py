@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import io
 import json
 import pathlib
@@ -119,103 +120,29 @@ def backfill(model: str | pathlib.Path | serving.ServingModel, data: str,
     raise ValueError(f'--dtype={dtype!r} is not one of {store_lib.DTYPES}.')
   if not isinstance(model, serving.ServingModel):
     model = serving.load(model, batch_size=batch_size, devices=jax.local_devices())
-  spec = model.spec
-  corpus = corpus_lib.open_corpus(data, modality=modality, image_size=spec['image_size'])
-  view = images_lib.View(spec['image_size'], spec['resize'], tuple(spec['background']))
-
-  out = pathlib.Path(out).absolute()
-  if (out / store_lib.MANIFEST).is_file():  # A version directory was given.
-    directory = store_lib.version_dir(out)
-    store_lib.check_same_version(f'The store {directory}', store_lib.read_manifest(
-        directory)['model_version'], f'the model {model.path}', model.version)
-  else:
-    directory = out / model.version
-  manifest = store_lib.read_manifest(directory) if (directory / store_lib.MANIFEST).is_file() \
-      else None
+  corpus = corpus_lib.open_corpus(data, modality=modality, image_size=model.spec['image_size'])
   settings = {'modality': modality, 'shard_size': shard_size, 'dtype': dtype}
-  if manifest:
-    for key in ('modality', 'dtype'):
-      if manifest[key] != settings[key]:
-        raise store_lib.StoreError(f'{directory} holds {key}={manifest[key]!r}; this run asks '
-                                   f'--{key}={settings[key]!r}. Backfill into another store.')
+  directory, manifest = _open_store(out, model, settings)
   plan = _plan(directory, manifest, corpus, settings)
   if plan is None:
     return {'model_version': model.version, 'store': str(directory), 'up_to_date': True,
             'corpus': corpus.spec, 'corpus_items': len(corpus.keys), 'to_embed': 0,
             'count': manifest['count'], 'bad': manifest['bad']}
   gen, todo = plan['gen'], plan['todo']
-  _barrier('mmjax.deploy.backfill.plan_read')
   rank, procs = jax.process_index(), jax.process_count()
-  shards_dir = directory / 'shards'
-  if rank == 0:
-    (directory / 'plans').mkdir(parents=True, exist_ok=True)
-    shards_dir.mkdir(exist_ok=True)
-    plan_file = directory / 'plans' / f'g{gen:04d}.json'
-    if not plan_file.is_file():
-      store_lib.write_json(plan_file, plan)
-  _barrier('mmjax.deploy.backfill.plan_written')
-
+  shards_dir = _write_plan(directory, plan, rank)
   chunks = [todo[s:s + shard_size] for s in range(0, len(todo), shard_size)]
   share = [s for s in range(len(chunks)) if s % procs == rank]  # This process's shards,
   mine = [s for s in share if not (shards_dir / store_lib.shard_name(gen, s)).is_file()]  # to do.
-
-  def prepare_one(entry):
-    index, item_id, _ = entry
-    try:
-      raw = corpus.load(index)
-      if modality == 'image':
-        return prepare_image(raw, view, max_pixels), None
-      return prepare_text(raw, max_text_chars), None
-    except Exception as e:  # pylint: disable=broad-except  (any failure is that item's)
-      reason = str(e) if isinstance(e, BadInput) else f'{type(e).__name__}: {e}'
-      return None, reason or type(e).__name__
-
-  if mine:  # Compile before the clock starts: the report measures the steady state.
-    size = spec['image_size']
-    model.embed(modality, np.zeros((1, size, size, 3), np.uint8) if modality == 'image' else ['a'])
-  t0 = time.perf_counter()
-  embed_s = 0.0
+  prepare = functools.partial(_prepare_entry, corpus, modality, max_pixels, max_text_chars,
+                              images_lib.View(model.spec['image_size'], model.spec['resize'],
+                                              tuple(model.spec['background'])))
   bar = tqdm.tqdm(total=sum(len(chunks[s]) for s in share),
                   initial=sum(len(chunks[s]) for s in share) - sum(len(chunks[s]) for s in mine),
                   unit='item', desc=f'backfill {model.version}',
                   disable=not progress or rank != 0, dynamic_ncols=True)
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
-      concurrent.futures.ThreadPoolExecutor(1) as ahead:
-    queue = collections.deque()
-
-    def submit(k):
-      if k < len(mine):
-        queue.append(ahead.submit(lambda s: list(pool.map(prepare_one, chunks[s])), mine[k]))
-
-    submit(0)
-    submit(1)
-    for k, s in enumerate(mine):
-      prepared = queue.popleft().result()
-      submit(k + 2)  # Decoding runs two shards ahead of the device.
-      chunk = chunks[s]
-      good = [i for i, (_, reason) in enumerate(prepared) if reason is None]
-      bad = [i for i, (_, reason) in enumerate(prepared) if reason is not None]
-      t = time.perf_counter()
-      if good:
-        inputs = [prepared[i][0] for i in good]
-        vecs = model.embed(modality, np.stack(inputs) if modality == 'image' else inputs)
-      else:
-        vecs = np.zeros((0, model.embed_dim), np.float32)
-      embed_s += time.perf_counter() - t
-      store_lib.write_shard(shards_dir / store_lib.shard_name(gen, s), {
-          'ids': np.asarray([chunk[i][1] for i in good], dtype=str).reshape(-1),
-          'hashes': np.asarray([chunk[i][2] for i in good], dtype=str).reshape(-1),
-          'bad_ids': np.asarray([chunk[i][1] for i in bad], dtype=str).reshape(-1),
-          'bad_hashes': np.asarray([chunk[i][2] for i in bad], dtype=str).reshape(-1),
-          'bad_reasons': np.asarray([prepared[i][1] for i in bad], dtype=str).reshape(-1),
-          'model_version': np.asarray(model.version),
-          **store_lib.quantize(vecs, dtype)})
-      bar.update(len(chunk))
-      bar.set_postfix(bad=len(bad))
-      if after_shard is not None:
-        after_shard(s)
-  bar.close()
-  wall = time.perf_counter() - t0
+  wall, embed_s = _embed_shards(model, modality, dtype, chunks, mine, gen, shards_dir, prepare,
+                                workers, bar, after_shard)
   _barrier('mmjax.deploy.backfill.shards_written')
   report = {'model_version': model.version, 'generation': gen, 'store': str(directory),
             'corpus': corpus.spec, 'corpus_items': len(corpus.keys), 'to_embed': len(todo),
@@ -231,6 +158,110 @@ def backfill(model: str | pathlib.Path | serving.ServingModel, data: str,
         json.dumps(report, indent=1, sort_keys=True))
   _barrier('mmjax.deploy.backfill.committed')
   return report
+
+
+def _open_store(out, model: serving.ServingModel, settings: dict) -> tuple[pathlib.Path, Any]:
+  """(the version directory under `out`, its manifest or None); refuses another model version
+  or a store of another modality/dtype."""
+  out = pathlib.Path(out).absolute()
+  if (out / store_lib.MANIFEST).is_file():  # A version directory was given.
+    directory = store_lib.version_dir(out)
+    store_lib.check_same_version(f'The store {directory}', store_lib.read_manifest(
+        directory)['model_version'], f'the model {model.path}', model.version)
+  else:
+    directory = out / model.version
+  manifest = store_lib.read_manifest(directory) if (directory / store_lib.MANIFEST).is_file() \
+      else None
+  if manifest:
+    for key in ('modality', 'dtype'):
+      if manifest[key] != settings[key]:
+        raise store_lib.StoreError(f'{directory} holds {key}={manifest[key]!r}; this run asks '
+                                   f'--{key}={settings[key]!r}. Backfill into another store.')
+  return directory, manifest
+
+
+def _write_plan(directory: pathlib.Path, plan: dict, rank: int) -> pathlib.Path:
+  """Process 0 writes the generation's plan (once: a resumed run finds it); returns shards/."""
+  _barrier('mmjax.deploy.backfill.plan_read')
+  shards_dir = directory / 'shards'
+  if rank == 0:
+    (directory / 'plans').mkdir(parents=True, exist_ok=True)
+    shards_dir.mkdir(exist_ok=True)
+    plan_file = directory / 'plans' / f'g{plan["gen"]:04d}.json'
+    if not plan_file.is_file():
+      store_lib.write_json(plan_file, plan)
+  _barrier('mmjax.deploy.backfill.plan_written')
+  return shards_dir
+
+
+def _prepare_entry(corpus, modality: str, max_pixels: int, max_text_chars: int,
+                   view: images_lib.View, entry) -> tuple[Any, str | None]:
+  """(model input, None) or (None, the reason the item is bad): a failure is that item's."""
+  index, _, _ = entry
+  try:
+    raw = corpus.load(index)
+    if modality == 'image':
+      return prepare_image(raw, view, max_pixels), None
+    return prepare_text(raw, max_text_chars), None
+  except Exception as e:  # pylint: disable=broad-except  (any failure is that item's)
+    reason = str(e) if isinstance(e, BadInput) else f'{type(e).__name__}: {e}'
+    return None, reason or type(e).__name__
+
+
+def _embed_shards(model, modality, dtype, chunks, mine, gen, shards_dir, prepare, workers, bar,
+                  after_shard) -> tuple[float, float]:
+  """Embeds and writes this process's missing shards (decoding two shards ahead of the device);
+  returns (wall seconds, seconds in the model)."""
+  if mine:  # Compile before the clock starts: the report measures the steady state.
+    size = model.spec['image_size']
+    model.embed(modality, np.zeros((1, size, size, 3), np.uint8) if modality == 'image' else ['a'])
+  t0, embed_s = time.perf_counter(), 0.0
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
+      concurrent.futures.ThreadPoolExecutor(1) as ahead:
+    queue = collections.deque()
+
+    def submit(k):
+      if k < len(mine):
+        queue.append(ahead.submit(lambda s: list(pool.map(prepare, chunks[s])), mine[k]))
+
+    submit(0)
+    submit(1)
+    for k, s in enumerate(mine):
+      prepared = queue.popleft().result()
+      submit(k + 2)
+      seconds, num_bad = _write_shard(model, modality, dtype, chunks[s], prepared,
+                                      shards_dir / store_lib.shard_name(gen, s))
+      embed_s += seconds
+      bar.update(len(chunks[s]))
+      bar.set_postfix(bad=num_bad)
+      if after_shard is not None:
+        after_shard(s)
+  bar.close()
+  return time.perf_counter() - t0, embed_s
+
+
+def _write_shard(model, modality: str, dtype: str, chunk, prepared,
+                 path: pathlib.Path) -> tuple[float, int]:
+  """Embeds one shard's good items and writes them with the bad ones' reasons; returns (the
+  seconds spent in the model, the number of bad items)."""
+  good = [i for i, (_, reason) in enumerate(prepared) if reason is None]
+  bad = [i for i, (_, reason) in enumerate(prepared) if reason is not None]
+  t = time.perf_counter()
+  if good:
+    inputs = [prepared[i][0] for i in good]
+    vecs = model.embed(modality, np.stack(inputs) if modality == 'image' else inputs)
+  else:
+    vecs = np.zeros((0, model.embed_dim), np.float32)
+  seconds = time.perf_counter() - t
+  store_lib.write_shard(path, {
+      'ids': np.asarray([chunk[i][1] for i in good], dtype=str).reshape(-1),
+      'hashes': np.asarray([chunk[i][2] for i in good], dtype=str).reshape(-1),
+      'bad_ids': np.asarray([chunk[i][1] for i in bad], dtype=str).reshape(-1),
+      'bad_hashes': np.asarray([chunk[i][2] for i in bad], dtype=str).reshape(-1),
+      'bad_reasons': np.asarray([prepared[i][1] for i in bad], dtype=str).reshape(-1),
+      'model_version': np.asarray(model.version),
+      **store_lib.quantize(vecs, dtype)})
+  return seconds, len(bad)
 
 
 def _commit(directory: pathlib.Path, manifest, plan, num_shards: int, model, corpus) -> dict:

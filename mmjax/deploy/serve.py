@@ -37,61 +37,31 @@ every endpoint but /healthz and /readyz).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import dataclasses
-import functools
-import hashlib
 import hmac
 import ipaddress
 import json
-import logging
 import pathlib
 import time
 from typing import Any
 
-import numpy as np
 try:
   import prometheus_client
   from fastapi import FastAPI, Request
   from fastapi.responses import JSONResponse, PlainTextResponse
-  from pydantic import BaseModel, ConfigDict, Field
 except ImportError as e:  # The default install stays lean: the service is an extra.
   raise ImportError(f'mmjax.deploy.serve needs the serve extra ({e.name} is missing): '
                     'pip install "mmjax[serve]" (fastapi, uvicorn, prometheus-client).') from e
 
-from mmjax.data import images as images_lib
-from mmjax.deploy import backfill, index as index_lib, serving, store as store_lib
-from mmjax.deploy.batching import Batcher, LRUCache  # noqa: F401  (re-exported)
-from mmjax.deploy.live import Delta  # noqa: F401  (re-exported)
+from mmjax.deploy import index as index_lib, serving
+# The service's public API, re-exported: `serve.Service`, `serve.Settings`, ...
+from mmjax.deploy.api import (BadRequest, EmbedRequest, EmbedResponse, ItemRequest,  # noqa: F401
+                              SearchRequest, SearchResponse, Settings)
+from mmjax.deploy.batching import LRUCache  # noqa: F401
+from mmjax.deploy.live import Delta  # noqa: F401
+from mmjax.deploy.service import Service
 
 OPEN_PATHS = ('/healthz', '/readyz')
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """Service limits and batching; every field is a flag of `python -m mmjax.deploy.serve`."""
-  max_batch: int = 32  # Items per model call; 1 = no micro-batching.
-  max_wait_ms: float = 3.0  # How long the first queued item waits for company.
-  buckets: tuple[int, ...] = ()  # Padded batch sizes (default: powers of 2 up to max_batch).
-  cache_size: int = 10_000  # LRU entries of query embeddings; 0 = no cache.
-  max_request_bytes: int = 8 << 20  # Request bodies over this are refused (413).
-  max_items: int = 64  # Texts + images in one /embed request.
-  max_text_chars: int = 2_000
-  max_pixels: int = 25_000_000  # A larger image is refused unread (a decompression bomb).
-  max_k: int = 1_000
-  api_key: str | None = None
-  watch_s: float = 2.0  # How often the served alias is checked for a new build; 0 = never.
-
-  def bucket_sizes(self, shards: int = 1) -> tuple[int, ...]:
-    if self.max_batch < 1:
-      raise ValueError(f'max_batch={self.max_batch}: must be at least 1.')
-    sizes = self.buckets or tuple(sorted({min(1 << i, self.max_batch)
-                                          for i in range(self.max_batch.bit_length() + 1)}))
-    if max(sizes) < self.max_batch:
-      raise ValueError(f'buckets={sizes}: the largest must hold max_batch={self.max_batch}.')
-    return tuple(sorted({-(-s // shards) * shards for s in sizes}))
 
 
 def is_loopback(host: str) -> bool:
@@ -108,405 +78,6 @@ def check_bind(host: str, api_key: str | None) -> None:
     raise ValueError(f'--host={host} is not a loopback address: pass --api_key (or '
                      'MMJAX_SERVE_API_KEY) so that the service is not open to the network.')
 
-
-# --- Request and response models (unknown fields refused) ----------------------------------------
-
-class EmbedRequest(BaseModel):
-  model_config = ConfigDict(extra='forbid')
-  texts: list[str] = Field(default_factory=list, description='Texts to embed.')
-  images: list[str] = Field(default_factory=list,
-                            description='Encoded image files (PNG, JPEG, ...), base64.')
-
-
-class EmbedResponse(BaseModel):
-  model_version: str
-  text_vectors: list[list[float]]
-  image_vectors: list[list[float]]
-
-
-class SearchRequest(BaseModel):
-  model_config = ConfigDict(extra='forbid')
-  text: str | None = Field(None, description='A text query.')
-  image: str | None = Field(None, description='An image query: an encoded image file, base64.')
-  vector: list[float] | None = Field(None, description='A query embedding (needs model_version).')
-  model_version: str | None = Field(
-      None, description='The model version of the query; refused (409) unless the index\'s.')
-  k: int = Field(10, description='Neighbours returned.')
-
-
-class ItemRequest(BaseModel):
-  model_config = ConfigDict(extra='forbid')
-  id: str = Field(..., min_length=1, max_length=256, description='The item id (upsert: replace).')
-  text: str | None = Field(None, description='The item as a text.')
-  image: str | None = Field(None, description='The item as an image: an encoded file, base64.')
-
-
-class SearchResponse(BaseModel):
-  ids: list[str]
-  scores: list[float]
-  model_version: str
-  index_build: str
-  cached: bool
-
-
-class BadRequest(ValueError):
-  """Input the service refuses: (status, message naming the field)."""
-
-  def __init__(self, message: str, status: int = 422):
-    super().__init__(message)
-    self.status = status
-
-
-# --- The service ---------------------------------------------------------------------------------
-
-class Metrics:
-  """The Prometheus metrics of one service (its own registry: several apps in one process)."""
-
-  def __init__(self):
-    self.registry = r = prometheus_client.CollectorRegistry()
-    self.requests = prometheus_client.Counter(
-        'mmjax_requests', 'Requests by endpoint and status code.', ['endpoint', 'status'],
-        registry=r)
-    self.latency = prometheus_client.Histogram(
-        'mmjax_request_latency_seconds', 'Request latency by endpoint.', ['endpoint'], registry=r,
-        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-    self.batch = prometheus_client.Histogram(
-        'mmjax_batch_items', 'Items per model call (before padding).', ['modality'], registry=r,
-        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-    self.padded = prometheus_client.Counter(
-        'mmjax_batch_padding_rows', 'Padding rows run by the model.', ['modality'], registry=r)
-    self.cache_hits = prometheus_client.Counter('mmjax_cache_hits', 'Query cache hits.',
-                                                registry=r)
-    self.cache_misses = prometheus_client.Counter('mmjax_cache_misses', 'Query cache misses.',
-                                                  registry=r)
-    self.cache_ratio = prometheus_client.Gauge('mmjax_cache_hit_ratio',
-                                               'Query cache hits / lookups.', registry=r)
-    self.index_size = prometheus_client.Gauge('mmjax_index_size', 'Items in the index.',
-                                              registry=r)
-    self.version = prometheus_client.Gauge(
-        'mmjax_version', 'The served model version and index build (value 1).',
-        ['model_version', 'index_build'], registry=r)
-    self.ready = prometheus_client.Gauge('mmjax_ready', '1 once compiled and loaded.', registry=r)
-    self.delta_size = prometheus_client.Gauge(
-        'mmjax_delta_size', 'Upserted items searched beside the index.', registry=r)
-    self.switches = prometheus_client.Counter('mmjax_switches', 'Hot switches to a new build.',
-                                              registry=r)
-    self.switch_failures = prometheus_client.Counter(
-        'mmjax_switch_failures', 'Promoted builds that could not be switched to.', registry=r)
-
-
-@dataclasses.dataclass(frozen=True)
-class Served:
-  """What one request is answered with, start to end: a model and the index build of its
-  version. A hot switch replaces the service's `Served` in one assignment; a request in flight
-  keeps the one it started with."""
-  model: serving.ServingModel
-  searcher: index_lib.Searcher | None
-  delta: Delta | None = None
-
-  def __post_init__(self):
-    if self.searcher is not None:
-      store_lib.check_same_version('The serving model', self.model.version,
-                                   f'the index build {self.searcher.path.name}',
-                                   self.searcher.version)
-
-  @property
-  def build(self) -> str:
-    return self.searcher.path.name if self.searcher is not None else ''
-
-  @functools.cached_property
-  def index_ids(self) -> set[str]:
-    return set(map(str, self.searcher.ids)) if self.searcher is not None else set()
-
-  @property
-  def view(self) -> images_lib.View:
-    spec = self.model.spec
-    return images_lib.View(spec['image_size'], spec['resize'], tuple(spec['background']))
-
-
-class Service:
-  """The model, the index, the batcher and the cache behind the HTTP app.
-
-  Given `index_root` and an alias (`current`, `previous`) as `watch`, the service checks the
-  alias every `settings.watch_s` seconds and switches to the build it points at: the new build
-  (and, for another model version, its serving export) is loaded and compiled beside the one
-  serving, then swapped in (`check_switch`). `fixed_model`: the model was given explicitly, so a
-  build of another version is not switched to (counted in mmjax_switch_failures)."""
-
-  def __init__(self, model: serving.ServingModel, searcher: index_lib.Searcher | None,
-               settings: Settings = Settings(), *, index_root: str | pathlib.Path | None = None,
-               watch: str | None = None, fixed_model: bool = False):
-    self.wal_dir = pathlib.Path(index_root) / 'wal' if index_root is not None else None
-    self.state = Served(model, searcher, self._delta(model, searcher))
-    self.settings = settings
-    self.index_root, self.watch, self.fixed_model = index_root, watch, fixed_model
-    self.metrics = Metrics()
-    self.cache = LRUCache(settings.cache_size)
-    self.buckets = settings.bucket_sizes(len(model.devices))
-    self.batcher = Batcher(self._embed_batch, self.buckets, settings.max_wait_ms / 1000,
-                           self._on_batch)
-    self.ready = False
-    self._search_lock: asyncio.Lock | None = None
-    self._watcher: asyncio.Task | None = None
-
-  def _delta(self, model: serving.ServingModel, searcher) -> Delta | None:
-    if searcher is None:
-      return None
-    path = self.wal_dir / f'{model.version}.jsonl' if self.wal_dir is not None else None
-    return Delta(path, model.version, model.embed_dim)
-
-  @property
-  def model(self) -> serving.ServingModel:
-    return self.state.model
-
-  @property
-  def searcher(self) -> index_lib.Searcher | None:
-    return self.state.searcher
-
-  @property
-  def build(self) -> str:
-    return self.state.build
-
-  @property
-  def view(self) -> images_lib.View:
-    return self.state.view
-
-  def _embed_batch(self, modality: str, items: list, batch_size: int) -> np.ndarray:
-    """items: (model, input) pairs; one model call per model (two only across a switch)."""
-    out: list[np.ndarray | None] = [None] * len(items)
-    groups: dict[int, list[int]] = {}
-    for i, (model, _) in enumerate(items):
-      groups.setdefault(id(model), []).append(i)
-    for rows in groups.values():
-      model = items[rows[0]][0]
-      xs = [items[i][1] for i in rows]
-      inputs = np.stack(xs) if modality == 'image' else xs
-      size = batch_size if len(groups) == 1 else self.batcher.bucket(len(rows))
-      for i, v in zip(rows, model.embed(modality, inputs, batch_size=size)):
-        out[i] = v
-    return np.stack(out)
-
-  def _on_batch(self, modality: str, n: int, padded: int) -> None:
-    self.metrics.batch.labels(modality).observe(n)
-    self.metrics.padded.labels(modality).inc(padded - n)
-
-  def warm_up(self, state: Served | None = None) -> None:
-    """Compiles every bucket size of both modalities (and one search) before /readyz says so."""
-    model, searcher = (state or self.state).model, (state or self.state).searcher
-    size = model.spec['image_size']
-    for b in self.buckets:
-      model.embed_images(np.zeros((b, size, size, 3), np.uint8), batch_size=b)
-      model.embed_texts(['warm up'] * b, batch_size=b)
-    if searcher is not None:
-      searcher.search(np.zeros((1, model.embed_dim), np.float32), 1, query_version=model.version)
-
-  def _show(self, state: Served, value: float) -> None:
-    self.metrics.version.labels(state.model.version, state.build).set(value)
-    if value:
-      self.metrics.index_size.set(len(state.searcher.ids) if state.searcher is not None else 0)
-
-  async def start(self) -> None:
-    self._search_lock = asyncio.Lock()
-    await asyncio.to_thread(self.warm_up)
-    self.batcher.start(serving.MODALITIES)
-    self._show(self.state, 1)
-    if self.index_root is not None and self.watch in index_lib.ALIASES and self.settings.watch_s:
-      self._watcher = asyncio.get_running_loop().create_task(self._watch())
-    self.ready = True
-    self.metrics.ready.set(1)
-
-  async def stop(self) -> None:
-    self.ready = False
-    self.metrics.ready.set(0)
-    if self._watcher is not None:
-      self._watcher.cancel()
-      await asyncio.gather(self._watcher, return_exceptions=True)
-      self._watcher = None
-    await self.batcher.stop()
-    if self.state.delta is not None:
-      self.state.delta.close()
-
-  def _load(self, name: str) -> Served:
-    searcher = index_lib.Searcher(self.index_root, name)
-    model = self.model
-    if searcher.version != model.version:
-      if self.fixed_model:
-        raise store_lib.VersionMismatchError(
-            f'The promoted build {name} is of model version {searcher.version!r} but the service '
-            f'was started with --model of {model.version!r}: not switched. Restart without '
-            '--model (the build\'s own serving export is then loaded).')
-      model = serving.load(searcher.info['model']['path'], batch_size=max(self.buckets),
-                           devices=model.devices)
-    state = Served(model, searcher, self._delta(model, searcher))
-    self.warm_up(state)
-    return state
-
-  async def check_switch(self) -> bool:
-    """Switches to the build the watched alias points at, if it moved; True if switched."""
-    name = index_lib.alias(self.index_root, self.watch)
-    if name is None or name == self.build:
-      return False
-    new = await asyncio.to_thread(self._load, name)
-    old, self.state = self.state, new  # Requests that started on `old` finish on it.
-    self._show(old, 0)
-    self._show(new, 1)
-    self.metrics.switches.inc()
-    logging.info('Switched from %s (%s) to %s (%s).', old.build, old.model.version, new.build,
-                 new.model.version)
-    return True
-
-  async def _watch(self) -> None:
-    failed: str | None = None
-    while True:
-      await asyncio.sleep(self.settings.watch_s)
-      try:
-        await self.check_switch()
-        failed = None
-      except Exception as e:  # pylint: disable=broad-except  # Keep serving the old build.
-        if str(e) != failed:  # Count and log each new failure once, not every poll.
-          failed = str(e)
-          self.metrics.switch_failures.inc()
-          logging.error('Hot switch failed, still serving %s: %s', self.build, e)
-
-  # Input preparation (raises BadRequest naming the field).
-  def prepare_text(self, text: Any, field: str) -> str:
-    try:
-      text = backfill.prepare_text(text, self.settings.max_text_chars)
-    except backfill.BadInput as e:
-      raise BadRequest(f'{field}: {e}.') from e
-    return ' '.join(text.split())
-
-  def prepare_image(self, data: str, field: str, state: Served | None = None) -> np.ndarray:
-    try:
-      raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as e:
-      raise BadRequest(f'{field}: not valid base64 ({e}).') from e
-    if not raw:
-      raise BadRequest(f'{field}: empty image.')
-    try:
-      return backfill.prepare_image(raw, (state or self.state).view, self.settings.max_pixels)
-    except backfill.BadInput as e:
-      raise BadRequest(f'{field}: {e}.') from e
-    except Exception as e:  # pylint: disable=broad-except  # Pillow raises many kinds.
-      raise BadRequest(f'{field}: not a decodable image ({type(e).__name__}: {e}).') from e
-
-  async def embed_one(self, modality: str, item,
-                      state: Served | None = None) -> tuple[np.ndarray, bool]:
-    state = state or self.state
-    digest = item if modality == 'text' else hashlib.sha256(item.tobytes()).hexdigest()
-    key = (state.model.version, modality, digest)
-    vector = self.cache.get(key)
-    hit = vector is not None
-    if hit:
-      self.metrics.cache_hits.inc()
-    else:
-      self.metrics.cache_misses.inc()
-      vector = await self.batcher.submit(modality, (state.model, item))
-      self.cache.put(key, vector)
-    self.metrics.cache_ratio.set(self.cache.hit_ratio)
-    return vector, hit
-
-  async def _embed_items(self, modality: str, items: list, state: Served) -> list[np.ndarray]:
-    return [v for v, _ in await asyncio.gather(*(self.embed_one(modality, x, state)
-                                                 for x in items))]
-
-  async def embed(self, req: EmbedRequest) -> EmbedResponse:
-    state = self.state
-    n = len(req.texts) + len(req.images)
-    if n == 0:
-      raise BadRequest('Give at least one of texts, images.')
-    if n > self.settings.max_items:
-      raise BadRequest(f'{n} items in one request: at most max_items={self.settings.max_items}.',
-                       413)
-    texts = [self.prepare_text(t, f'texts[{i}]') for i, t in enumerate(req.texts)]
-    images = await asyncio.to_thread(
-        lambda: [self.prepare_image(x, f'images[{i}]', state) for i, x in enumerate(req.images)]
-    ) if req.images else []
-    tv, iv = await asyncio.gather(self._embed_items('text', texts, state),
-                                  self._embed_items('image', images, state))
-    return EmbedResponse(model_version=state.model.version,
-                         text_vectors=[v.tolist() for v in tv],
-                         image_vectors=[v.tolist() for v in iv])
-
-  async def search(self, req: SearchRequest) -> SearchResponse:
-    state = self.state
-    model, searcher = state.model, state.searcher
-    if searcher is None:
-      raise BadRequest('This service has no index (started without --index): /search is off.',
-                       404)
-    given = [f for f in ('text', 'image', 'vector') if getattr(req, f) is not None]
-    if len(given) != 1:
-      raise BadRequest(f'Give exactly one of text, image, vector (got {given or "none"}).')
-    if not 1 <= req.k <= self.settings.max_k:
-      raise BadRequest(f'k={req.k}: must be in [1, {self.settings.max_k}].')
-    hit = False
-    if req.vector is not None:
-      if req.model_version is None:
-        raise BadRequest('vector needs its model_version.')
-      vector = np.asarray(req.vector, np.float32)
-      if vector.shape != (model.embed_dim,) or not np.isfinite(vector).all():
-        raise BadRequest(f'vector: expected {model.embed_dim} finite floats, got '
-                         f'{len(req.vector)}.')
-    else:
-      if req.text is not None:
-        vector, hit = await self.embed_one('text', self.prepare_text(req.text, 'text'), state)
-      else:
-        pixels = await asyncio.to_thread(self.prepare_image, req.image, 'image', state)
-        vector, hit = await self.embed_one('image', pixels, state)
-    version = req.model_version or model.version
-    try:
-      store_lib.check_same_version('The query', version, f'the index build {state.build}',
-                                   searcher.version)
-    except store_lib.VersionMismatchError as e:
-      raise BadRequest(str(e), 409) from e
-    async with self._search_lock:
-      hits = await asyncio.to_thread(self._search, state, vector, req.k, version)
-    return SearchResponse(ids=[i for _, i in hits], scores=[s for s, _ in hits],
-                          model_version=model.version, index_build=state.build,
-                          cached=hit)
-
-  @staticmethod
-  def _search(state: Served, vector: np.ndarray, k: int, version: str) -> list[tuple[float, str]]:
-    """The index's top k merged with the delta's (exact), deleted and replaced ids left out."""
-    delta, searcher = state.delta, state.searcher
-    hidden = delta.hidden if delta is not None else set()
-    scores, ids = searcher.search(vector[None], k + len(hidden), query_version=version)
-    hits = [(float(s), str(i)) for s, i in zip(scores[0], ids[0]) if str(i) not in hidden]
-    if delta is not None:
-      hits += delta.search(vector, k)
-    return sorted(hits, key=lambda h: -h[0])[:k]
-
-  async def upsert(self, req: 'ItemRequest') -> dict[str, Any]:
-    state = self.state
-    if state.delta is None:
-      raise BadRequest('This service has no index (started without --index): /items is off.',
-                       404)
-    if (req.text is None) == (req.image is None):
-      raise BadRequest('Give exactly one of text, image.')
-    if req.text is not None:
-      vector, _ = await self.embed_one('text', self.prepare_text(req.text, 'text'), state)
-    else:
-      pixels = await asyncio.to_thread(self.prepare_image, req.image, 'image', state)
-      vector, _ = await self.embed_one('image', pixels, state)
-    async with self._search_lock:
-      await asyncio.to_thread(state.delta.upsert, req.id, vector)
-    self.metrics.delta_size.set(len(state.delta.vectors))
-    return {'id': req.id, 'model_version': state.model.version, 'index_build': state.build}
-
-  async def delete(self, item_id: str) -> dict[str, Any]:
-    state = self.state
-    if state.delta is None:
-      raise BadRequest('This service has no index (started without --index): /items is off.',
-                       404)
-    known = item_id in state.delta.vectors or (
-        item_id not in state.delta.deleted and item_id in state.index_ids)
-    if not known:
-      raise BadRequest(f'No item {item_id!r} in the index build {state.build} or its updates.',
-                       404)
-    async with self._search_lock:
-      await asyncio.to_thread(state.delta.delete, item_id)
-    self.metrics.delta_size.set(len(state.delta.vectors))
-    return {'id': item_id, 'deleted': True, 'index_build': state.build}
 
 
 class BodyLimit:
@@ -547,6 +118,42 @@ class BodyLimit:
     return await self.app(scope, replay, send)
 
 
+def _not_ready() -> JSONResponse:
+  return JSONResponse({'detail': 'Not ready: compiling the model or loading the index.'},
+                      status_code=503)
+
+
+def _guard(service: Service):
+  """The HTTP middleware: the API key check (all but OPEN_PATHS), 503 until the service is
+  ready (all but OPEN_PATHS and /metrics), and the request metrics."""
+  metrics = service.metrics
+
+  async def guard(request: Request, call_next):
+    path, start = request.url.path, time.perf_counter()
+    key = service.settings.api_key
+    if key and path not in OPEN_PATHS:
+      given = request.headers.get('x-api-key') or ''
+      auth = request.headers.get('authorization') or ''
+      if auth.lower().startswith('bearer '):
+        given = auth[7:]
+      if not hmac.compare_digest(given.encode(), key.encode()):
+        response = JSONResponse({'detail': 'Missing or wrong API key (Authorization: Bearer KEY '
+                                           'or X-API-Key: KEY).'}, status_code=401)
+        metrics.requests.labels(path, '401').inc()
+        return response
+    if not service.ready and path not in OPEN_PATHS + ('/metrics',):
+      response = _not_ready()  # /embed, /search, /items wait for compile + load.
+    else:
+      response = await call_next(request)
+    endpoint = (path if path in ('/embed', '/search', '/metrics') + OPEN_PATHS else
+                '/items' if path.startswith('/items') else 'other')
+    metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+    return response
+
+  return guard
+
+
 def create_app(service: Service, *, lifespan: bool = True) -> Any:
   """The app of `service`: its lifespan starts `service.start()` (compile, load), after which
   /readyz turns 200 (with lifespan=False the caller starts and stops the service).
@@ -565,35 +172,11 @@ def create_app(service: Service, *, lifespan: bool = True) -> Any:
   api = FastAPI(title='mmjax embedding service', version=service.model.version,
                 lifespan=run if lifespan else None)
   metrics = service.metrics
-
-  @api.middleware('http')
-  async def guard(request: Request, call_next):
-    path, start = request.url.path, time.perf_counter()
-    key = service.settings.api_key
-    if key and path not in OPEN_PATHS:
-      given = request.headers.get('x-api-key') or ''
-      auth = request.headers.get('authorization') or ''
-      if auth.lower().startswith('bearer '):
-        given = auth[7:]
-      if not hmac.compare_digest(given.encode(), key.encode()):
-        response = JSONResponse({'detail': 'Missing or wrong API key (Authorization: Bearer KEY '
-                                           'or X-API-Key: KEY).'}, status_code=401)
-        metrics.requests.labels(path, '401').inc()
-        return response
-    response = await call_next(request)
-    endpoint = (path if path in ('/embed', '/search', '/metrics') + OPEN_PATHS else
-                '/items' if path.startswith('/items') else 'other')
-    metrics.requests.labels(endpoint, str(response.status_code)).inc()
-    metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-    return response
+  api.middleware('http')(_guard(service))
 
   @api.exception_handler(BadRequest)
   async def bad_request(_, e: BadRequest):
     return JSONResponse({'detail': str(e)}, status_code=e.status)
-
-  def not_ready():
-    return JSONResponse({'detail': 'Not ready: compiling the model or loading the index.'},
-                        status_code=503)
 
   @api.get('/healthz')
   async def healthz():
@@ -602,7 +185,7 @@ def create_app(service: Service, *, lifespan: bool = True) -> Any:
   @api.get('/readyz')
   async def readyz():
     if not service.ready:
-      return not_ready()
+      return _not_ready()
     return {'status': 'ready', 'model_version': service.model.version,
             'index_build': service.build}
 
@@ -613,26 +196,18 @@ def create_app(service: Service, *, lifespan: bool = True) -> Any:
 
   @api.post('/embed', response_model=EmbedResponse)
   async def embed(req: EmbedRequest):
-    if not service.ready:
-      return not_ready()
     return await service.embed(req)
 
   @api.post('/items')
   async def upsert(req: ItemRequest):
-    if not service.ready:
-      return not_ready()
     return await service.upsert(req)
 
   @api.delete('/items/{item_id}')
   async def delete(item_id: str):
-    if not service.ready:
-      return not_ready()
     return await service.delete(item_id)
 
   @api.post('/search', response_model=SearchResponse)
   async def search(req: SearchRequest):
-    if not service.ready:
-      return not_ready()
     return await service.search(req)
 
   app = BodyLimit(api, service.settings.max_request_bytes)
