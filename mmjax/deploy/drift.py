@@ -192,31 +192,12 @@ def _describe(e: Embeddings, used: int) -> dict[str, Any]:
 def compare(reference: Embeddings, current: Embeddings, mode: str = 'traffic',
             thresholds: Thresholds = Thresholds(), settings: Settings = Settings()) -> DriftResult:
   """The drift report of `current` against `reference` (module docstring)."""
-  if mode not in MODES:
-    raise ValueError(f'mode={mode!r}: expected one of {MODES}.')
-  if settings.max_items < MIN_ITEMS or settings.permutations < 1 or settings.psi_bins < 2:
-    raise ValueError(f'max_items >= {MIN_ITEMS}, permutations >= 1 and psi_bins >= 2 are '
-                     f'needed; got {settings}.')
-  if not 0 < thresholds.alpha < 1:
-    raise ValueError(f'alpha={thresholds.alpha}: expected a value in (0, 1).')
+  _check_arguments(mode, thresholds, settings)
   rng = np.random.default_rng(settings.seed)
   paired = mode == 'versions'
-  dx, dy = reference.vectors.shape[1], current.vectors.shape[1]
   report: dict[str, Any] = {'mode': mode}
-  if paired:
-    ia, ib, report['alignment'] = align(reference, current)
-    keep = _subsample(len(ia), settings.max_items, rng)
-    x, y = reference.vectors[ia[keep]], current.vectors[ib[keep]]
-    shared = settings.same_space and dx == dy
-  else:
-    if dx != dy:
-      raise ValueError(f'traffic mode compares one vector space, but {reference.source} has '
-                       f'dimension {dx} and {current.source} {dy} (versions mode compares two).')
-    x = reference.vectors[_subsample(len(reference.vectors), settings.max_items, rng)]
-    y = current.vectors[_subsample(len(current.vectors), settings.max_items, rng)]
-    shared = True
+  x, y, shared = _samples(reference, current, paired, settings, rng, report)
   report['reference'], report['current'] = _describe(reference, len(x)), _describe(current, len(y))
-
   stats: dict[str, dict[str, Any]] = {}
   curves: dict[str, np.ndarray] = {}
   skipped: dict[str, str] = {}
@@ -233,12 +214,56 @@ def compare(reference: Embeddings, current: Embeddings, mode: str = 'traffic',
       stats['self_cosine'] = {'mean': float(cos.mean()), 'p5': float(np.quantile(cos, 0.05)),
                               'min': float(cos.min())}
   else:
+    dx, dy = reference.vectors.shape[1], current.vectors.shape[1]
     why = (f'dimensions differ ({dx} vs {dy})' if dx != dy else 'same_space=False')
     skipped = {t: why for t in (*tests, 'psi', 'self_cosine')}
     tests = ()
   if paired:
     stats['knn_overlap'], curves['knn_overlap'] = knn_overlap(x, y, settings.probe_size,
                                                               settings.k, rng)
+  per_test = _decide(stats, tests, thresholds, settings)
+  report['alarms'] = [name for name, s in stats.items() if s.get('alarm')]
+  report['exit_code'] = EXIT_DRIFT if report['alarms'] else EXIT_OK
+  report['stats'] = stats
+  report['skipped'] = skipped
+  report['settings'] = {**dataclasses.asdict(settings), 'tests': list(tests),
+                        'alpha_per_test': per_test}
+  report['thresholds'] = dataclasses.asdict(thresholds)
+  curves['pca_reference'], curves['pca_current'] = drift_plot.pca2(x, y if shared else None)
+  return DriftResult(report, curves)
+
+
+def _check_arguments(mode: str, thresholds: Thresholds, settings: Settings) -> None:
+  if mode not in MODES:
+    raise ValueError(f'mode={mode!r}: expected one of {MODES}.')
+  if settings.max_items < MIN_ITEMS or settings.permutations < 1 or settings.psi_bins < 2:
+    raise ValueError(f'max_items >= {MIN_ITEMS}, permutations >= 1 and psi_bins >= 2 are '
+                     f'needed; got {settings}.')
+  if not 0 < thresholds.alpha < 1:
+    raise ValueError(f'alpha={thresholds.alpha}: expected a value in (0, 1).')
+
+
+def _samples(reference: Embeddings, current: Embeddings, paired: bool, settings: Settings, rng,
+             report: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, bool]:
+  """(reference sample, current sample, whether they share one vector space). Versions mode
+  pairs the items by id (the alignment goes into `report`); traffic mode samples each side."""
+  dx, dy = reference.vectors.shape[1], current.vectors.shape[1]
+  if paired:
+    ia, ib, report['alignment'] = align(reference, current)
+    keep = _subsample(len(ia), settings.max_items, rng)
+    return reference.vectors[ia[keep]], current.vectors[ib[keep]], settings.same_space and dx == dy
+  if dx != dy:
+    raise ValueError(f'traffic mode compares one vector space, but {reference.source} has '
+                     f'dimension {dx} and {current.source} {dy} (versions mode compares two).')
+  x = reference.vectors[_subsample(len(reference.vectors), settings.max_items, rng)]
+  y = current.vectors[_subsample(len(current.vectors), settings.max_items, rng)]
+  return x, y, True
+
+
+def _decide(stats: dict[str, dict[str, Any]], tests: tuple[str, ...], thresholds: Thresholds,
+            settings: Settings) -> float:
+  """Sets each statistic's `alarm` and `rule` (Bonferroni over the permutation tests); returns
+  the per-test level."""
   per_test = thresholds.alpha / max(len(tests), 1)
   if tests and 1 / (settings.permutations + 1) > per_test:
     raise ValueError(f'permutations={settings.permutations} cannot give a p-value below '
@@ -261,15 +286,7 @@ def compare(reference: Embeddings, current: Embeddings, mode: str = 'traffic',
     s = stats['knn_overlap']
     s['alarm'] = bool(s['mean'] < thresholds.min_knn_overlap)
     s['rule'] = f'mean top-{s["k"]} overlap < {thresholds.min_knn_overlap:g}'
-  report['alarms'] = [name for name, s in stats.items() if s.get('alarm')]
-  report['exit_code'] = EXIT_DRIFT if report['alarms'] else EXIT_OK
-  report['stats'] = stats
-  report['skipped'] = skipped
-  report['settings'] = {**dataclasses.asdict(settings), 'tests': list(tests),
-                        'alpha_per_test': per_test}
-  report['thresholds'] = dataclasses.asdict(thresholds)
-  curves['pca_reference'], curves['pca_current'] = drift_plot.pca2(x, y if shared else None)
-  return DriftResult(report, curves)
+  return per_test
 
 
 def format_report(report: dict[str, Any]) -> str:

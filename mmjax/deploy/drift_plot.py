@@ -4,6 +4,7 @@ two versions, the neighbour-overlap histogram."""
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
@@ -25,55 +26,8 @@ def plot(result: Any, path: str | pathlib.Path) -> list[str]:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
-  rep, cv, st = result.report, result.curves, result.report['stats']
-  panels = []
-
-  def null_panel(name, key, value):
-    def draw(ax):
-      ax.hist(cv[key], bins=40, color='0.6', label='permutation null')
-      ax.axvline(value, color='r' if st[name]['alarm'] else 'g', label='observed')
-      ax.legend(fontsize=7)
-      ax.set_xlabel(f'p = {st[name]["p_value"]:.3g}', fontsize=8)
-    return draw
-
-  if 'mmd' in st:
-    panels.append(('MMD^2 vs permutation null', null_panel('mmd', 'mmd_null', st['mmd']['mmd2'])))
-    panels.append(('centroid shift^2 vs permutation null', null_panel(
-        'centroid', 'centroid_null', st['centroid']['l2'] ** 2)))
-
-    def nn(ax):
-      hi = float(max(cv['nn_reference'].max(), cv['nn_current'].max()))
-      b = np.linspace(0, hi, 40)
-      ax.hist(cv['nn_reference'], bins=b, alpha=0.5, density=True, label='reference (held out)')
-      ax.hist(cv['nn_current'], bins=b, alpha=0.5, density=True, label='current')
-      ax.legend(fontsize=7)
-      ax.set_xlabel('cosine distance to nearest reference vector', fontsize=8)
-    panels.append(('nearest-neighbour distance', nn))
-
-    def psi(ax):
-      v = np.sort(cv['psi'])[::-1]
-      ax.bar(np.arange(len(v)), v, width=1.0, color='0.4')
-      ax.axhline(rep['thresholds']['psi_threshold'], color='r', ls='--', label='threshold')
-      ax.axhline(st['psi']['noise_floor'], color='g', ls=':', label='i.i.d. noise floor')
-      ax.legend(fontsize=7)
-      ax.set_xlabel('dimensions, sorted', fontsize=8)
-    panels.append(('per-dimension PSI', psi))
-
-    def pca(ax):
-      ax.scatter(*cv['pca_reference'].T, s=3, alpha=0.4, label='reference')
-      ax.scatter(*cv['pca_current'].T, s=3, alpha=0.4, label='current')
-      ax.legend(fontsize=7, markerscale=3)
-    panels.append(("reference's first two principal axes", pca))
-  if 'knn_overlap' in st:
-    def overlap(ax):
-      k = st['knn_overlap']['k']
-      ax.hist(cv['knn_overlap'], bins=(np.arange(k + 2) - 0.5) / k, color='0.4')
-      ax.axvline(rep['thresholds']['min_knn_overlap'], color='r', ls='--', label='threshold')
-      ax.axvline(st['knn_overlap']['mean'], color='b', label='mean')
-      ax.legend(fontsize=7)
-      ax.set_xlabel(f'top-{st["knn_overlap"]["k"]} overlap per probe', fontsize=8)
-    panels.append(('neighbour overlap, version A vs B', overlap))
-
+  rep = result.report
+  panels = _panels(rep, result.curves)
   cols = 3 if len(panels) > 2 else len(panels)
   rows = (len(panels) + cols - 1) // cols
   fig = Figure(figsize=(4.5 * cols, 3.4 * rows + 0.6))
@@ -92,3 +46,61 @@ def plot(result: Any, path: str | pathlib.Path) -> list[str]:
   titles = [t for t, _ in panels]
   fig.savefig(path, dpi=80, metadata={'Title': 'mmjax drift report', 'Panels': '; '.join(titles)})
   return titles
+
+
+def _panels(rep: dict[str, Any], cv: dict[str, np.ndarray]) -> list[tuple[str, Any]]:
+  """(title, draw(ax)) of each panel the report's statistics call for."""
+  st, panels = rep['stats'], []
+  if 'mmd' in st:
+    panels += [('MMD^2 vs permutation null',
+                functools.partial(_null, cv['mmd_null'], st['mmd'], st['mmd']['mmd2'])),
+               ('centroid shift^2 vs permutation null',
+                functools.partial(_null, cv['centroid_null'], st['centroid'],
+                                  st['centroid']['l2'] ** 2)),
+               ('nearest-neighbour distance', functools.partial(_nn, cv)),
+               ('per-dimension PSI', functools.partial(_psi, cv['psi'], rep, st['psi'])),
+               ("reference's first two principal axes", functools.partial(_pca, cv))]
+  if 'knn_overlap' in st:
+    panels.append(('neighbour overlap, version A vs B',
+                   functools.partial(_overlap, cv['knn_overlap'], rep, st['knn_overlap'])))
+  return panels
+
+
+def _null(null: np.ndarray, stat: dict[str, Any], value: float, ax) -> None:
+  ax.hist(null, bins=40, color='0.6', label='permutation null')
+  ax.axvline(value, color='r' if stat['alarm'] else 'g', label='observed')
+  ax.legend(fontsize=7)
+  ax.set_xlabel(f'p = {stat["p_value"]:.3g}', fontsize=8)
+
+
+def _nn(cv: dict[str, np.ndarray], ax) -> None:
+  hi = float(max(cv['nn_reference'].max(), cv['nn_current'].max()))
+  b = np.linspace(0, hi, 40)
+  ax.hist(cv['nn_reference'], bins=b, alpha=0.5, density=True, label='reference (held out)')
+  ax.hist(cv['nn_current'], bins=b, alpha=0.5, density=True, label='current')
+  ax.legend(fontsize=7)
+  ax.set_xlabel('cosine distance to nearest reference vector', fontsize=8)
+
+
+def _psi(psi: np.ndarray, rep: dict[str, Any], stat: dict[str, Any], ax) -> None:
+  v = np.sort(psi)[::-1]
+  ax.bar(np.arange(len(v)), v, width=1.0, color='0.4')
+  ax.axhline(rep['thresholds']['psi_threshold'], color='r', ls='--', label='threshold')
+  ax.axhline(stat['noise_floor'], color='g', ls=':', label='i.i.d. noise floor')
+  ax.legend(fontsize=7)
+  ax.set_xlabel('dimensions, sorted', fontsize=8)
+
+
+def _pca(cv: dict[str, np.ndarray], ax) -> None:
+  ax.scatter(*cv['pca_reference'].T, s=3, alpha=0.4, label='reference')
+  ax.scatter(*cv['pca_current'].T, s=3, alpha=0.4, label='current')
+  ax.legend(fontsize=7, markerscale=3)
+
+
+def _overlap(overlap: np.ndarray, rep: dict[str, Any], stat: dict[str, Any], ax) -> None:
+  k = stat['k']
+  ax.hist(overlap, bins=(np.arange(k + 2) - 0.5) / k, color='0.4')
+  ax.axvline(rep['thresholds']['min_knn_overlap'], color='r', ls='--', label='threshold')
+  ax.axvline(stat['mean'], color='b', label='mean')
+  ax.legend(fontsize=7)
+  ax.set_xlabel(f'top-{k} overlap per probe', fontsize=8)
