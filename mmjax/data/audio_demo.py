@@ -101,8 +101,15 @@ class AudioScenes:
   def __len__(self) -> int:
     return self.num_examples
 
+  def _rng(self, index: int) -> np.random.Generator:
+    return np.random.default_rng([0xA0D10, self.seed, SPLIT_SALT[self.split], int(index)])
+
+  def caption(self, index: int) -> str:
+    """Clip `index`'s caption, without rendering it."""
+    return caption(random_events(self._rng(index), self.max_events))
+
   def __getitem__(self, index: int) -> dict:
-    rng = np.random.default_rng([0xA0D10, self.seed, SPLIT_SALT[self.split], int(index)])
+    rng = self._rng(index)
     events = random_events(rng, self.max_events)
     return {'audio': render(events, self.sample_rate, rng), 'sample_rate': self.sample_rate,
             'captions': [caption(events)], 'events': events}
