@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import wave
 
 import numpy as np
 import soundfile
@@ -78,6 +79,16 @@ def fit(x: np.ndarray, max_samples: int, rng: np.random.Generator | None = None
   return out, n
 
 
+def declared_wav_frames(path: str) -> int | None:
+  """The frame count a WAV file's data chunk declares (stdlib `wave`; None when it cannot say:
+  not a PCM WAV). libsndfile derives the count from the file size instead, which hides a cut."""
+  try:
+    with wave.open(path, 'rb') as w:
+      return w.getnframes()
+  except (wave.Error, EOFError, OSError):
+    return None
+
+
 def read_audio(path: str, limits: AudioLimits) -> tuple[bytes, dict]:
   """(stored FLAC bytes, info) of one audio file; raises Skip naming what is wrong."""
   try:
@@ -85,6 +96,10 @@ def read_audio(path: str, limits: AudioLimits) -> tuple[bytes, dict]:
   except Exception as e:  # pylint: disable=broad-except  # libsndfile errors on bad headers
     raise Skip(f'corrupt audio: {type(e).__name__}: {e}') from e
   rate, frames = int(info.samplerate), int(info.frames)
+  declared = declared_wav_frames(path) if info.format == 'WAV' else None
+  if declared is not None and frames < declared * 0.99:
+    raise Skip(f'truncated audio: the WAV header declares {declared} frames, the file holds '
+               f'{frames}')
   if not limits.min_rate <= rate <= limits.max_rate:
     raise Skip(f'absurd sample rate: {rate} Hz outside [{limits.min_rate}, {limits.max_rate}]')
   seconds = frames / rate if frames > 0 else 0.0
