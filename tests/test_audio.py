@@ -216,3 +216,20 @@ def test_audio_kind_trains_exports_and_embeds(tmp_path):
   np.testing.assert_allclose(np.linalg.norm(za, axis=1), 1.0, rtol=1e-5)
   with pytest.raises(TypeError, match='list of clips'):
     emb.embed_audio(clips[0])
+
+
+@pytest.mark.parametrize('name', ['audio_demo', 'audio_tiny'])
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_audio_configs_validate_and_refuse_bad_values(name, num_devices):
+  from mmjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(__file__).parents[1] / 'configs' / f'{name}.py'
+  config = config_lib.load_config_file(path)
+  config_lib.validate(config, num_devices=num_devices)
+  cfg = kinds.get(config).model_config(config)
+  assert type(cfg).from_dict(cfg.to_dict()) == cfg
+  config.data.audio.source = 'records'
+  with pytest.raises(ConfigError, match='config.data.audio.path is empty'):
+    config_lib.validate(config, num_devices=num_devices)
+  config.data.audio.source, config.model.audio.patch_freq = 'synthetic', 7
+  with pytest.raises(ConfigError, match='config.model.audio: patch_freq=7 must divide'):
+    config_lib.validate(config, num_devices=num_devices)
