@@ -263,8 +263,8 @@ class AudioEmbedder(Embedder):
   def from_export(cls, info: dict[str, Any], tokenizer, params, *, mesh: Mesh,
                   batch_size: int) -> AudioEmbedder:
     model_config = AudioTextConfig.from_dict(info['model'])
-    return cls(model_config, params, tokenizer_lib.TextEncoder(tokenizer, model_config.text.max_len),
-               mesh=mesh, batch_size=batch_size)
+    encoder = tokenizer_lib.TextEncoder(tokenizer, model_config.text.max_len)
+    return cls(model_config, params, encoder, mesh=mesh, batch_size=batch_size)
 
   @staticmethod
   def model_from_info(info: dict[str, Any]) -> AudioText:

@@ -104,9 +104,12 @@ class AudioScenes:
   def _rng(self, index: int) -> np.random.Generator:
     return np.random.default_rng([0xA0D10, self.seed, SPLIT_SALT[self.split], int(index)])
 
+  def events(self, index: int) -> list[Event]:
+    """Clip `index`'s events, without rendering it."""
+    return random_events(self._rng(index), self.max_events)
+
   def caption(self, index: int) -> str:
-    """Clip `index`'s caption, without rendering it."""
-    return caption(random_events(self._rng(index), self.max_events))
+    return caption(self.events(index))
 
   def __getitem__(self, index: int) -> dict:
     rng = self._rng(index)

@@ -100,11 +100,32 @@ class AudioRetrievalEvaluator:
         self.skipped += 1
     return clips, kept
 
+  @functools.cached_property
+  def swapped(self) -> tuple[np.ndarray, list[str]]:
+    """(indices, captions with the two events in the other order) of the synthetic two-event
+    clips whose events differ: does the model hear the order? (chance 0.5)"""
+    if self.spec['dataset'] != 'synthetic':
+      return np.zeros(0, int), []
+    scenes = audio_demo.AudioScenes('validation', 50 * self.spec['num_clips'], 8000,
+                                    self.spec['seed'], self.spec['max_events'])
+    idx, out = [], []
+    for j, i in enumerate(self._selection[0]):
+      events = scenes.events(i)
+      if len(events) == 2 and events[0] != events[1]:
+        idx.append(j)
+        out.append(audio_demo.caption(events[::-1]))
+    return np.asarray(idx, int), out
+
   def __call__(self, embedder) -> dict[str, float]:
     clips, captions = self.clips(_sample_rate(embedder))
-    out = retrieval_metrics(embedder.embed_audio(clips), embedder.embed_texts(captions),
-                            names=self.spec['metrics'])
+    za, zt = embedder.embed_audio(clips), embedder.embed_texts(captions)
+    out = retrieval_metrics(za, zt, names=self.spec['metrics'])
     out = {k.replace('i2t/', 'a2t/').replace('t2i/', 't2a/'): v for k, v in out.items()}
+    idx, swapped = self.swapped
+    if len(idx):
+      zs = embedder.embed_texts(swapped)
+      true = np.sum(za[idx] * zt[idx], axis=1)
+      out['a2t/order_accuracy'] = float(np.mean(true > np.sum(za[idx] * zs, axis=1)))
     if self.skipped:
       out['skipped_clips'] = float(self.skipped)
     return out
