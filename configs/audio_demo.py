@@ -29,7 +29,7 @@ def get_config():
   a.spec_time_masks, a.spec_time_width = 1, 8
   a.spec_freq_masks, a.spec_freq_width = 1, 4
 
-  c.model.text.max_len = 24  # The longest caption (two events) is 16 tokens with EOS.
+  c.model.text.max_len = 24  # The longest caption (two events) is 15 tokens with EOS.
   c.model.text.vocab_size = 256
   c.model.text.width = 96
   c.model.text.depth = 2
