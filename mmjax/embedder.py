@@ -18,14 +18,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from mmjax.data import llm_tasks, tokenizer as tokenizer_lib
+from mmjax.data import audio_io, llm_tasks, tokenizer as tokenizer_lib
+from mmjax.models.audio_text import AudioText
 from mmjax.models.llm_embedder import LLMEmbedder
 from mmjax.models.two_tower import TwoTower
 from mmjax.parallel import mesh as mesh_lib
-from mmjax.types import LLMEmbedderConfig, ModelConfig
+from mmjax.types import AudioTextConfig, LLMEmbedderConfig, ModelConfig
 
 EXPORT_FORMAT = 'mmjax.dual_encoder.v1'
 LLM_EXPORT_FORMAT = 'mmjax.llm_embedder.v1'  # LoRA merged; 'llm' holds the encoder settings.
+AUDIO_EXPORT_FORMAT = 'mmjax.audio_text.v1'
 
 
 class Embedder:
@@ -235,5 +237,66 @@ class MultimodalEmbedder(Embedder):
     return self.embed_candidates(list(texts), [[] for _ in texts])
 
 
+class AudioEmbedder(Embedder):
+  """The audio-text dual encoder's runner: `embed_audio(clips)` (mono float clips at the model's
+  sample rate, each any length: longer ones are cut to max_seconds, shorter ones padded and
+  masked) and `embed_texts(texts)` into one space."""
+
+  FORMAT = AUDIO_EXPORT_FORMAT
+
+  def __init__(self, model_config: AudioTextConfig, params: Any,
+               encoder: tokenizer_lib.TextEncoder, mesh: Mesh | None = None,
+               batch_size: int = 256):
+    self.config, self.params, self.encoder = model_config, params, encoder
+    self.model = AudioText(model_config)
+    self._set_mesh(mesh, batch_size)
+    batch_sh, apply = self._batch_sharding, self.model.apply
+    repl = mesh_lib.replicated(self.mesh)
+    self._embed_audio = jax.jit(
+        lambda p, x, n: apply({'params': p}, x, n, method=AudioText.embed_audio),
+        in_shardings=(None, batch_sh, batch_sh), out_shardings=repl)
+    self._embed_texts = jax.jit(
+        lambda p, t, m: apply({'params': p}, t, m, method=AudioText.embed_texts),
+        in_shardings=(None, batch_sh, batch_sh), out_shardings=repl)
+
+  @classmethod
+  def from_export(cls, info: dict[str, Any], tokenizer, params, *, mesh: Mesh,
+                  batch_size: int) -> AudioEmbedder:
+    model_config = AudioTextConfig.from_dict(info['model'])
+    encoder = tokenizer_lib.TextEncoder(tokenizer, model_config.text.max_len)
+    return cls(model_config, params, encoder, mesh=mesh, batch_size=batch_size)
+
+  @staticmethod
+  def model_from_info(info: dict[str, Any]) -> AudioText:
+    return AudioText(AudioTextConfig.from_dict(info['model']))
+
+  def embedding_steps(self) -> dict[str, tuple[Any, tuple[Any, ...]]]:
+    samples, length = self.config.audio.max_samples, self.config.text.max_len
+    return {'embed_audio': (self._embed_audio, (self.params, self._spec((samples,), np.float32),
+                                                self._spec((), np.int32))),
+            'embed_texts': (self._embed_texts, (self.params, self._spec((length,), np.int32),
+                                                self._spec((length,), np.int32)))}
+
+  def embed_audio(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+    """[N, embed_dim] of N mono float clips (1-D arrays at config.audio.sample_rate)."""
+    if isinstance(clips, np.ndarray) and clips.ndim == 1:
+      raise TypeError('embed_audio takes a list of clips (or [N, samples]), got one clip.')
+    rows = []
+    for i, clip in enumerate(clips):
+      clip = np.asarray(clip, np.float32)
+      if clip.ndim != 1 or not len(clip):
+        raise ValueError(f'Clip {i} has shape {clip.shape}; expected non-empty mono samples.')
+      rows.append(audio_io.fit(clip, self.config.audio.max_samples))
+    waves = np.stack([w for w, _ in rows]) if rows else np.zeros(
+        (0, self.config.audio.max_samples), np.float32)
+    lengths = np.asarray([n for _, n in rows], np.int32)
+    out = [np.asarray(self._embed_audio(self.params, x, n))[:valid]
+           for (x, n), valid in self._batches([waves, lengths])]
+    return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+  def embed_images(self, images: np.ndarray) -> np.ndarray:
+    raise TypeError('An audio-text model embeds audio and texts, not images.')
+
+
 # The runner of each export format (load_embedder picks by model.json's 'format').
-RUNNERS = {runner.FORMAT: runner for runner in (Embedder, MultimodalEmbedder)}
+RUNNERS = {runner.FORMAT: runner for runner in (Embedder, MultimodalEmbedder, AudioEmbedder)}

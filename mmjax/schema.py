@@ -87,9 +87,46 @@ def get_config() -> ml_collections.ConfigDict:
   # Attend to (and pool over) padding too: SigLIP pads to max_len and reads the last position.
   c.model.text.attend_padding = False
 
+  # --- Audio tower (model.kind='audio_text', docs/modalities.md) --------------------------------
+  # Waveform -> log-mel spectrogram on the device (librosa's conventions) -> AST-style ViT over
+  # (patch_time frames x patch_freq mel bins) patches; clips shorter than max_seconds are padded
+  # and masked (a padded clip embeds as the clip alone).
+  c.model.audio = ml_collections.ConfigDict()
+  c.model.audio.sample_rate = 16_000  # Hz; stored clips are resampled to it on load.
+  c.model.audio.max_seconds = 10.0  # Longer clips are cropped (randomly when training).
+  c.model.audio.n_fft = 400  # FFT size (25 ms at 16 kHz).
+  c.model.audio.hop_length = 160  # Frame step (10 ms at 16 kHz); frames = 1 + samples // hop.
+  c.model.audio.win_length = 0  # Hann window length; 0: n_fft.
+  c.model.audio.n_mels = 64
+  c.model.audio.fmin = 0.0
+  c.model.audio.fmax = 0.0  # 0: sample_rate / 2.
+  c.model.audio.mel_scale = 'slaney'  # 'slaney' (librosa's default) | 'htk'.
+  c.model.audio.mel_norm = True  # Slaney area normalisation of the mel filters.
+  c.model.audio.amin = 1e-10  # dB floor: 10 log10(max(power, amin)).
+  c.model.audio.db_mean = -50.0  # The ViT sees (dB - db_mean) / db_std.
+  c.model.audio.db_std = 20.0
+  c.model.audio.patch_time = 8
+  c.model.audio.patch_freq = 8  # Must divide n_mels.
+  c.model.audio.pool = 'gap'  # 'gap' (mean over the clip's patches) | 'map' (attention pooling).
+  # SpecAugment in training: this many time / frequency masks of up to *_width frames / bins.
+  c.model.audio.spec_time_masks = 0
+  c.model.audio.spec_time_width = 16
+  c.model.audio.spec_freq_masks = 0
+  c.model.audio.spec_freq_width = 8
+  c.model.audio.width = 256
+  c.model.audio.depth = 6
+  c.model.audio.num_heads = 4
+  c.model.audio.mlp_dim = 1024
+  c.model.audio.dropout = 0.0
+  c.model.audio.remat = False
+  c.model.audio.norm, c.model.audio.act, c.model.audio.ln_eps = 'pre', 'gelu_tanh', 1e-6
+  c.model.audio.embed_ln, c.model.audio.final_ln, c.model.audio.locked = False, True, False
+  c.model.audio_head = ''  # Projection head of the audio tower ('' = `head`).
+
   # --- LLM embedder (docs/llm_embedder.md) ------------------------------------------------------
   # 'two_tower': the dual encoder above (model.image + model.text). 'llm_embedder': model.image
   # -> projector -> visual tokens in a decoder LLM's sequence (model.decoder), pooled (model.llm).
+  # 'audio_text': model.audio + model.text, trained on config.data.audio (docs/modalities.md).
   c.model.kind = 'two_tower'
   c.model.llm = ml_collections.ConfigDict()
   c.model.llm.max_len = 128  # Tokens per sequence (visual tokens, instruction, text, EOS).
@@ -239,6 +276,15 @@ def get_config() -> ml_collections.ConfigDict:
       'composed': 'Find the image after this change:'})
   c.data.llm.candidate_instruction = ''
   c.data.llm.pad_side = 'right'  # 'right' | 'left': last-token pooling is exact either way.
+  # Audio-text data (model.kind='audio_text'; mmjax.data.audio_pipeline): 'synthetic' captioned
+  # sounds rendered on the fly (mmjax.data.audio_demo) or ingested 'records' (`python -m
+  # mmjax.data.prepare --audio_dir=... --out=PATH`).
+  c.data.audio = ml_collections.ConfigDict()
+  c.data.audio.source = 'synthetic'
+  c.data.audio.path = ''  # records: the `prepare --out` directory.
+  c.data.audio.num_train_clips = 50_000  # synthetic: distinct training clips (then repeated).
+  c.data.audio.max_events = 2  # synthetic: sound events per clip (1..max_events, in sequence).
+  c.data.audio.random_crop = True  # Clips longer than model.audio.max_seconds: a random window.
 
   # --- Transfer (docs/pretrained.md) -----------------------------------------------------------
   # Start a tower from a released checkpoint: 'hf:DIR' (config.json + model.safetensors) or

@@ -307,3 +307,106 @@ class LLMEmbedderConfig:
     image = lists_to_tuples(d.pop('image'))
     return cls(image=ViTConfig(**image), decoder=DecoderConfig(**d.pop('decoder')),
                lora=LoraConfig(**d.pop('lora', {})), **lists_to_tuples(d))
+
+
+# Front-end choices of the audio tower (mmjax.models.audio).
+MEL_SCALES = ('slaney', 'htk')
+AUDIO_POOLS = ('gap', 'map')
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioConfig(TransformerConfig):
+  """The audio tower: waveform -> log-mel spectrogram (on device) -> AST-style ViT over
+  (time x frequency) patches. Clips shorter than `max_seconds` are zero-padded and masked."""
+
+  sample_rate: int = 16_000
+  max_seconds: float = 10.0
+  n_fft: int = 400
+  hop_length: int = 160
+  win_length: int = 0  # 0: n_fft (a shorter Hann window is centred in the n_fft frame).
+  n_mels: int = 64
+  fmin: float = 0.0
+  fmax: float = 0.0  # 0: sample_rate / 2.
+  mel_scale: str = 'slaney'  # 'slaney' (librosa's default) | 'htk'.
+  mel_norm: bool = True  # Slaney area normalisation of the filters (librosa norm='slaney').
+  amin: float = 1e-10  # power_to_db floor: 10 log10(max(S, amin)).
+  db_mean: float = -50.0  # The dB spectrogram enters the ViT as (S_db - db_mean) / db_std.
+  db_std: float = 20.0
+  patch_time: int = 8  # Frames per patch.
+  patch_freq: int = 8  # Mel bins per patch; must divide n_mels.
+  pool: str = 'gap'  # 'gap' (mean over the clip's valid patches) | 'map' (attention pooling).
+  # SpecAugment (train only): masks of up to *_width frames / mel bins set to the mean.
+  spec_time_masks: int = 0
+  spec_time_width: int = 16
+  spec_freq_masks: int = 0
+  spec_freq_width: int = 8
+
+  def __post_init__(self):
+    checks = [
+        (self.sample_rate > 0 and self.max_seconds > 0, 'sample_rate and max_seconds must be > 0'),
+        (self.n_fft > 0 and 0 < self.hop_length, 'n_fft and hop_length must be > 0'),
+        (0 <= self.win_length <= self.n_fft, f'win_length={self.win_length} must be in 0..n_fft'),
+        (self.mel_scale in MEL_SCALES, f'mel_scale={self.mel_scale!r} is not one of {MEL_SCALES}'),
+        (self.pool in AUDIO_POOLS, f'pool={self.pool!r} is not one of {AUDIO_POOLS}'),
+        (self.patch_freq > 0 and self.n_mels % self.patch_freq == 0,
+         f'patch_freq={self.patch_freq} must divide n_mels={self.n_mels}'),
+        (self.patch_time > 0, f'patch_time={self.patch_time} must be > 0'),
+        (0 <= self.fmin < self.f_max <= self.sample_rate / 2,
+         f'need 0 <= fmin={self.fmin} < fmax={self.f_max} <= sample_rate/2'),
+        (self.db_std > 0 and self.amin > 0, 'db_std and amin must be > 0'),
+        (min(self.spec_time_masks, self.spec_freq_masks, self.spec_time_width,
+             self.spec_freq_width) >= 0, 'SpecAugment counts and widths must be >= 0'),
+    ]
+    for ok, msg in checks:
+      if not ok:
+        raise ConfigError(f'model.audio: {msg}.')
+
+  @property
+  def f_max(self) -> float:
+    return self.fmax or self.sample_rate / 2
+
+  @property
+  def max_samples(self) -> int:
+    return int(round(self.max_seconds * self.sample_rate))
+
+  @property
+  def max_frames(self) -> int:
+    """Frames of a full clip (centred frames: 1 + samples // hop, as librosa)."""
+    return 1 + self.max_samples // self.hop_length
+
+  @property
+  def time_patches(self) -> int:
+    return -(-self.max_frames // self.patch_time)
+
+  @property
+  def freq_patches(self) -> int:
+    return self.n_mels // self.patch_freq
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioTextConfig:
+  """The audio-text dual encoder (model.kind='audio_text', mmjax.models.audio)."""
+
+  audio: AudioConfig
+  text: TextConfig
+  embed_dim: int = 256
+  head: str = 'linear'
+  loss: str = 'softmax'
+  temperature_init: float = math.log(1 / 0.07)
+  bias_init: float | None = None
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  audio_head: str = ''
+  text_head: str = ''
+  head_bias: bool = True
+
+  def tower_head(self, tower: str) -> str:
+    return (self.audio_head if tower == 'audio' else self.text_head) or self.head
+
+  def to_dict(self) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> AudioTextConfig:
+    d = dict(d)
+    return cls(audio=AudioConfig(**d.pop('audio')), text=TextConfig(**d.pop('text')), **d)

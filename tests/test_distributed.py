@@ -54,15 +54,16 @@ def _mesh(shape):
   return mesh_lib.make_mesh(cfg, jax.devices()[:n])
 
 
-def _loss_and_grads(config, model, params, batch, mesh, micro_batches, impl):
+def _loss_and_grads(config, model, params, batch, mesh, micro_batches, impl,
+                    fields=PAIR_FIELDS, roles=('image', 'text')):
   """(loss, grads) of `batch` on `mesh`, parameters laid out by the config's logical rules."""
   rules = mesh_lib.rules(config)
-  objective = step_lib.Contrastive(distributed.make_loss(config.loss.kind, impl, mesh))
+  objective = step_lib.Contrastive(distributed.make_loss(config.loss.kind, impl, mesh), *roles)
   opts = step_lib.StepOptions(objective, micro_batches,
                               distributed.num_batch_shards(mesh))
   with mesh_lib.activate(mesh, rules):
     boxed = jax.eval_shape(model.init, {'params': jax.random.key(0)},
-                           *(jnp.asarray(batch[k][:1]) for k in PAIR_FIELDS))['params']
+                           *(jnp.asarray(batch[k][:1]) for k in fields))['params']
     shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
     params = jax.device_put(params, shardings)
     batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
@@ -124,6 +125,46 @@ def test_sharded_loss_and_grads_equal_single_device(kind, shape, micro_batches):
   impl = 'dense' if shape == (1, 1, 1) else 'auto'
   _assert_close(_loss_and_grads(config, model, params, batch, _mesh(shape), micro_batches, impl),
                 ref)
+
+
+AUDIO_FIELDS = ('audio', 'audio_len', 'tokens', 'mask')
+
+
+@functools.lru_cache(maxsize=None)
+def _audio_case():
+  """The audio-text model with dropout and SpecAugment on, clips of random lengths."""
+  from configs import audio_tiny  # pylint: disable=import-outside-toplevel
+  from mmjax import kinds  # pylint: disable=import-outside-toplevel
+  config = audio_tiny.get_config()
+  config.model.text.max_len = 8
+  config.model.audio.max_seconds = 0.5
+  config.model.audio.dropout = config.model.text.dropout = 0.1
+  config.model.audio.pool = 'map'
+  kind = kinds.get(config)
+  model = kind.model(kind.model_config(config))
+  rs = np.random.RandomState(0)
+  s = kind.model_config(config).audio.max_samples
+  lengths = rs.randint(s // 4, s + 1, size=B).astype(np.int32)
+  batch = {'audio': (rs.normal(size=(B, s)) * (np.arange(s)[None] < lengths[:, None]) * 0.3
+                     ).astype(np.float32), 'audio_len': lengths,
+           **{k: v for k, v in _batch(_config('softmax')).items() if k != 'image'}}
+  params = jax.jit(model.init)({'params': jax.random.key(0)},
+                               *(batch[k][:1] for k in AUDIO_FIELDS))['params']
+  params = jax.device_get(nn.unbox(params))
+  ref = _loss_and_grads(config, model, params, batch, _mesh((1, 1, 1)), 1, 'dense',
+                        AUDIO_FIELDS, ('audio', 'text'))
+  return config, model, params, batch, ref
+
+
+@pytest.mark.parametrize('shape,micro_batches', [((4, 2, 1), 2),
+                                                 pytest.param((1, 1, 1), 4, marks=SLOW)])
+def test_audio_tower_sharded_and_gradcache_equal_single_device(shape, micro_batches):
+  """The audio-text model (SpecAugment masks and dropout drawn per row) gives the full-batch
+  loss and gradients on 8 devices with GradCache, and on one device with GradCache."""
+  config, model, params, batch, ref = _audio_case()
+  impl = 'dense' if shape == (1, 1, 1) else 'auto'
+  _assert_close(_loss_and_grads(config, model, params, batch, _mesh(shape), micro_batches, impl,
+                                AUDIO_FIELDS, ('audio', 'text')), ref)
 
 
 def test_dropout_is_on_in_these_tests():

@@ -61,7 +61,7 @@ def test_corrupt_inputs_are_reported_and_skipped_nothing_lost(tmp_path):
   assert reasons == {'trunc': 'corrupt image', 'text': 'corrupt image',
                      'missing': 'unreadable image',
                      'empty': 'bad captions', 'notstr': 'bad captions', 'neither':
-                     'row has neither `image` nor `query`', 6: 'bad JSON'}
+                     'row has none of `image`, `audio`, `query`', 6: 'bad JSON'}
   got = read_all(out)
   assert [g['id'] for g in got] == [f'ex{i}' for i in range(20)]  # Input order, none lost.
   assert got[3]['captions'] == ['picture 3', 'alt 3'] and got[3]['group'] == 'g1'

@@ -11,7 +11,7 @@ import hashlib
 import pathlib
 from typing import Any
 
-from mmjax.data import ingest_images, ingest_workers, records
+from mmjax.data import audio_io, ingest_images, ingest_workers, records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Options:
   max_pixels: int = ingest_images.DEFAULT_MAX_PIXELS  # Header W*H above this: skipped; 0: none.
   max_pixels_in_flight: int = 2 * ingest_images.DEFAULT_MAX_PIXELS  # All workers' decodes.
   skip_rows: frozenset[int] = frozenset()  # Rows that killed a worker before (--skip_killed).
+  audio: audio_io.AudioLimits = audio_io.AudioLimits()  # Rows with an `audio` file.
 
 
 Skip = ingest_images.Skip
@@ -75,6 +76,12 @@ def make_example(row: dict[str, Any], index: int, opts: Options,
     entry['dhash'] = records.dhash(pixels)
     if 'stored_size' in info:  # Downscaled (or re-encoded) at ingestion.
       entry['original_size'] = info['size']
+  elif 'audio' in row:
+    if not isinstance(row['audio'], str):
+      raise Skip(f'bad audio field: {row["audio"]!r}')
+    ex['audio'], info = audio_io.read_audio(row['audio'], opts.audio)
+    entry['audio_sha256'] = hashlib.sha256(ex['audio']).hexdigest()
+    entry['seconds'] = info['seconds']
   elif 'query' in row:
     query = _texts(row['query'], 'query', opts)
     if len(query) != 1:
@@ -82,7 +89,7 @@ def make_example(row: dict[str, Any], index: int, opts: Options,
     ex['query'] = query[0]
     entry['query'] = records.caption_key(query[0])
   else:
-    raise Skip('row has neither `image` nor `query`')
+    raise Skip('row has none of `image`, `audio`, `query`')
   try:
     for key, cast in (('label', int), ('group', str), ('weight', float)):
       if key in row:

@@ -13,6 +13,9 @@ import re
 from typing import Any
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif')
+AUDIO_EXTENSIONS = ('.wav', '.flac', '.ogg', '.oga')
+# Tux Paint's spoken descriptions in other languages: `name_desc_fr.ogg` (the caption is English).
+_OTHER_LANGUAGE_DESC = re.compile(r'_desc_[A-Za-z]{2,3}(_[A-Za-z]+)?$')
 # Tux Paint translations: `fr.utf8=Un lori.`, `pt_BR.utf8=...`, `ca@valencia.utf8=...`.
 _TRANSLATION = re.compile(r'^[A-Za-z]+([_@][A-Za-z]+)*(\.[\w-]+)?=')
 LIST_FIELDS = ('captions', 'neg_images', 'neg_texts')
@@ -44,7 +47,7 @@ def read_manifest(path: pathlib.Path) -> tuple[list[dict[str, Any]], list[dict[s
           continue
         rows.append({**row, '_line': n})
   for row in rows:
-    for k in ('image', 'neg_images'):
+    for k in ('image', 'audio', 'neg_images'):
       if isinstance(row.get(k), str):
         row[k] = str(base / row[k])
       elif isinstance(row.get(k), list):
@@ -71,6 +74,27 @@ def scan_image_dir(root: pathlib.Path) -> tuple[list[dict[str, Any]], list[dict[
       continue
     try:
       rows.append({'id': rel, 'image': str(path), 'captions': read_side_captions(side)})
+    except OSError as e:
+      problems.append({'id': rel, 'reason': f'unreadable caption file: {e}'})
+  return rows, problems
+
+
+def scan_audio_dir(root: pathlib.Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """(rows, problems) for every audio file under `root` with a caption side file, in path order:
+  `name.ogg` (a sound effect) and `name_desc.ogg` (Tux Paint's English spoken description) both
+  take `name.txt`; descriptions in other languages (`name_desc_fr.ogg`) are not scanned."""
+  rows, problems = [], []
+  for path in sorted(p for p in root.rglob('*') if p.suffix.lower() in AUDIO_EXTENSIONS):
+    if _OTHER_LANGUAGE_DESC.search(path.stem):
+      continue
+    stem = path.stem[:-len('_desc')] if path.stem.endswith('_desc') else path.stem
+    side = path.with_name(stem + '.txt')
+    rel = str(path.relative_to(root))
+    if not side.is_file():
+      problems.append({'id': rel, 'reason': 'no caption side file'})
+      continue
+    try:
+      rows.append({'id': rel, 'audio': str(path), 'captions': read_side_captions(side)})
     except OSError as e:
       problems.append({'id': rel, 'reason': f'unreadable caption file: {e}'})
   return rows, problems

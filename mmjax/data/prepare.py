@@ -1,7 +1,8 @@
-r"""Ingestion: a manifest or a folder of captioned images -> sharded ArrayRecord files.
+r"""Ingestion: a manifest or a folder of captioned images or sounds -> sharded ArrayRecord files.
 
   python -m mmjax.data.prepare --manifest=pairs.jsonl --out=data/pairs
   python -m mmjax.data.prepare --image_dir=/usr/share/tuxpaint/stamps --out=data/tuxpaint
+  python -m mmjax.data.prepare --audio_dir=/usr/share/tuxpaint/stamps --out=data/tuxpaint_audio
 
 Inputs (see docs/data.md for worked examples):
 - JSONL (one object a line) or CSV manifest. Fields: `image` (path, relative to the manifest's
@@ -11,6 +12,11 @@ Inputs (see docs/data.md for worked examples):
   non-empty lines of the side file that are not `xx.utf8=` translations are the captions
   (`name_mirror.png` without a side file of its own uses `name.txt`). Only files PIL decodes are
   scanned (png, jpg, jpeg, webp, bmp, gif): SVG stamps are not images here.
+- A folder of audio files (wav, flac, ogg) with the same side files (`--audio_dir`; Tux Paint's
+  `name_desc.ogg` spoken description also takes `name.txt`), or manifest rows with an `audio`
+  path. Clips are checked (`mmjax.data.audio_io`: corrupt, truncated, silent, or a sample rate /
+  length outside the `--audio_*` limits -> skipped and reported) and stored as mono FLAC at
+  `--audio_sample_rate`.
 
 Output in `--out`: `<name>-SSSSS-of-NNNNN.array_record` shards of `mmjax.data.records`,
 `metadata.json` (counts, feature spec, source hash), `report.json` (every skipped row with its
@@ -33,6 +39,7 @@ place of `metadata.json`; `--skip_killed` then reports that input and goes on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,10 +53,10 @@ from absl import flags
 from array_record.python import array_record_module
 
 from mmjax import command
-from mmjax.data import ingest_images, ingest_workers, records
+from mmjax.data import audio_io, ingest_images, ingest_workers, records
 from mmjax.data.ingest_rows import Options, Skip, make_example
 from mmjax.data.manifests import (IMAGE_EXTENSIONS, read_manifest, read_side_captions,  # noqa: F401
-                                  scan_image_dir)
+                                  scan_audio_dir, scan_image_dir)
 from mmjax.types import ConfigError
 
 
@@ -59,7 +66,8 @@ def plan_hash(rows: list[dict[str, Any]], opts: Options) -> str:
   """SHA-256 of what will be written: every row and the options that change the bytes."""
   h = hashlib.sha256()
   h.update(json.dumps([opts.examples_per_shard, opts.max_image_size, opts.max_caption_chars,
-                       opts.max_negatives, opts.max_pixels]).encode())
+                       opts.max_negatives, opts.max_pixels,
+                       dataclasses.asdict(opts.audio)]).encode())
   for row in rows:
     h.update(json.dumps(row, sort_keys=True, default=str).encode())
   return h.hexdigest()
@@ -208,13 +216,15 @@ def finalise(opts: Options, num_shards: int, problems: list[dict[str, Any]], dig
       'num_examples': len(index), 'num_skipped': len(skipped), 'skipped_by_reason': reasons,
       'num_captions': sum(len(e['captions']) for e in index),
       'num_images': sum('sha256' in e for e in index),
+      'num_audio': sum('audio_sha256' in e for e in index),
       'num_text_pairs': sum('query' in e for e in index),
       'num_documents': sum('num_images' in e for e in index),
       'shards': [r['shard'] for r in reports],
       'shard_lengths': [r['num_examples'] for r in reports],
       'num_resized': sum('original_size' in e for e in index),
       'options': {'max_pixels': opts.max_pixels, 'max_image_size': opts.max_image_size,
-                  'max_pixels_in_flight': opts.max_pixels_in_flight},
+                  'max_pixels_in_flight': opts.max_pixels_in_flight,
+                  'audio': dataclasses.asdict(opts.audio)},
       'feature_spec': records.FEATURE_SPEC,
   }
   report = {'skipped': skipped, 'last_run': run_stats or {}}
@@ -226,17 +236,18 @@ def finalise(opts: Options, num_shards: int, problems: list[dict[str, Any]], dig
 
 
 def read_inputs(args) -> tuple[tuple[list, list], str]:
-  if bool(args.manifest) == bool(args.image_dir):
-    raise ConfigError('Give exactly one of --manifest or --image_dir.')
+  if sum(map(bool, (args.manifest, args.image_dir, args.audio_dir))) != 1:
+    raise ConfigError('Give exactly one of --manifest, --image_dir or --audio_dir.')
   if args.manifest:
     path = pathlib.Path(args.manifest)
     if not path.is_file():
       raise ConfigError(f'--manifest={path} does not exist.')
     return read_manifest(path), str(path)
-  path = pathlib.Path(args.image_dir)
+  flag = 'image_dir' if args.image_dir else 'audio_dir'
+  path = pathlib.Path(getattr(args, flag))
   if not path.is_dir():
-    raise ConfigError(f'--image_dir={path} is not a directory.')
-  return scan_image_dir(path), str(path)
+    raise ConfigError(f'--{flag}={path} is not a directory.')
+  return (scan_image_dir if args.image_dir else scan_audio_dir)(path), str(path)
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -244,6 +255,21 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('manifest', None, 'JSONL or CSV manifest.', flag_values=fv)
   flags.DEFINE_string('image_dir', None, 'Folder of images with caption side files (name.txt).',
                       flag_values=fv)
+  flags.DEFINE_string('audio_dir', None, 'Folder of audio files (wav, flac, ogg) with caption '
+                      'side files (name.txt; Tux Paint name_desc.ogg too).', flag_values=fv)
+  d = audio_io.AudioLimits()
+  flags.DEFINE_integer('audio_sample_rate', d.sample_rate, 'Clips are stored resampled to this '
+                       'rate (Hz), mono FLAC.', flag_values=fv)
+  flags.DEFINE_integer('audio_min_rate', d.min_rate, 'Files with a lower sample rate are skipped.',
+                       flag_values=fv)
+  flags.DEFINE_integer('audio_max_rate', d.max_rate, 'Files with a higher sample rate are '
+                       'skipped.', flag_values=fv)
+  flags.DEFINE_float('audio_min_seconds', d.min_seconds, 'Shorter clips are skipped.',
+                     flag_values=fv)
+  flags.DEFINE_float('audio_max_seconds', d.max_seconds, 'Longer clips are skipped.',
+                     flag_values=fv)
+  flags.DEFINE_float('audio_crop_seconds', d.crop_seconds, 'Clips are stored cut to this length; '
+                     '0: whole.', flag_values=fv)
   flags.DEFINE_string('out', None, 'Output directory (resumed if it exists).', flag_values=fv)
   flags.DEFINE_string('name', 'data', 'Shard file prefix.', flag_values=fv)
   flags.DEFINE_integer('examples_per_shard', 1000, 'Examples per shard.', flag_values=fv)
@@ -269,9 +295,15 @@ def _check(args) -> None:
   for key in ('examples_per_shard', 'workers'):
     if getattr(args, key) < 1:
       raise ConfigError(f'--{key}={getattr(args, key)} must be >= 1.')
-  for key in ('max_image_size', 'max_pixels', 'max_pixels_in_flight'):
+  for key in ('max_image_size', 'max_pixels', 'max_pixels_in_flight', 'audio_crop_seconds'):
     if getattr(args, key) < 0:
       raise ConfigError(f'--{key}={getattr(args, key)} must be >= 0.')
+  if not 0 < args.audio_min_rate <= args.audio_sample_rate <= args.audio_max_rate:
+    raise ConfigError(f'Need 0 < --audio_min_rate={args.audio_min_rate} <= --audio_sample_rate='
+                      f'{args.audio_sample_rate} <= --audio_max_rate={args.audio_max_rate}.')
+  if not 0 <= args.audio_min_seconds < args.audio_max_seconds:
+    raise ConfigError(f'Need 0 <= --audio_min_seconds={args.audio_min_seconds} < '
+                      f'--audio_max_seconds={args.audio_max_seconds}.')
 
 
 def _prepare(args, positional: list[str]) -> dict[str, Any]:
@@ -284,7 +316,10 @@ def _prepare(args, positional: list[str]) -> dict[str, Any]:
                  max_image_size=args.max_image_size, max_negatives=args.max_negatives,
                  max_pixels=args.max_pixels,
                  max_pixels_in_flight=args.max_pixels_in_flight or 2 * args.max_pixels,
-                 skip_rows=killed_rows(out) if args.skip_killed else frozenset())
+                 skip_rows=killed_rows(out) if args.skip_killed else frozenset(),
+                 audio=audio_io.AudioLimits(args.audio_sample_rate, args.audio_min_rate,
+                                            args.audio_max_rate, args.audio_min_seconds,
+                                            args.audio_max_seconds, args.audio_crop_seconds))
   meta = prepare(rows, problems, opts, workers=args.workers, source=source,
                  progress=not args.no_progress)
   run = meta['last_run']

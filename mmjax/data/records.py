@@ -4,6 +4,8 @@ One ArrayRecord record is one example, a msgpack map (no pickle: readable from a
 
   id         str         unique within the dataset
   image      bytes       the encoded image file (PNG/JPEG/...), absent for text-only examples
+  audio      bytes       an audio clip (mono 16-bit FLAC, mmjax.data.audio_io), absent but for
+                         audio-text examples
   query      str         the query side of a text-text pair (absent for image-text examples)
   captions   list[str]   one or more texts that describe the image / answer the query
   label      int         class label, -1 when none
@@ -33,6 +35,7 @@ from mmjax.data import images
 FORMAT = 'mmjax.records.v1'
 FEATURE_SPEC: dict[str, str] = {
     'id': 'str', 'image': 'bytes (encoded image file) | absent', 'query': 'str | absent',
+    'audio': 'bytes (mono FLAC) | absent',
     'captions': 'list[str], >= 1', 'label': 'int (-1: none)', 'group': "str ('': none)",
     'weight': 'float', 'neg_images': 'list[bytes]', 'neg_texts': 'list[str]',
     'segments': "list[{'text': str} | {'image': bytes}] | absent",

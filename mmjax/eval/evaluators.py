@@ -19,6 +19,7 @@ import numpy as np
 
 from mmjax import kinds
 from mmjax.data import augment
+from mmjax.eval import audio as audio_eval
 from mmjax.eval import classification as cls_lib
 from mmjax.eval import specs as specs_lib
 from mmjax.data import sources
@@ -28,7 +29,7 @@ from mmjax.types import Embedder
 
 log = logging.getLogger(__name__)
 # The directions of the printed table (text-text held-out sets read q2t / t2q).
-PRIMARY_DIRECTIONS = ('i2t', 't2i', 'composed', 'q2t', 't2q')
+PRIMARY_DIRECTIONS = ('i2t', 't2i', 'composed', 'q2t', 't2q', 'a2t', 't2a')
 
 
 class ZeroShotEvaluator:
@@ -115,6 +116,10 @@ def make(spec: dict[str, Any], image_size: int, view=None
     return ZeroShotEvaluator(spec, image_size)
   if spec['type'] == 'linear_probe':
     return LinearProbeEvaluator(spec, image_size)
+  if spec['type'] == 'audio_retrieval':
+    return audio_eval.AudioRetrievalEvaluator(spec)
+  if spec['type'] == 'audio_zero_shot':
+    return audio_eval.AudioZeroShotEvaluator(spec)
   if spec['type'] == 'llm_retrieval':
     pairs = None if spec['dataset'] == 'demo_validation' else retrieval_evaluator(
         spec, image_size, view)  # The held-out images, captions and owners.

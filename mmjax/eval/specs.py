@@ -53,11 +53,22 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                       'num_composed': 500, 'path': '', 'tfds_name': '', 'split': 'validation',
                       'max_examples': 5000, 'image_key': 'image', 'captions_key': 'captions',
                       'metrics': RETRIEVAL_METRICS},
+    # Audio-text models (model.kind='audio_text', mmjax.eval.audio): a2t / t2a retrieval on
+    # num_clips synthetic validation clips with distinct captions, or on the first max_examples
+    # clips of ingested audio records (dataset='records', path=...).
+    'audio_retrieval': {'dataset': 'synthetic', 'num_clips': 500, 'seed': 1234, 'max_events': 2,
+                        'path': '', 'max_examples': 5000, 'metrics': RETRIEVAL_METRICS},
+    # Zero-shot classification of one-event synthetic clips by `attribute` (kind | pitch |
+    # length); class prompts are the captions of every one-event clip of the class.
+    'audio_zero_shot': {'dataset': 'synthetic', 'attribute': 'kind', 'num_clips': 300,
+                        'seed': 4321, 'metrics': CLASSIFICATION_METRICS},
 }
 DATASETS = {'retrieval': ('demo_validation', 'records', 'tfds'), 'robustness': ('demo_validation',),
+            'audio_retrieval': ('synthetic', 'records'), 'audio_zero_shot': ('synthetic',),
             'llm_retrieval': ('demo_validation', 'records', 'tfds'),
             'zero_shot': ('demo_single_objects',), 'linear_probe': ('demo_single_objects',)}
 ATTRIBUTES = ('shape', 'colour')
+AUDIO_ATTRIBUTES = ('kind', 'pitch', 'length')
 # The name of the evaluator built from the config.eval fields (the model kind's retrieval on the
 # demo validation scenes); config.evals cannot use it.
 DEMO = 'demo'
@@ -128,13 +139,13 @@ def _check_values(s: dict[str, Any]) -> None:
   if s['dataset'] == 'tfds' and not s['tfds_name']:
     raise SpecError("dataset='tfds' needs tfds_name=.")
   for key in ('num_scenes', 'num_images', 'num_test', 'shots', 'index_min_corpus',
-              'max_examples', 'num_composed'):
+              'max_examples', 'num_composed', 'num_clips', 'max_events'):
     if key in s and s[key] < 1:
       raise SpecError(f'{key}={s[key]} must be >= 1.')
   for key in INDEX_FIELDS:
     if key in s and s[key] < 0:
       raise SpecError(f'{key}={s[key]} must be >= 0 (0: derived from the corpus size).')
-  if s['type'] in ('retrieval', 'robustness', 'llm_retrieval'):
+  if s['type'] in ('retrieval', 'robustness', 'llm_retrieval', 'audio_retrieval'):
     try:
       metrics_lib.parse(s['metrics'])
     except ValueError as e:
@@ -143,8 +154,9 @@ def _check_values(s: dict[str, Any]) -> None:
     bad = [m for m in s['metrics'] if m not in CLASSIFICATION_METRICS]
     if bad:
       raise SpecError(f'metrics {bad} are not among {CLASSIFICATION_METRICS}.')
-    if s['attribute'] not in ATTRIBUTES:
-      raise SpecError(f'attribute={s["attribute"]!r} is not one of {ATTRIBUTES}.')
+    allowed = AUDIO_ATTRIBUTES if s['type'] == 'audio_zero_shot' else ATTRIBUTES
+    if s['attribute'] not in allowed:
+      raise SpecError(f'attribute={s["attribute"]!r} is not one of {allowed}.')
   if s['type'] == 'zero_shot' and any('{}' not in t for t in s['templates']):
     raise SpecError(f'templates={s["templates"]!r}: each must hold "{{}}" for the class name.')
   if s['type'] == 'linear_probe' and s['l2'] < 0:
@@ -193,7 +205,7 @@ def held_out_names(config) -> list[str]:
   (dataset 'records' or 'tfds'), sorted."""
   evals = config.get('evals', None) or {}
   return sorted(n for n in evals.keys() if evals[n].get('dataset') in HELD_OUT_DATASETS
-                and evals[n].get('type') in ('retrieval', 'llm_retrieval'))
+                and evals[n].get('type') in ('retrieval', 'llm_retrieval', 'audio_retrieval'))
 
 
 def available_names(config) -> list[str]:

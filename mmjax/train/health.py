@@ -31,9 +31,9 @@ from mmjax.types import ConfigError
 
 log = logging.getLogger(__name__)
 
-# The contrastive pair whose statistics are logged, first present wins: image-text runs, text-text
-# pairs, the LLM embedder.
-PAIRS = (('image', 'text'), ('query', 'text'), ('query', 'candidate'))
+# The contrastive pair whose statistics are logged, first present wins: image-text runs,
+# audio-text runs, text-text pairs, the LLM embedder.
+PAIRS = (('image', 'text'), ('audio', 'text'), ('query', 'text'), ('query', 'candidate'))
 PREFIX = 'health/'
 
 
