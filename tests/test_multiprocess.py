@@ -1,8 +1,9 @@
 """Two processes x 2 CPU devices (jax.distributed + gloo) train exactly like one process x 4.
 
-The two-process run stops at step 2 (checkpoint written by both processes), then a second launch
-restores it across processes and trains step 3; its losses and parameters must match an
-uninterrupted one-process, four-device run.
+The two-process run is preempted: process 1 alone gets a SIGTERM after step 2, and both
+processes checkpoint the same step S (JAX's preemption sync point) and exit 0. A second launch
+restores it across processes and trains step S + 1; its losses and parameters must match an
+uninterrupted one-process, four-device run of S + 1 steps.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -51,27 +54,34 @@ def test_two_processes_match_one_process(tmp_path):
   tok_file = tmp_path / 'tokenizer.json'
   tok_file.write_text(tokenizer_lib.train_wordpiece(demo.caption_corpus(num_scenes=300),
                                                     vocab_size=256).to_str())
-  common = [*COMMON, f'--config.tokenizer.path={tok_file}']
+  # A constant schedule after warm-up: the preempted launch (total_steps=1000) and the runs of
+  # S + 1 steps then follow the same learning rates.
+  common = [*COMMON, f'--config.tokenizer.path={tok_file}', '--config.optimizer.schedule=constant']
   multi, single = tmp_path / 'multi', tmp_path / 'single'
 
   env = _env()
   env['DEVICES_PER_PROCESS'] = '2'
-  _run([str(SCRIPT), '2', 'configs/tiny.py', str(multi), '--config.total_steps=2', *common], env)
-  assert (multi / 'checkpoints' / '2').is_dir()
+  stop = _preempt_process_1(
+      [str(SCRIPT), '2', 'configs/tiny.py', str(multi), '--config.total_steps=1000', *common],
+      env, multi)
+  assert (multi / 'checkpoints' / str(stop)).is_dir()
   assert sorted(p.name for p in (multi / 'logs').iterdir()) == ['process_0.log', 'process_1.log']
-  proc = _run([str(SCRIPT), '2', 'configs/tiny.py', str(multi), '--config.total_steps=3',
+  for log in (multi / 'logs').iterdir():  # Both stopped at the one agreed step.
+    assert f'Preempted (SIGTERM): checkpoint of step {stop} saved' in log.read_text(), log
+  total = stop + 1
+  proc = _run([str(SCRIPT), '2', 'configs/tiny.py', str(multi), f'--config.total_steps={total}',
                *common], env)
   assert 'Resumed from' in proc.stdout + (multi / 'logs' / 'process_1.log').read_text()
 
   _run([sys.executable, '-m', 'mmjax.main', '--config=configs/tiny.py', f'--workdir={single}',
-        '--config.total_steps=3', *common], _env(devices=4))
+        f'--config.total_steps={total}', *common], _env(devices=4))
 
   want, got = _losses(single), _losses(multi)
-  assert sorted(got) == [1, 2, 3]
-  for step in (1, 2, 3):
+  assert sorted(got) == list(range(1, total + 1))
+  for step in range(1, total + 1):
     np.testing.assert_allclose(got[step], want[step], rtol=1e-5, err_msg=f'step {step}')
   # Both checkpoints restore here (8 devices, one process): a different topology again.
-  p_multi, p_single = _restored_params(multi, tok_file), _restored_params(single, tok_file)
+  p_multi, p_single = (_restored_params(w, tok_file, total) for w in (multi, single))
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p_single)[0],
                           jax.tree.leaves(p_multi)):
     name = jax.tree_util.keystr(path)
@@ -81,13 +91,37 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol, err_msg=name)
 
 
-def _restored_params(workdir, tok_file):
+def _preempt_process_1(cmd, env, workdir) -> int:
+  """Runs `cmd` (the 2-process launcher), SIGTERMs process 1 once step 2 is logged, and returns
+  the step both processes stopped at; the launcher must exit 0."""
+  launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while not (workdir / 'metrics.jsonl').is_file() or 2 not in _losses(workdir):
+      assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()
+      time.sleep(0.2)
+    pids = subprocess.run(['pgrep', '-f', '--', f'--workdir={workdir} .*process_id=1'],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert len(pids) == 1, pids
+    os.kill(int(pids[0]), signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=300)
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  assert launcher.returncode == 0, out[-4000:]
+  match = re.search(r'checkpoint of step (\d+) saved', out)
+  assert match, out[-4000:]
+  return int(match.group(1))
+
+
+def _restored_params(workdir, tok_file, steps):
   from configs import tiny  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
   config.batch_size, config.tokenizer.path = 8, str(tok_file)
   run, state, step = loop.load_for_inference(config, workdir)
   run.checkpointer.close()
-  assert step == 3
+  assert step == steps
   return jax.device_get(state.params)
 
 

@@ -29,7 +29,7 @@ from mmjax.eval.evaluators import Suite, build_suite, format_results
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import optim, state as state_lib, step as step_lib, teacher as teacher_lib
-from mmjax.train import health, report, transfer
+from mmjax.train import health, preemption, report, transfer
 from mmjax.train.writer import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   bar = _progress_bar(config, start)
   t_log, steps_since_log = time.perf_counter(), 0
   step = start
+  preempt = preemption.Preemption()
+  preempted = False
   try:
     while step < config.total_steps:
       local = pipeline.link_duplicates(next(data_iter), jax.process_index())
@@ -274,16 +276,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         eval_metrics.update(_evaluate_due(run, state.params, due, embedder, writer, bar, step))
         t_log = time.perf_counter()  # Eval time is not training throughput.
 
-      if step % config.checkpoint.every_steps == 0 or last:
+      preempted = preempt.reached(step)
+      if step % config.checkpoint.every_steps == 0 or last or preempted:
         run.checkpointer.save(step, _state_tree(state, rng), data_iter,
                               {**run.meta, 'step': step})
+      if preempted:
+        bar.write(f'Preempted (SIGTERM): checkpoint of step {step} saved in '
+                  f'{run.checkpointer.directory}; rerun the same command to resume.')
+        break
   finally:
+    preempt.close()
     bar.close()
     run.checkpointer.close()
     writer.close()
     if jax.process_index() == 0:  # report.png / report.json, also of a failed run.
       report.write_safely(run.workdir)
 
+  if preempted:  # No final evaluation: the machine is going away.
+    return {'preempted_at_step': step}
   if not eval_metrics:  # Resumed a finished run: evaluate what is there.
     eval_metrics = evaluate(run, state.params, evaluator, embedder)
   return _write_result(run, eval_metrics, evaluator, step)
