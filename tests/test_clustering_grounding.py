@@ -9,8 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import demo as demo_config
+from mmjax import config as config_lib
 from mmjax.data import demo
-from mmjax.eval import clustering, evaluators, grounding, mmeb, specs
+from mmjax.eval import clustering, evaluators, grounding, specs
 
 SIZE = 32
 
@@ -212,3 +214,12 @@ def test_mmeb_suite_exact_on_an_oracle_and_at_chance_on_a_random_embedder():
 def test_bad_fields_are_named(fields, match):
   with pytest.raises(specs.SpecError, match=match):
     specs.resolved(ml_collections.ConfigDict(fields))
+
+
+def test_mmeb_needs_the_llm_embedder_and_the_demo_config_validates():
+  c = demo_config.get_config()
+  config_lib.validate(c)
+  assert {'cluster_shape', 'cluster_colour', 'grounding'} <= set(c.evals.keys())
+  c.evals.suite = specs.spec('mmeb')
+  with pytest.raises(config_lib.ConfigError, match="config.evals.suite: type 'mmeb' is the LLM"):
+    config_lib.validate(c)

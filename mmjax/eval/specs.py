@@ -230,9 +230,14 @@ def validate(config) -> None:
       raise SpecError(f'config.evals.{name}={entry!r} must be a group of fields (use '
                       'mmjax.eval.specs.spec(type, ...)).')
     try:
-      resolved(entry)
+      spec_ = resolved(entry)
     except SpecError as e:
       raise SpecError(f'config.evals.{name}: {e}') from e
+    kind = config.model.get('kind', 'two_tower')
+    if spec_['type'] == 'mmeb' and kind != 'llm_embedder':
+      raise SpecError(f"config.evals.{name}: type 'mmeb' is the LLM embedder's suite "
+                      f"(model.kind='llm_embedder'), this run's model.kind is {kind!r}; a dual "
+                      "encoder has 'grounding', 'zero_shot' and 'retrieval'.")
 
 
 def source_names(config) -> list[str]:
