@@ -123,7 +123,8 @@ def test_grounding_is_exact_on_an_oracle_and_at_chance_on_a_random_embedder(crop
   ev = evaluators.make(_spec('grounding', num_scenes=120, crop=crop,
                              num_distractors=distractors), SIZE)
   out = ev(TableEmbedder(_grounding_oracle(ev.data)))
-  assert out['hit@1'] == 1.0
+  assert out['hit@1'] == 1.0 and out['same_colour/hit@1'] == 1.0
+  assert 0 < out['same_colour/num_queries'] < out['num_queries']
   rand = ev(TableEmbedder())
   n = rand['num_queries']
   sigma = np.sqrt(rand['chance'] * (1 - rand['chance']) / n)

@@ -18,7 +18,9 @@ its cell (the same layout the towers were trained on, without the zoom).
 The query: with an LLM embedder (`embed_queries`) the image and the expression together, under
 an MMEB-style instruction; a dual encoder has no way to form an image+text query, so its query
 is the expression alone ("a small red star.") against the crops. Ties rank pessimistically, so a
-collapsed model scores chance (`chance`: the mean of 1 / candidates).
+collapsed model scores chance (`chance`: the mean of 1 / candidates). 'same_colour/...' repeats
+the figures on the queries whose target shares its colour with another candidate, which colour
+alone cannot answer.
 """
 
 from __future__ import annotations
@@ -152,4 +154,11 @@ class GroundingEvaluator:
     c = np.asarray(embedder.embed_images(d.crops), np.float64)
     out = hit_at_1(q, c, d.queries)
     out['num_queries'] = float(len(d.queries))
+    # The queries colour alone cannot answer: another candidate has the target's colour.
+    hard = [r for r, x in enumerate(d.queries) if any(
+        d.crop_objects[j].colour == x.target.colour for j in x.candidates[1:])]
+    if hard:
+      sub = hit_at_1(q[hard], c, [d.queries[r] for r in hard])
+      out.update({'same_colour/hit@1': sub['hit@1'], 'same_colour/chance': sub['chance'],
+                  'same_colour/num_queries': float(len(hard))})
     return out
