@@ -61,4 +61,9 @@ def get_config():
   c.evals.zero_shot_colour = base.spec('zero_shot', attribute='colour')
   c.evals.probe_shape = base.spec('linear_probe', attribute='shape', shots=10)
   c.evals.probe_colour = base.spec('linear_probe', attribute='colour', shots=10)
+  # k-means of the one-object scenes' image embeddings (NMI / ARI / AMI against the labels) and
+  # MMEB-style grounding: referring expression -> the object's crop among the scene's objects.
+  c.evals.cluster_shape = base.spec('clustering', attribute='shape')
+  c.evals.cluster_colour = base.spec('clustering', attribute='colour')
+  c.evals.grounding = base.spec('grounding')
   return c

@@ -110,7 +110,7 @@ def _positive(name: str, value) -> None:
 
 
 SOURCE_FIELDS = ('name', 'path', 'tfds_name', 'split', 'image_key', 'captions_key', 'group_key',
-                 'keep', 'negatives', 'weight')
+                 'keep', 'negatives', 'weight', 'temperature')
 
 
 def _validate_data(config) -> None:
@@ -125,6 +125,13 @@ def _validate_data(config) -> None:
   _require(not data.sub_batches or config.batch_size % data.sub_batches == 0,
            f'config.data.sub_batches={data.sub_batches} does not divide '
            f'config.batch_size={config.batch_size}.')
+  _require(data.mixture_temperature >= 0,
+           f'config.data.mixture_temperature={data.mixture_temperature} must be >= 0 (0: the '
+           'mixture weights are the proportions).')
+  temps = [dict(m).get('temperature', 0.0) or data.mixture_temperature for m in data.mixture]
+  _require(all(temps) or not any(temps),
+           f'config.data.mixture temperatures {temps} (a source\'s own, else '
+           'data.mixture_temperature) must all be 0 or all be > 0.')
   sources = [(f'data.mixture[{i}]', dict(m)) for i, m in enumerate(data.mixture)] or [
       ('data', {k: data[k] for k in SOURCE_FIELDS if k in data})]
   for where, src in sources:
@@ -140,6 +147,9 @@ def _validate_data(config) -> None:
     _require(name != 'tfds' or src.get('tfds_name'),
              f"config.{where}.tfds_name is empty: a 'tfds' source needs a dataset name.")
     _require(src.get('weight', 1.0) > 0, f'config.{where}.weight={src.get("weight")} must be > 0.')
+    _require(src.get('temperature', 0.0) >= 0,
+             f'config.{where}.temperature={src.get("temperature")} must be >= 0 (0: '
+             'config.data.mixture_temperature).')
     if name == 'demo' and src.get('negatives'):
       try:
         demo.negative_attributes(src['negatives'])
@@ -312,7 +322,7 @@ def _validate_transfer(config) -> None:
 DISTILL_KINDS = ('kl', 'regression', 'both')
 DISTILL_SOURCES = ('data', 'live')
 TASKS = ('contrastive', 'text_text', 'distill')
-WEIGHTINGS = ('static', 'uncertainty')
+WEIGHTINGS = ('static', 'uncertainty', 'gradnorm', 'loss_ratio')
 
 
 def _validate_distill_multitask(config) -> None:
@@ -335,8 +345,10 @@ def _validate_distill_multitask(config) -> None:
            f"config.distill.weight={d.weight!r} and config.multitask.tasks both weight 'distill'; "
            'set distill.weight=0 and keep the weight in the tasks.')
   _require(mt.weighting == 'static' or names,
-           "config.multitask.weighting='uncertainty' needs config.multitask.tasks (the tasks "
-           'whose weights are learned).')
+           f"config.multitask.weighting={mt.weighting!r} needs config.multitask.tasks (the tasks "
+           'whose weights are learned or balanced).')
+  _require(isinstance(mt.log_grad_norms, bool),
+           f'config.multitask.log_grad_norms={mt.log_grad_norms!r} must be True or False.')
   if not (d.weight or 'distill' in names):
     return
   _require(bool(d.teacher), "config.distill.teacher is empty: distillation needs 'hf:DIR' or an "

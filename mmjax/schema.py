@@ -219,9 +219,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.negatives = ''
   # Weighted mixture; when non-empty it replaces the single source above. A tuple of dicts with
   # the fields above (name, path, tfds_name, split, image_key, captions_key, group_key, keep,
-  # negatives) plus `weight`, e.g. (dict(name='records', path='data/a', weight=3.0),
-  # dict(name='demo', weight=1.0)).
+  # negatives) plus `weight` and `temperature` (below), e.g. (dict(name='records',
+  # path='data/a', weight=3.0), dict(name='demo', weight=1.0)).
   c.data.mixture = ()
+  # Temperature sampling of the mixture (mmjax.data.sources.mixture_weights): 0 keeps the weights
+  # as the proportions; T > 0 samples source i in proportion to (weight_i x size_i)^(1/T): 1 by
+  # size, larger T toward uniform (small sources seen more). A source's own `temperature` field
+  # overrides it; temperatures must be all 0 or all > 0.
+  c.data.mixture_temperature = 0.0
   # 0: rows of all sources interleaved in each batch; k: each batch is k single-source
   # sub-batches of batch_size/k rows (harder in-batch negatives).
   c.data.sub_batches = 0
@@ -317,8 +322,16 @@ def get_config() -> ml_collections.ConfigDict:
   # (+ distill.weight x distill).
   c.multitask.tasks = ()
   # 'static': sum of weight x loss | 'uncertainty': learned log-variances s (Kendall et al.),
-  # sum 0.5 (exp(-s) loss + s), started at the given weights; s are trained params ('multitask').
+  # sum 0.5 (exp(-s) loss + s), started at the given weights; s are trained params ('multitask')
+  # | 'gradnorm': each step, weights that give every term's gradient (w.r.t. the towers' output
+  # embeddings) a norm in the proportions of the given weights (GradNorm-style, closed form)
+  # | 'loss_ratio': each step, weights that make every weighted loss proportional to its given
+  # weight (losses divided by their own detached value). docs/training.md, "Balancing losses".
   c.multitask.weighting = 'static'
+  # Log 'grad_norm/<task>' (||dL_task / d embeddings|| over the global batch) and
+  # 'grad_share/<task>' (its share of the weighted sum) every step: which objective dominates.
+  # Also for a single contrastive term. One extra backward pass of each loss (not the towers).
+  c.multitask.log_grad_norms = False
 
   # --- Tokenizer -------------------------------------------------------------------------------
   c.tokenizer = ml_collections.ConfigDict()

@@ -144,6 +144,18 @@ def test_mixture_proportions_and_single_source_sub_batches(tiny_config, encoder,
   assert abs(np.mean([s[0] == 0 for s in subs]) - 0.75) < 0.1
 
 
+def test_mixture_temperature_sets_the_proportions_of_the_rows(tiny_config, encoder, tmp_path):
+  """Sources of 60 and 15 examples, equal weights: T = 1 samples by size (0.8), T = 2 by its
+  square root (2/3); the default (0) keeps the weights (0.5)."""
+  a, b = ingest(tmp_path / 'a', 60), ingest(tmp_path / 'b', 15)
+  tiny_config.data.mixture = (dict(name='records', path=str(a)), dict(name='records', path=str(b)))
+  for temperature, want in ((1.0, 0.8), (2.0, 2 / 3)):
+    tiny_config.data.mixture_temperature = temperature
+    batches = take(tiny_config, encoder, 25)
+    counts = collections.Counter(np.concatenate([x['source'] for x in batches]))
+    assert abs(counts[0] / 400 - want) < 0.03, (temperature, counts)
+
+
 def test_mixture_order_is_deterministic_resumable_and_process_sharded(tiny_config, encoder,
                                                                       tmp_path):
   tiny_config.data.mixture = (dict(name='records', path=str(ingest(tmp_path / 'a', 40)),

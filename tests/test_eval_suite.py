@@ -75,6 +75,8 @@ def test_every_evaluator_on_an_initialised_model(tiny_config, tmp_path):
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   config = eval_config(tiny_config)
+  config.evals.clu = specs.spec('clustering', num_images=24, n_init=2)
+  config.evals.grd = specs.spec('grounding', num_scenes=8, num_distractors=2)
   run = loop.setup(config, tmp_path)
   params = nn.unbox(run.model.init(jax.random.key(0), *run.model.init_inputs())['params'])
   suite = evaluators.build_suite(config)
@@ -83,7 +85,8 @@ def test_every_evaluator_on_an_initialised_model(tiny_config, tmp_path):
               'zs/per_class/star', 'probe/top1', 'probe/per_class/red',
               'robust/blur/s5/i2t/recall@1', 'robust/attribute_swap/s1/t2i/recall@1_rel',
               'robust/jpeg/mean_rel', 'robust/compositionality/colour', 'ann/i2t/recall@1',
-              'ann/t2i/mrr', 'ann/i2t/index_recall@10'):
+              'ann/t2i/mrr', 'ann/i2t/index_recall@10', 'clu/nmi', 'clu/ari', 'clu/ami',
+              'grd/hit@1', 'grd/chance'):
     assert key in m, key
     # An untrained model may have a clean recall of 0, and then no relative value (nan).
     assert 0.0 <= m[key] <= 20.0 or (key.endswith('_rel') and math.isnan(m[key])), (key, m[key])

@@ -153,6 +153,19 @@ def test_composed_input_embeds_and_eval_reports_every_task_and_dim(tokenizer, ti
     emb.embed([f'{TOKEN} {TOKEN}'], [[ev.images[0]]])
 
 
+def test_mmeb_suite_and_grounding_run_through_the_multimodal_embedder(tokenizer, tiny):
+  from mmjax.embedder import MultimodalEmbedder  # pylint: disable=import-outside-toplevel
+  from mmjax.eval import evaluators, specs  # pylint: disable=import-outside-toplevel
+  cfg, _, params = tiny
+  emb = MultimodalEmbedder(cfg, params, encoder(tokenizer, cfg), INSTRUCTIONS, batch_size=16)
+  out = evaluators.make(specs.resolved({'type': 'mmeb', 'num_scenes': 12}), 16)(emb)
+  for key in ('classification/shape/hit@1', 'vqa/count/hit@1', 'retrieval/t2i/hit@1',
+              'grounding/crops/hit@1', 'overall/hit@1'):
+    assert 0.0 <= out[key] <= 1.0, key
+  grd = evaluators.make(specs.resolved({'type': 'grounding', 'num_scenes': 6}), 16)(emb)
+  assert 0.0 <= grd['hit@1'] <= 1.0 and grd['num_queries'] >= 6
+
+
 def test_matryoshka_objective_averages_the_nested_dimensions():
   def objective(embs, t, b, batch):
     del t, b, batch

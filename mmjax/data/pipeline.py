@@ -15,6 +15,7 @@ num_hard_negatives): see `batch_spec`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import grain
@@ -24,6 +25,8 @@ from absl import flags
 from mmjax.data import augment, demo, sources as sources_lib, teacher_embed, transforms
 from mmjax.data.tokenizer import TextEncoder
 from mmjax.types import check_batch_divides
+
+log = logging.getLogger(__name__)
 
 # Columns that stay on the host; the train step reads all the others: the pair itself, 'group'
 # (masks duplicates out of the loss), 'weight' (scales each example's terms: click
@@ -169,7 +172,12 @@ def make_train_dataset(config, encoder: TextEncoder | None, *, process_index: in
         teacher_encoder=teacher_encoder, caption_query=caption_query(config) and not text_pairs,
         decode_cache_mb=data.decode_cache_mb))
     streams.append(ds)
-  weights = [s.weight for s in specs]
+  weights = sources_lib.mixture_weights(specs, [len(src) for src in srcs],
+                                        data.mixture_temperature)
+  if len(specs) > 1:
+    log.info('Mixture sampling proportions: %s.', ', '.join(
+        f'{s.name} {s.path or s.tfds_name} {w:.4f}'.replace('  ', ' ') for s, w in
+        zip(specs, weights)))
   if sub:
     parts = [transforms.SkipCorrupt(ds[process_index::process_count].to_iter_dataset(read),
                                     data.max_skip_fraction)

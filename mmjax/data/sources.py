@@ -46,6 +46,9 @@ class SourceSpec:
   # attributes ('shape', 'colour', 'size', 'position'): rendered one-attribute hard negatives.
   negatives: str = ''
   weight: float = 1.0  # Mixture weight (relative).
+  # Sampling temperature of this source in a mixture (0: config.data.mixture_temperature); see
+  # `mixture_weights`.
+  temperature: float = 0.0
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'SourceSpec':
@@ -204,6 +207,32 @@ def specs_from_config(data_cfg) -> list[SourceSpec]:
                      split=data_cfg.split, image_key=data_cfg.image_key,
                      captions_key=data_cfg.captions_key, group_key=data_cfg.group_key,
                      keep=data_cfg.keep, negatives=data_cfg.negatives)]
+
+
+def mixture_weights(specs: Sequence[SourceSpec], sizes: Sequence[int],
+                    default_temperature: float = 0.0) -> list[float]:
+  """The sampling probability of each source of a mixture.
+
+  Temperature 0 (the default everywhere) keeps the configured weights as the proportions, p_i
+  = w_i / sum w, whatever the sources' sizes. With temperatures T_i > 0 (each source's own
+  `temperature`, or `default_temperature`), p_i is proportional to (w_i n_i)^(1 / T_i) for a
+  source of n_i examples: T = 1 samples in proportion to (weighted) size, a larger T flattens
+  the mixture toward uniform so small sources/tasks are seen more often (the temperature
+  sampling of multilingual and multi-task training, e.g. mT5's T = 3.3), and a per-source T
+  flattens or sharpens one source alone. Temperatures must all be 0 or all be > 0.
+  """
+  temps = [s.temperature or default_temperature for s in specs]
+  if len(sizes) != len(specs):
+    raise ValueError(f'{len(specs)} sources but {len(sizes)} sizes.')
+  if any(t < 0 for t in temps) or (any(temps) and not all(temps)):
+    raise ValueError(f'Mixture temperatures {temps} must all be 0 (the weights as proportions) '
+                     'or all be > 0 (set config.data.mixture_temperature or every source\'s).')
+  if not any(temps):
+    raw = np.asarray([s.weight for s in specs], np.float64)
+  else:
+    logs = np.asarray([np.log(s.weight * n) / t for s, n, t in zip(specs, sizes, temps)])
+    raw = np.exp(logs - logs.max())  # In logs: (w n)^(1/T) overflows for large n and small T.
+  return [float(x) for x in raw / raw.sum()]
 
 
 def caption_corpus(sources: Sequence[Any], limit: int = 50_000) -> list[str]:

@@ -90,11 +90,17 @@ def demo_single_objects(num: int, image_size: int, attribute: str,
                         seed: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
   """(images uint8 [num, H, W, 3], labels [num], class names): one random object per scene,
   labelled by its `attribute` ('shape' | 'colour'). Classes cycle, so they are balanced."""
+  return demo_single_object_scenes(num, image_size, attribute, seed)[:3]
+
+
+def demo_single_object_scenes(num: int, image_size: int, attribute: str, seed: int
+                              ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], list]:
+  """`demo_single_objects` plus the rendered scenes (`demo.Scene`, for their captions)."""
   if attribute not in DEMO_CLASSES:
     raise ValueError(f'attribute={attribute!r} is not one of {tuple(DEMO_CLASSES)}.')
   classes = DEMO_CLASSES[attribute]
   rng = np.random.default_rng([0x7A5, seed])
-  images, labels = [], []
+  images, labels, scenes = [], [], []
   for i in range(num):
     label = i % len(classes)
     u = rng.integers(0, 1 << 30, 5)
@@ -104,6 +110,7 @@ def demo_single_objects(num: int, image_size: int, attribute: str,
                            position=demo.POSITIONS[u[3] % len(demo.POSITIONS)])
     obj = demo.SceneObject(**{**obj.__dict__, attribute: classes[label]})
     bg = tuple(demo.BACKGROUNDS)[u[4] % len(demo.BACKGROUNDS)]
-    images.append(demo.render(demo.Scene(bg, (obj,)), image_size, rng))
+    scenes.append(demo.Scene(bg, (obj,)))
+    images.append(demo.render(scenes[-1], image_size, rng))
     labels.append(label)
-  return np.stack(images), np.asarray(labels), tuple(classes)
+  return np.stack(images), np.asarray(labels), tuple(classes), scenes

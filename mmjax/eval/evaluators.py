@@ -23,7 +23,7 @@ from mmjax.eval import audio as audio_eval
 from mmjax.eval import classification as cls_lib
 from mmjax.eval import specs as specs_lib
 from mmjax.data import sources
-from mmjax.eval import llm_retrieval, robustness
+from mmjax.eval import clustering, grounding, llm_retrieval, mmeb, robustness
 from mmjax.eval.retrieval import RetrievalEvaluator, format_table
 from mmjax.types import Embedder
 
@@ -120,6 +120,12 @@ def make(spec: dict[str, Any], image_size: int, view=None
     return audio_eval.AudioRetrievalEvaluator(spec)
   if spec['type'] == 'audio_zero_shot':
     return audio_eval.AudioZeroShotEvaluator(spec)
+  if spec['type'] == 'clustering':
+    return clustering.ClusteringEvaluator(spec, image_size)
+  if spec['type'] == 'grounding':
+    return grounding.GroundingEvaluator(spec, image_size)
+  if spec['type'] == 'mmeb':
+    return mmeb.MMEBEvaluator(spec, image_size)
   if spec['type'] == 'llm_retrieval':
     pairs = None if spec['dataset'] == 'demo_validation' else retrieval_evaluator(
         spec, image_size, view)  # The held-out images, captions and owners.

@@ -19,6 +19,10 @@ CLASSIFICATION_METRICS = ('top1', 'top5', 'mean_per_class', 'per_class')
 CORRUPTIONS = ('gaussian_noise', 'blur', 'jpeg', 'brightness', 'contrast', 'rotation', 'crop')
 TEXT_PERTURBATIONS = ('typos', 'word_drop', 'shuffle', 'attribute_swap')
 
+CLUSTERING_METRICS = ('nmi', 'ari', 'ami')
+CLUSTERING_MODALITIES = ('image', 'text')
+GROUNDING_CROPS = ('zoom', 'isolate')
+MMEB_TASKS = ('classification', 'vqa', 'retrieval', 'grounding')
 COMMON = {'type': '', 'every_steps': 0}
 DEFAULTS: dict[str, dict[str, Any]] = {
     # Image-text retrieval on demo validation scenes (half in one-attribute near-duplicate pairs),
@@ -62,9 +66,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # length); class prompts are the captions of every one-event clip of the class.
     'audio_zero_shot': {'dataset': 'synthetic', 'attribute': 'kind', 'num_clips': 300,
                         'seed': 4321, 'metrics': CLASSIFICATION_METRICS},
+    # k-means (one cluster per class) on the embeddings of one-object demo scenes labelled by
+    # `attribute`, as images or their captions (`modality`); NMI, ARI, AMI (mmjax.eval.clustering).
+    'clustering': {'dataset': 'demo_single_objects', 'attribute': 'shape', 'modality': 'image',
+                   'num_images': 400, 'seed': 4323, 'n_init': 10, 'metrics': CLUSTERING_METRICS},
+    # MMEB-style grounding: image + referring expression -> the object's region crop among the
+    # scene's other objects and `num_distractors` crops of other scenes; hit@1
+    # (mmjax.eval.grounding). crop: 'zoom' (the object's grid cell) | 'isolate' (re-rendered alone).
+    'grounding': {'dataset': 'demo_validation', 'num_scenes': 300, 'seed': 4324,
+                  'num_distractors': 0, 'crop': 'zoom'},
+    # The LLM embedder's MMEB-style suite on the demo scenes: classification, VQA-as-retrieval,
+    # retrieval and grounding meta-tasks, hit@1 each (mmjax.eval.mmeb).
+    'mmeb': {'dataset': 'demo_validation', 'num_scenes': 200, 'seed': 4325,
+             'tasks': MMEB_TASKS, 'num_distractors': 0},
 }
 DATASETS = {'retrieval': ('demo_validation', 'records', 'tfds'), 'robustness': ('demo_validation',),
             'audio_retrieval': ('synthetic', 'records'), 'audio_zero_shot': ('synthetic',),
+            'clustering': ('demo_single_objects',), 'grounding': ('demo_validation',),
+            'mmeb': ('demo_validation',),
             'llm_retrieval': ('demo_validation', 'records', 'tfds'),
             'zero_shot': ('demo_single_objects',), 'linear_probe': ('demo_single_objects',)}
 ATTRIBUTES = ('shape', 'colour')
@@ -150,6 +169,10 @@ def _check_values(s: dict[str, Any]) -> None:
       metrics_lib.parse(s['metrics'])
     except ValueError as e:
       raise SpecError(f'metrics={s["metrics"]!r}: {e}') from e
+  elif s['type'] in ('grounding', 'mmeb'):
+    _check_grounding(s)
+  elif s['type'] == 'clustering':
+    _check_clustering(s)
   else:
     bad = [m for m in s['metrics'] if m not in CLASSIFICATION_METRICS]
     if bad:
@@ -170,6 +193,29 @@ def _check_values(s: dict[str, Any]) -> None:
       raise SpecError(f'severities={s["severities"]!r} must be a non-empty subset of 1..5.')
 
 
+def _check_clustering(s: dict[str, Any]) -> None:
+  bad = [m for m in s['metrics'] if m not in CLUSTERING_METRICS]
+  if bad or not s['metrics']:
+    raise SpecError(f'metrics={s["metrics"]!r}: each must be one of {CLUSTERING_METRICS}.')
+  if s['attribute'] not in ATTRIBUTES:
+    raise SpecError(f'attribute={s["attribute"]!r} is not one of {ATTRIBUTES}.')
+  if s['modality'] not in CLUSTERING_MODALITIES:
+    raise SpecError(f'modality={s["modality"]!r} is not one of {CLUSTERING_MODALITIES}.')
+  if s['n_init'] < 1:
+    raise SpecError(f'n_init={s["n_init"]} must be >= 1.')
+
+
+def _check_grounding(s: dict[str, Any]) -> None:
+  if s['num_distractors'] < 0:
+    raise SpecError(f'num_distractors={s["num_distractors"]} must be >= 0.')
+  if s['type'] == 'grounding' and s['crop'] not in GROUNDING_CROPS:
+    raise SpecError(f'crop={s["crop"]!r} is not one of {GROUNDING_CROPS}.')
+  if s['type'] == 'mmeb':
+    bad = [t for t in s['tasks'] if t not in MMEB_TASKS]
+    if bad or not s['tasks']:
+      raise SpecError(f'tasks={s["tasks"]!r}: a non-empty subset of {MMEB_TASKS}.')
+
+
 def validate(config) -> None:
   """Checks every `config.evals.<name>`; raises SpecError naming the entry."""
   evals = config.get('evals', None) or {}
@@ -184,9 +230,14 @@ def validate(config) -> None:
       raise SpecError(f'config.evals.{name}={entry!r} must be a group of fields (use '
                       'mmjax.eval.specs.spec(type, ...)).')
     try:
-      resolved(entry)
+      spec_ = resolved(entry)
     except SpecError as e:
       raise SpecError(f'config.evals.{name}: {e}') from e
+    kind = config.model.get('kind', 'two_tower')
+    if spec_['type'] == 'mmeb' and kind != 'llm_embedder':
+      raise SpecError(f"config.evals.{name}: type 'mmeb' is the LLM embedder's suite "
+                      f"(model.kind='llm_embedder'), this run's model.kind is {kind!r}; a dual "
+                      "encoder has 'grounding', 'zero_shot' and 'retrieval'.")
 
 
 def source_names(config) -> list[str]:

@@ -48,7 +48,8 @@ class AudioTextKind(ModelKind):
     au = config.model.audio
     require(au.width % au.num_heads == 0, f'config.model.audio.width={au.width} is not a '
             f'multiple of config.model.audio.num_heads={au.num_heads}.')
-    require(not (config.distill.weight or config.multitask.tasks or config.data.mixture
+    require(not (config.distill.weight or config.multitask.tasks
+                 or config.multitask.log_grad_norms or config.data.mixture
                  or config.data.num_hard_negatives or config.init.image or config.init.text),
             "config.distill / multitask / data.mixture / data.num_hard_negatives / init are for "
             "model.kind='two_tower'; the audio-text kind trains one audio-caption source.")

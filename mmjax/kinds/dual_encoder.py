@@ -14,7 +14,7 @@ from mmjax.data import pipeline, tokenizer as tokenizer_lib
 from mmjax.embedder import EXPORT_FORMAT, Embedder
 from mmjax.kinds.base import (RUN_FIELDS, DataContract, ModelKind,  # noqa: F401
                               architecture_mismatch, put_params)
-from mmjax.losses import objectives
+from mmjax.losses import multitask, objectives
 from mmjax.models.two_tower import TwoTower
 from mmjax.types import ConfigError, ModelConfig, TextConfig, ViTConfig, lists_to_tuples
 
@@ -74,14 +74,17 @@ def make_objective(config, contrastive, roles: tuple[str, str]):
   """The contrastive loss alone (`contrastive(query, candidate)`), or `MultiTask` over
   config.multitask.tasks / contrastive + distill.weight x distill."""
   weights = tasks(config)
-  if weights == {'contrastive': 1.0} and config.multitask.weighting == 'static':
+  mt = config.multitask
+  if weights == {'contrastive': 1.0} and mt.weighting == 'static' and not mt.log_grad_norms:
     return contrastive(*roles)
   build = {'contrastive': lambda: contrastive(*roles),
            'text_text': lambda: contrastive('query', 'text'),
            'distill': lambda: objectives.Distill(config.distill.kind,
                                                  float(config.distill.temperature))}
+  balance = mt.weighting if mt.weighting in multitask.BALANCING else ''
   return objectives.MultiTask(tuple((name, build[name]()) for name in weights),
-                              tuple(weights.items()), config.multitask.weighting == 'uncertainty')
+                              tuple(weights.items()), mt.weighting == 'uncertainty', balance,
+                              bool(mt.log_grad_norms))
 
 
 def load_init(config, model_config: ModelConfig) -> dict[str, np.ndarray]:

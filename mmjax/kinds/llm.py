@@ -120,7 +120,8 @@ class LLMEmbedderKind(ModelKind):
               't2i > 0.')
     require(not config.data.sub_batches, 'config.data.sub_batches is for the dual encoder; the '
             'LLM embedder mixes its sources row by row.')
-    require(not (config.distill.weight or config.multitask.tasks),
+    require(not (config.distill.weight or config.multitask.tasks
+                 or config.multitask.log_grad_norms),
             "config.distill / config.multitask are for model.kind='two_tower'; the LLM embedder "
             'trains its query/candidate contrastive loss (docs/llm_embedder.md).')
     try:

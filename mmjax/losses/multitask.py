@@ -1,4 +1,5 @@
-"""Combining several losses in one step: static weights or learned uncertainty weighting.
+"""Combining several losses in one step: static weights, learned uncertainty weighting, or
+per-step balancing by gradient norms (GradNorm-style) or loss ratios.
 
 A step computes a dict of scalar losses, e.g. {'itc': image-text contrastive, 'ttc':
 text-text contrastive, 'distill': distillation}, and `combine` turns it into the loss to
@@ -10,6 +11,21 @@ Uncertainty weighting (Kendall, Gal & Cipolla, 2018) learns one log-variance s_k
 so a task's weight 0.5 * exp(-s_k) falls as its loss stays high, and the + s_k term keeps the
 weights from collapsing to 0. The s_k are ordinary trainable parameters (`UncertaintyWeights`
 or `init_log_vars` for a plain dict).
+
+Balancing (`balanced_weights`) sets the weights afresh every step from quantities of the whole
+global batch, treated as constants (no gradient flows through them), with the static weights
+w0_k as the intended proportions:
+- 'gradnorm': G_k = ||dL_k / dz||, the norm of term k's gradient w.r.t. the towers' output
+  embeddings z (the representation every term shares); w_k = w0_k * Gbar / G_k with Gbar =
+  sum_j w0_j G_j / sum_j w0_j, so every term's weighted gradient norm w_k G_k is w0_k * Gbar: in
+  the proportions w0 and of the same total as with the static weights. This is GradNorm (Chen et
+  al., 2018) with its asymmetry alpha = 0, solved in closed form each step instead of by a
+  second optimiser, and measured at the shared representation (as MGDA-UB does, Sener & Koltun
+  2018) rather than at the last shared layer's weights, which would cost one backward pass
+  through the towers per term.
+- 'loss_ratio': w_k = w0_k * Lbar / L_k with Lbar = sum_j w0_j L_j / sum_j w0_j: every weighted
+  term w_k L_k is w0_k * Lbar, so a term whose loss is large in absolute units (a KL next to an
+  InfoNCE) no longer dominates; the total keeps the static value.
 """
 
 from __future__ import annotations
@@ -19,6 +35,7 @@ from typing import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Losses = Mapping[str, jax.Array]
 
@@ -62,7 +79,52 @@ def combine(losses: Losses, kind: str = 'static', *, weights: Mapping[str, float
     if log_vars is None:
       raise ValueError("combine(kind='uncertainty') needs log_vars (trainable parameters).")
     return uncertainty_weighting(losses, log_vars)
-  raise ValueError(f"Unknown multi-task weighting {kind!r}; use 'static' or 'uncertainty'.")
+  raise ValueError(f"Unknown multi-task weighting {kind!r}; use 'static' or 'uncertainty' "
+                   f"('gradnorm' / 'loss_ratio': `balanced`).")
+
+
+BALANCING = ('gradnorm', 'loss_ratio')
+
+
+def balanced_weights(kind: str, values: Mapping[str, jax.Array], base: Mapping[str, float]
+                     ) -> dict[str, jax.Array]:
+  """w_k = w0_k * vbar / v_k (vbar = sum_j w0_j v_j / sum_j w0_j), held constant under
+  differentiation; `values` are the terms' gradient norms ('gradnorm') or losses
+  ('loss_ratio')."""
+  if kind not in BALANCING:
+    raise ValueError(f'Unknown balancing {kind!r}; use one of {BALANCING}.')
+  v = {k: lax.stop_gradient(jnp.asarray(values[k], jnp.float32)) for k in values}
+  w0 = {k: float(base[k]) for k in values}
+  mean = sum(w0[k] * v[k] for k in v) / sum(w0.values())
+  return {k: w0[k] * mean / jnp.maximum(v[k], 1e-12) for k in v}
+
+
+def balanced(kind: str, losses: Losses, base: Mapping[str, float],
+             grad_norms: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
+  """sum_k w_k L_k with `balanced_weights` (from `grad_norms` for 'gradnorm')."""
+  missing = sorted(set(losses) - set(base))
+  if missing:
+    raise ValueError(f'No weight for losses {missing}; weights given for {sorted(base)}.')
+  if kind == 'gradnorm' and grad_norms is None:
+    raise ValueError("balancing 'gradnorm' needs each term's gradient norm (grad_norms).")
+  values = grad_norms if kind == 'gradnorm' else losses
+  return _weighted(losses, balanced_weights(kind, {k: values[k] for k in losses}, base),
+                   jnp.zeros((), jnp.float32))
+
+
+def tree_norm(tree) -> jax.Array:
+  """The global L2 norm of a pytree of arrays (float32)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree.leaves(tree)))
+
+
+def grad_shares(grad_norms: Mapping[str, jax.Array], weights: Mapping[str, jax.Array]
+                ) -> dict[str, jax.Array]:
+  """Each term's share of the summed weighted gradient norms, w_k G_k / sum_j w_j G_j: which
+  objective dominates the update (cancellation between terms is not counted)."""
+  parts = {k: weights[k] * grad_norms[k] for k in grad_norms}
+  total = jnp.maximum(sum(parts.values()), 1e-12)
+  return {k: parts[k] / total for k in parts}
 
 
 def init_log_vars(names, value: float = 0.0) -> dict[str, jax.Array]:

@@ -11,7 +11,8 @@ every combination here is exact under GradCache without code of its own.
   the diagonal when the teacher only has a text tower), and/or cosine regression of every role
   the teacher has onto its embedding. The batch's `teacher_*` columns hold the teacher's
   embeddings (precomputed into the data, or computed by the live teacher before the step).
-- `MultiTask`: several terms combined by static weights or learned uncertainty weighting.
+- `MultiTask`: several terms combined by static weights, learned uncertainty weighting or
+  per-step gradient-norm / loss-ratio balancing, optionally logging each term's gradient norm.
 - `Matryoshka`: an objective averaged over nested prefix dimensions (MRL).
 
 Which objective a run trains is decided by its model kind (`mmjax.kinds`).
@@ -24,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from mmjax.losses import contrastive, distill, multitask
 from mmjax.losses.contrastive import l2_normalize
@@ -94,18 +96,41 @@ class MultiTask:
   terms: tuple[tuple[str, Objective], ...]
   weights: tuple[tuple[str, float], ...]
   uncertainty: bool = False
+  balance: str = ''  # '' | 'gradnorm' | 'loss_ratio' (multitask.balanced_weights).
+  log_grad_norms: bool = False  # Metrics 'grad_norm/<task>' and 'grad_share/<task>'.
+
+  def grad_norms(self, embs, t, b, batch) -> dict[str, jax.Array]:
+    """||dL_k / dz|| of every term k w.r.t. the towers' output embeddings z (every role but the
+    uncertainty log-variances), over the whole global batch: exact under GradCache, whose
+    objective sees the whole batch too."""
+    z = {k: lax.stop_gradient(v) for k, v in embs.items() if k != 'task_log_vars'}
+    rest = {k: v for k, v in embs.items() if k not in z}
+    out = {}
+    for name, term in self.terms:
+      g = jax.grad(lambda e, term=term: term({**rest, **e}, lax.stop_gradient(t),
+                                             lax.stop_gradient(b), batch)[0])(z)
+      out[name] = multitask.tree_norm(g)
+    return out
 
   def __call__(self, embs, t, b, batch):
     losses, metrics = {}, {}
     for name, term in self.terms:
       losses[name], m = term(embs, t, b, batch)
       metrics.update(m)
+    norms = (self.grad_norms(embs, t, b, batch)
+             if self.log_grad_norms or self.balance == 'gradnorm' else None)
     if self.uncertainty:
       s = jnp.mean(embs['task_log_vars'].astype(jnp.float32), axis=0)
       log_vars = {name: s[i] for i, (name, _) in enumerate(self.weights)}
       loss, m = multitask.uncertainty_weighting(losses, log_vars)
+    elif self.balance:
+      loss, m = multitask.balanced(self.balance, losses, dict(self.weights), norms)
     else:
       loss, m = multitask.static_weights(losses, dict(self.weights))
+    if norms is not None:
+      weights = {name: m[f'weight/{name}'] for name in losses}
+      m.update({f'grad_norm/{k}': v for k, v in norms.items()})
+      m.update({f'grad_share/{k}': v for k, v in multitask.grad_shares(norms, weights).items()})
     return loss, {**metrics, **m}
 
 
