@@ -53,8 +53,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                       'num_composed': 500, 'path': '', 'tfds_name': '', 'split': 'validation',
                       'max_examples': 5000, 'image_key': 'image', 'captions_key': 'captions',
                       'metrics': RETRIEVAL_METRICS},
+    # Two-stage retrieval (mmjax.eval.rerank, docs/objectives.md): the embeddings' exact top-k,
+    # re-scored by the ITM head (needs config.model.itm); R@1 with and without re-ranking, on
+    # all queries and on the near-duplicate pairs, the ITM's compositionality, and the cost.
+    'rerank': {'dataset': 'demo_validation', 'num_scenes': 1000, 'seed': 1234, 'k': 10},
 }
 DATASETS = {'retrieval': ('demo_validation', 'records', 'tfds'), 'robustness': ('demo_validation',),
+            'rerank': ('demo_validation',),
             'llm_retrieval': ('demo_validation', 'records', 'tfds'),
             'zero_shot': ('demo_single_objects',), 'linear_probe': ('demo_single_objects',)}
 ATTRIBUTES = ('shape', 'colour')
@@ -128,12 +133,14 @@ def _check_values(s: dict[str, Any]) -> None:
   if s['dataset'] == 'tfds' and not s['tfds_name']:
     raise SpecError("dataset='tfds' needs tfds_name=.")
   for key in ('num_scenes', 'num_images', 'num_test', 'shots', 'index_min_corpus',
-              'max_examples', 'num_composed'):
+              'max_examples', 'num_composed', 'k'):
     if key in s and s[key] < 1:
       raise SpecError(f'{key}={s[key]} must be >= 1.')
   for key in INDEX_FIELDS:
     if key in s and s[key] < 0:
       raise SpecError(f'{key}={s[key]} must be >= 0 (0: derived from the corpus size).')
+  if s['type'] == 'rerank':
+    return
   if s['type'] in ('retrieval', 'robustness', 'llm_retrieval'):
     try:
       metrics_lib.parse(s['metrics'])

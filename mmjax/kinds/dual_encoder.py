@@ -106,6 +106,14 @@ def validate_token_heads(config) -> None:
             f'{width} (the head runs at the text width).')
 
 
+def _check_rerank_evals(config) -> None:
+  evals = config.get('evals', None) or {}
+  for name in evals.keys():
+    require(evals[name].get('type') != 'rerank' or config.model.itm.depth > 0,
+            f"config.evals.{name} is a 'rerank' evaluator, which re-scores with the ITM head: "
+            'set config.model.itm.depth > 0 and config.loss.itm_weight > 0.')
+
+
 def with_token_heads(config, base, contract: DataContract, mesh=None):
   """`base` plus loss.itm_weight x ITM and loss.caption_weight x captioning (docs/objectives.md),
   or `base` itself when both weights are 0."""
@@ -161,6 +169,7 @@ class DualEncoder(ModelKind):
 
   def validate(self, config) -> None:
     validate_token_heads(config)
+    _check_rerank_evals(config)
 
   def model_config(self, config) -> ModelConfig:
     return dual_encoder_config(config)
