@@ -73,3 +73,24 @@ def test_rerank_needs_an_itm_head():
   c.evals.rr = specs.spec('rerank')
   with pytest.raises(ConfigError, match="config.evals.rr is a 'rerank' evaluator"):
     config_lib.validate(c)
+
+
+@pytest.mark.slow  # ~6 min on 2 loaded cores (compiles the step with both heads, GradCache).
+def test_a_run_with_both_heads_trains_evaluates_reranking_and_exports(tmp_path):
+  """config -> train (8 devices, GradCache) -> eval.json with the rerank keys -> export ->
+  load_embedder -> captions."""
+  import mmjax  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from mmjax.train import loop  # pylint: disable=import-outside-toplevel
+  c = tiny.get_config()
+  c.total_steps, c.micro_batches = 2, 2
+  c.model.itm.depth, c.loss.itm_weight = 1, 1.0
+  c.model.caption.depth, c.loss.caption_weight = 1, 0.5
+  c.evals.rerank = specs.spec('rerank', num_scenes=16, k=4)
+  result = loop.train_and_evaluate(c, tmp_path)
+  assert 'rerank/i2t/reranked_recall@1' in result
+  metrics = [l for l in (tmp_path / 'metrics.jsonl').read_text().splitlines() if 'loss/itm' in l]
+  assert metrics and 'train/loss/caption' in metrics[-1]
+  loop.export_checkpoint(c, tmp_path)
+  emb = mmjax.load_embedder(tmp_path / 'export')
+  assert emb.has_itm and len(emb.caption(np.zeros((2, 16, 16, 3), np.uint8))) == 2
