@@ -169,9 +169,9 @@ def report(results: list[dict]) -> str:
                    + ' | '.join(cell([value(r, k) for r in rs]) for k, _ in COLUMNS) + ' |')
   loads = [r[k] for r in results for k in ('load_start', 'load_end')]
   lines.append('')
-  lines.append(f'{FLAGS.steps} steps per run, batch 128, configs/demo_objectives.py; mean ± sample '
-               f'std (min–max) over seeds; 1-min load average {min(loads):.1f}–{max(loads):.1f} '
-               '(times measured under that load).')
+  lines.append(f'{FLAGS.steps} steps per run, batch 128, configs/demo_objectives.py; mean ± '
+               f'sample std (min–max) over seeds; 1-min load average {min(loads):.1f}–'
+               f'{max(loads):.1f} (times measured under that load).')
   for r in results:
     if 'captions' in r:
       lines.append(f'- {r["variant"]} seed {r["seed"]} greedy captions: ' + '; '.join(

@@ -138,8 +138,9 @@ class TwoTower(nn.Module):
     'image' (`image`), 'text' (`tokens`/`mask`), 'query' (text-text pairs: `query_tokens`/
     `query_mask`), 'neg_text' [B, K, d] (`neg_tokens`/`neg_mask`) and 'neg_image' [B, K, d]
     (`neg_image`), for the columns the batch has; with ITM / captioning heads also the towers'
-    token outputs 'image_tokens' [B, P, Wi] and 'text_tokens' [B, L, Wt]. Roles other than the pair get row ids offset
-    by multiples of `ROLE_ROW_STRIDE`, so no two embeddings share a dropout mask."""
+    token outputs 'image_tokens' [B, P, Wi] and 'text_tokens' [B, L, Wt]. Roles other than the
+    pair get row ids offset by multiples of `ROLE_ROW_STRIDE`, so no two embeddings share a
+    dropout mask."""
     n = batch['tokens'].shape[0]
     rows = jnp.arange(n, dtype=jnp.int32) if rows is None else rows
     out = {}
