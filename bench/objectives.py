@@ -54,6 +54,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('append', True, 'Append the result block to BENCHMARKS.md.')
   flags.DEFINE_string('benchmarks_file', str(REPO / 'BENCHMARKS.md'), 'Where results go.')
   flags.DEFINE_string('note', '', 'Free text stored with the result.')
+  flags.DEFINE_bool('report_only', False, 'Report the finished (variant, seed) runs under --root '
+                    '(their bench_result.json) without training the missing ones.')
 
 
 def variant_config(variant: str, seed: int, steps: int, k: int):
@@ -152,9 +154,9 @@ def cell(values) -> str:
   values = [v for v in values if v is not None]
   if not values:
     return '—'
-  if len(values) == 1:
-    return f'{values[0]:.3f}'
   fmt = '.0f' if max(values) > 20 else '.3f'
+  if len(values) == 1:
+    return f'{values[0]:{fmt}}'
   return (f'{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}} '
           f'({min(values):{fmt}}–{max(values):{fmt}})')
 
@@ -169,6 +171,10 @@ def report(results: list[dict]) -> str:
                    + ' | '.join(cell([value(r, k) for r in rs]) for k, _ in COLUMNS) + ' |')
   loads = [r[k] for r in results for k in ('load_start', 'load_end')]
   lines.append('')
+  missing = [f'{v} seed {s}' for s in FLAGS.seeds for v in FLAGS.variants
+             if not any(r['variant'] == v and str(r['seed']) == s for r in results)]
+  if missing:
+    lines.append(f'Not run (out of time): {", ".join(missing)}.')
   lines.append(f'{FLAGS.steps} steps per run, batch 128, configs/demo_objectives.py; mean ± '
                f'sample std (min–max) over seeds; 1-min load average {min(loads):.1f}–'
                f'{max(loads):.1f} (times measured under that load).')
@@ -181,7 +187,12 @@ def report(results: list[dict]) -> str:
 
 def main(argv) -> None:
   del argv
-  results = [run_one(v, int(s)) for s in FLAGS.seeds for v in FLAGS.variants]
+  if FLAGS.report_only:
+    files = [pathlib.Path(FLAGS.root) / f'{v}_s{s}_n{FLAGS.steps}' / 'bench_result.json'
+             for s in FLAGS.seeds for v in FLAGS.variants]
+    results = [json.loads(f.read_text()) for f in files if f.exists()]
+  else:
+    results = [run_one(v, int(s)) for s in FLAGS.seeds for v in FLAGS.variants]
   text = report(results)
   print(text)
   if FLAGS.append:
