@@ -224,3 +224,20 @@ def test_bad_head_fields_name_key_and_value(key, value, match):
   node[field] = value
   with pytest.raises(ConfigError, match=match):
     config_lib.validate(c)
+
+
+def test_itm_pairs_and_loss_match_numpy():
+  nt, ni = np.array([2, 0, 1]), np.array([1, 2, 0])
+  text, image, labels, weights = matching.itm_pairs(3, nt, np.array([1, 1, 0]), ni,
+                                                    np.array([1, 0, 1]))
+  np.testing.assert_array_equal(text, [0, 1, 2, 2, 0, 1, 0, 1, 2])
+  np.testing.assert_array_equal(image, [0, 1, 2, 0, 1, 2, 1, 2, 0])
+  np.testing.assert_array_equal(labels, [1, 1, 1, 0, 0, 0, 0, 0, 0])
+  logits = np.linspace(-2, 2, 9).astype(np.float32)
+  loss, m = matching.itm_loss(logits, labels, weights)
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  nll = np.where(labels > 0, -np.log(p), -np.log(1 - p))
+  w = np.asarray(weights)
+  np.testing.assert_allclose(float(loss), (nll * w).sum() / w.sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(m['itm/accuracy']),
+                             (((logits > 0) == (labels > 0)) * w).sum() / w.sum(), rtol=1e-6)
