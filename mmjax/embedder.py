@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from mmjax.data import audio_io, llm_tasks, tokenizer as tokenizer_lib
+import mmjax.models.fusion as fusion
 from mmjax.models.audio_text import AudioText
 from mmjax.models.llm_embedder import LLMEmbedder
 from mmjax.models.two_tower import TwoTower
@@ -117,6 +118,70 @@ class Embedder:
     out = [np.asarray(self._embed_texts(self.params, t, m))[:valid]
            for (t, m), valid in self._batches([tokens, mask])]
     return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+  # --- Heads on token outputs (ITM re-ranking, captioning; docs/objectives.md) ----------------
+
+  @property
+  def has_itm(self) -> bool:
+    return bool(self.config.itm_depth)
+
+  @property
+  def has_captioner(self) -> bool:
+    return bool(self.config.caption_depth)
+
+  def _jit(self, name: str, fn):
+    """`fn(params, *batch arrays)` jitted once per runner, sharded like the embedding calls."""
+    cache = self.__dict__.setdefault('_head_fns', {})
+    if name not in cache:
+      cache[name] = jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh))
+    return cache[name]
+
+  def _run(self, name: str, fn, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    f = self._jit(name, fn)
+    return np.concatenate([np.asarray(f(self.params, *xs))[:valid]
+                           for xs, valid in self._batches(list(arrays))])
+
+  def image_tokens(self, images: np.ndarray) -> np.ndarray:
+    """The ViT's output tokens [N, P, width] of uint8 images (the heads' image input)."""
+    apply = self.model.apply
+    return self._run('image_tokens', lambda p, x: apply(
+        {'params': p}, x, method=TwoTower.image_features)[1], [np.asarray(images)])
+
+  def text_tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(the text tower's output tokens [N, L, width], the mask [N, L]) of `texts`."""
+    tokens, mask = self.encoder(list(texts))
+    apply = self.model.apply
+    out = self._run('text_tokens', lambda p, t, m: apply(
+        {'params': p}, t, m, method=TwoTower.text_features)[1], [tokens, mask])
+    return out, mask
+
+  def match_scores(self, text_tokens: np.ndarray, mask: np.ndarray,
+                   image_tokens: np.ndarray) -> np.ndarray:
+    """ITM logits [N] of the pairs (text row i, image row i) of token outputs."""
+    if not self.has_itm:
+      raise ValueError('This model has no ITM head (config.model.itm.depth=0).')
+    apply = self.model.apply
+    return self._run('match', lambda p, t, m, i: apply(
+        {'params': p}, t, m, i, method=TwoTower.match_logits), [text_tokens, mask, image_tokens])
+
+  def caption(self, images: np.ndarray) -> list[str]:
+    """Greedy captions of uint8 images from the captioning decoder (to read what it learned)."""
+    if not self.has_captioner:
+      raise ValueError('This model has no captioning decoder (config.model.caption.depth=0).')
+    apply, length = self.model.apply, self.config.text.max_len
+
+    def decode(p, x):
+      tokens = apply({'params': p}, x, method=TwoTower.image_features)[1]
+      return fusion.greedy(lambda t: apply({'params': p}, t, tokens,
+                                           method=TwoTower.caption_logits), x.shape[0], length)
+    ids = self._run('caption', decode, [np.asarray(images)])
+    eos_ids, eos_mask = self.encoder.encode_one('')
+    eos = int(eos_ids[int(eos_mask.sum()) - 1]) if eos_mask.sum() else -1
+    out = []
+    for row in ids:
+      row = list(row)
+      out.append(self.encoder.tokenizer.decode(row[:row.index(eos)] if eos in row else row))
+    return out
 
 
 def export(directory: str | pathlib.Path, model_config: ModelConfig | LLMEmbedderConfig,

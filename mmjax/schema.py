@@ -122,6 +122,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.audio.norm, c.model.audio.act, c.model.audio.ln_eps = 'pre', 'gelu_tanh', 1e-6
   c.model.audio.embed_ln, c.model.audio.final_ln, c.model.audio.locked = False, True, False
   c.model.audio_head = ''  # Projection head of the audio tower ('' = `head`).
+  # Heads on the towers' token outputs (docs/objectives.md); depth 0 builds none. Each needs its
+  # loss weight (config.loss.itm_weight / caption_weight) > 0, and the weight needs the head.
+  # ITM (ALBEF/BLIP): text tokens cross-attend to image tokens; a binary match logit that
+  # re-ranks retrieval candidates (config.evals type 'rerank').
+  c.model.itm = ml_collections.ConfigDict()
+  c.model.itm.depth = 0  # Fusion blocks (self-attention, cross-attention, MLP).
+  c.model.itm.num_heads = 4  # Must divide model.text.width (the fusion width).
+  c.model.itm.mlp_dim = 0  # 0: 4 x model.text.width.
+  # Captioning (CoCa): a causal text decoder (own token embedding, model.text width, vocabulary
+  # and max_len) cross-attending to the image tokens.
+  c.model.caption = ml_collections.ConfigDict()
+  c.model.caption.depth = 0
+  c.model.caption.num_heads = 4
+  c.model.caption.mlp_dim = 0
 
   # --- LLM embedder (docs/llm_embedder.md) ------------------------------------------------------
   # 'two_tower': the dual encoder above (model.image + model.text). 'llm_embedder': model.image
@@ -182,6 +196,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Robust loss for noisy pairs: each step, this fraction of the batch whose image and caption
   # agree least (lowest positive similarity = highest positive-pair loss) is left out of the loss.
   c.loss.drop_noisy_fraction = 0.0
+  # Weights of the terms on token outputs beside the contrastive loss (0: off; docs/objectives.md):
+  # ITM on the positives and on one hard negative text per image and one image per text, drawn
+  # ∝ softmax of the in-batch similarities over the global batch (duplicates by `group` left
+  # out); CoCa's captioning NLL. Both stay exact under GradCache and across devices.
+  c.loss.itm_weight = 0.0
+  c.loss.caption_weight = 0.0
 
   # --- Optimizer -------------------------------------------------------------------------------
   c.optimizer = ml_collections.ConfigDict()

@@ -225,6 +225,20 @@ class ModelConfig:
   # Multi-task uncertainty weighting: (task, initial log-variance) pairs, trained as the
   # 'multitask' params (config.multitask.weighting='uncertainty'); () = none.
   task_log_vars: tuple[tuple[str, float], ...] = ()
+  # Heads on the towers' token outputs (mmjax.models.fusion, docs/objectives.md); depth 0: none.
+  # ITM: text tokens cross-attend to image tokens, a binary match logit (ALBEF/BLIP).
+  itm_depth: int = 0
+  itm_heads: int = 4
+  itm_mlp_dim: int = 0  # 0: 4 x the text width.
+  # Captioning (CoCa): a causal text decoder cross-attending to the image tokens.
+  caption_depth: int = 0
+  caption_heads: int = 4
+  caption_mlp_dim: int = 0
+
+  @property
+  def token_heads(self) -> bool:
+    """Whether the model has a head on token outputs (then embed_batch returns them)."""
+    return bool(self.itm_depth or self.caption_depth)
 
   def tower_head(self, tower: str) -> str:
     return (self.image_head if tower == 'image' else self.text_head) or self.head

@@ -19,7 +19,7 @@ from mmjax.models import TwoTower
 from mmjax.train import optim
 
 REPO = config_lib.REPO_ROOT
-SHIPPED = ('base', 'demo', 'tiny', 'bench_tiny')
+SHIPPED = ('base', 'demo', 'tiny', 'bench_tiny', 'demo_objectives')
 
 
 def load(name: str) -> ml_collections.ConfigDict:

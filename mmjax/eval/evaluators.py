@@ -23,7 +23,7 @@ from mmjax.eval import audio as audio_eval
 from mmjax.eval import classification as cls_lib
 from mmjax.eval import specs as specs_lib
 from mmjax.data import sources
-from mmjax.eval import clustering, grounding, llm_retrieval, mmeb, robustness
+from mmjax.eval import clustering, grounding, llm_retrieval, mmeb, rerank, robustness
 from mmjax.eval.retrieval import RetrievalEvaluator, format_table
 from mmjax.types import Embedder
 
@@ -130,6 +130,8 @@ def make(spec: dict[str, Any], image_size: int, view=None
     pairs = None if spec['dataset'] == 'demo_validation' else retrieval_evaluator(
         spec, image_size, view)  # The held-out images, captions and owners.
     return llm_retrieval.LLMRetrievalEvaluator(spec, image_size, pairs)
+  if spec['type'] == 'rerank':
+    return rerank.RerankEvaluator(spec, image_size)
   return robustness.RobustnessEvaluator(spec, image_size)
 
 

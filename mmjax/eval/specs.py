@@ -79,11 +79,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # retrieval and grounding meta-tasks, hit@1 each (mmjax.eval.mmeb).
     'mmeb': {'dataset': 'demo_validation', 'num_scenes': 200, 'seed': 4325,
              'tasks': MMEB_TASKS, 'num_distractors': 0},
+    # Two-stage retrieval (mmjax.eval.rerank, docs/objectives.md): the embeddings' exact top-k,
+    # re-scored by the ITM head (needs config.model.itm); R@1 with and without re-ranking, on
+    # all queries and on the near-duplicate pairs, the ITM's compositionality, and the cost.
+    'rerank': {'dataset': 'demo_validation', 'num_scenes': 1000, 'seed': 1234, 'k': 10},
 }
 DATASETS = {'retrieval': ('demo_validation', 'records', 'tfds'), 'robustness': ('demo_validation',),
             'audio_retrieval': ('synthetic', 'records'), 'audio_zero_shot': ('synthetic',),
             'clustering': ('demo_single_objects',), 'grounding': ('demo_validation',),
             'mmeb': ('demo_validation',),
+            'rerank': ('demo_validation',),
             'llm_retrieval': ('demo_validation', 'records', 'tfds'),
             'zero_shot': ('demo_single_objects',), 'linear_probe': ('demo_single_objects',)}
 ATTRIBUTES = ('shape', 'colour')
@@ -158,12 +163,14 @@ def _check_values(s: dict[str, Any]) -> None:
   if s['dataset'] == 'tfds' and not s['tfds_name']:
     raise SpecError("dataset='tfds' needs tfds_name=.")
   for key in ('num_scenes', 'num_images', 'num_test', 'shots', 'index_min_corpus',
-              'max_examples', 'num_composed', 'num_clips', 'max_events'):
+              'max_examples', 'num_composed', 'num_clips', 'max_events', 'k'):
     if key in s and s[key] < 1:
       raise SpecError(f'{key}={s[key]} must be >= 1.')
   for key in INDEX_FIELDS:
     if key in s and s[key] < 0:
       raise SpecError(f'{key}={s[key]} must be >= 0 (0: derived from the corpus size).')
+  if s['type'] == 'rerank':
+    return
   if s['type'] in ('retrieval', 'robustness', 'llm_retrieval', 'audio_retrieval'):
     try:
       metrics_lib.parse(s['metrics'])

@@ -82,8 +82,10 @@ class ModelKind:
                     process_count: int, teacher_encoder=None):
     raise NotImplementedError
 
-  def objective(self, config, loss_fn: Callable, contract: DataContract) -> Callable:
-    """(embeddings, temperature, bias, batch) -> (loss, metrics)."""
+  def objective(self, config, loss_fn: Callable, contract: DataContract, *,
+                mesh=None) -> Callable:
+    """(embeddings, temperature, bias, batch) -> (loss, metrics); `mesh`: the one the batch is
+    split over (terms that span it, e.g. the ITM negative sampling)."""
     raise NotImplementedError
 
   def embedder(self, model_config, params, encoder, config, *, mesh, batch_size: int):

@@ -14,9 +14,10 @@ from mmjax.data import pipeline, tokenizer as tokenizer_lib
 from mmjax.embedder import EXPORT_FORMAT, Embedder
 from mmjax.kinds.base import (RUN_FIELDS, DataContract, ModelKind,  # noqa: F401
                               architecture_mismatch, put_params)
-from mmjax.losses import multitask, objectives
+from mmjax.losses import heads as heads_lib, matching, multitask, objectives
 from mmjax.models.two_tower import TwoTower
-from mmjax.types import ConfigError, ModelConfig, TextConfig, ViTConfig, lists_to_tuples
+from mmjax.types import (ConfigError, ModelConfig, TextConfig, ViTConfig, lists_to_tuples,
+                         require)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ def dual_encoder_config(config) -> ModelConfig:
       text_head=m.text_head,
       head_bias=m.head_bias,
       task_log_vars=task_log_vars(config),
+      itm_depth=m.itm.depth, itm_heads=m.itm.num_heads, itm_mlp_dim=m.itm.mlp_dim,
+      caption_depth=m.caption.depth, caption_heads=m.caption.num_heads,
+      caption_mlp_dim=m.caption.mlp_dim,
   )
 
 
@@ -85,6 +89,49 @@ def make_objective(config, contrastive, roles: tuple[str, str]):
   return objectives.MultiTask(tuple((name, build[name]()) for name in weights),
                               tuple(weights.items()), mt.weighting == 'uncertainty', balance,
                               bool(mt.log_grad_norms))
+
+
+def validate_token_heads(config) -> None:
+  """config.model.itm / caption and their loss weights: a head needs its weight and back."""
+  width = config.model.text.width
+  for head, weight in (('itm', 'itm_weight'), ('caption', 'caption_weight')):
+    h, w = config.model[head], config.loss[weight]
+    require(w >= 0, f'config.loss.{weight}={w!r} must be >= 0.')
+    require(h.depth >= 0 and h.mlp_dim >= 0 and h.num_heads > 0,
+            f'config.model.{head}: depth={h.depth}, mlp_dim={h.mlp_dim} must be >= 0 and '
+            f'num_heads={h.num_heads} > 0.')
+    require(bool(h.depth) == bool(w),
+            f'config.model.{head}.depth={h.depth} with config.loss.{weight}={w!r}: the head '
+            'needs a loss weight > 0 and the weight needs a head of depth > 0 (set both, or '
+            'neither).')
+    require(not h.depth or width % h.num_heads == 0,
+            f'config.model.{head}.num_heads={h.num_heads} must divide config.model.text.width='
+            f'{width} (the head runs at the text width).')
+
+
+def _check_rerank_evals(config) -> None:
+  evals = config.get('evals', None) or {}
+  for name in evals.keys():
+    require(evals[name].get('type') != 'rerank' or config.model.itm.depth > 0,
+            f"config.evals.{name} is a 'rerank' evaluator, which re-scores with the ITM head: "
+            'set config.model.itm.depth > 0 and config.loss.itm_weight > 0.')
+
+
+def with_token_heads(config, base, contract: DataContract, mesh=None):
+  """`base` plus loss.itm_weight x ITM and loss.caption_weight x captioning (docs/objectives.md),
+  or `base` itself when both weights are 0."""
+  terms = []
+  if config.loss.itm_weight:
+    terms.append(('itm', float(config.loss.itm_weight),
+                  heads_lib.Matching(matching.make_sampler(mesh))))
+  if config.loss.caption_weight:
+    terms.append(('caption', float(config.loss.caption_weight), heads_lib.Captioning()))
+  if not terms:
+    return base
+  if contract.text_pairs:
+    raise ConfigError('config.loss.itm_weight / caption_weight need image-text pairs; the run\'s '
+                      'sources hold text-text pairs.')
+  return heads_lib.WithHeads(base, tuple(terms))
 
 
 def load_init(config, model_config: ModelConfig) -> dict[str, np.ndarray]:
@@ -123,6 +170,10 @@ class DualEncoder(ModelKind):
   export_format = EXPORT_FORMAT
   primary_eval_type = 'retrieval'
 
+  def validate(self, config) -> None:
+    validate_token_heads(config)
+    _check_rerank_evals(config)
+
   def model_config(self, config) -> ModelConfig:
     return dual_encoder_config(config)
 
@@ -151,10 +202,11 @@ class DualEncoder(ModelKind):
                                        teacher_encoder=teacher_encoder,
                                        text_pairs=contract.text_pairs)
 
-  def objective(self, config, loss_fn, contract: DataContract):
+  def objective(self, config, loss_fn, contract: DataContract, *, mesh=None):
     def contrastive(query: str, candidate: str) -> objectives.Contrastive:
       return objectives.Contrastive(loss_fn, query, candidate, config.loss.drop_noisy_fraction)
-    return make_objective(config, contrastive, contract.roles)
+    return with_token_heads(config, make_objective(config, contrastive, contract.roles),
+                            contract, mesh)
 
   def embedder(self, model_config, params, encoder, config, *, mesh, batch_size: int):
     return Embedder(model_config, params, encoder, mesh=mesh, batch_size=batch_size)

@@ -102,6 +102,11 @@ class LLMEmbedderKind(ModelKind):
               f'config.data.llm.{group} has keys {keys}; expected {sorted(LLM_TASKS)}.')
     require(all(w >= 0 for w in llm.weights.values()) and sum(llm.weights.values()) > 0,
             f'config.data.llm.weights={dict(llm.weights)} must be >= 0 and not all 0.')
+    require(not (config.loss.itm_weight or config.loss.caption_weight
+                 or config.model.itm.depth or config.model.caption.depth),
+            'config.loss.itm_weight / caption_weight and config.model.itm / caption are heads of '
+            "the dual encoder (model.kind='two_tower'); the LLM embedder has none (its "
+            'next-token loss is not implemented yet: docs/objectives.md).')
     require(config.loss.kind == 'softmax',
             f"config.loss.kind={config.loss.kind!r}: the LLM embedder trains with InfoNCE at a "
             "fixed temperature; set config.loss.kind='softmax'.")
@@ -168,7 +173,7 @@ class LLMEmbedderKind(ModelKind):
     return llm_tasks.make_train_dataset(config, encoder, process_index=process_index,
                                         process_count=process_count)
 
-  def objective(self, config, loss_fn, contract: DataContract):
+  def objective(self, config, loss_fn, contract: DataContract, *, mesh=None):
     """InfoNCE between 'query' and 'candidate' (with 'neg_candidate' hard negatives), averaged
     over the Matryoshka dimensions."""
     contrastive = objectives.Contrastive(loss_fn, *contract.roles,

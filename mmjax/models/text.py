@@ -19,7 +19,8 @@ class TextTransformer(nn.Module):
   """Returns pooled features [batch, width] of token ids [batch, len] with a key mask.
 
   'last' pooling reads the last valid position (the EOS the tokenizer appends), which is exact for
-  causal attention and for both left and right padding.
+  causal attention and for both left and right padding. With `with_tokens=True`: (pooled, the
+  encoder's tokens [batch, len, width]).
   """
 
   config: TextConfig
@@ -28,7 +29,7 @@ class TextTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False,
-               rows: jax.Array | None = None) -> jax.Array:
+               rows: jax.Array | None = None, with_tokens: bool = False):
     cfg = self.config
     if tokens.shape[1] > cfg.max_len:
       raise ValueError(f'Text of {tokens.shape[1]} tokens exceeds max_len={cfg.max_len}.')
@@ -59,6 +60,8 @@ class TextTransformer(nn.Module):
                        ln_eps=cfg.ln_eps, final_ln=cfg.final_ln, name='encoder')(
                            x, mask, deterministic=not train, rows=rows)
     if cfg.pool == 'map':
-      return layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype, cfg.act,
-                            cfg.ln_eps, name='map_head')(x, mask)
-    return poolers.POOLERS[cfg.pool](x, mask)
+      pooled = layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype, cfg.act,
+                              cfg.ln_eps, name='map_head')(x, mask)
+    else:
+      pooled = poolers.POOLERS[cfg.pool](x, mask)
+    return (pooled, x) if with_tokens else pooled

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from mmjax.losses import multitask
 from mmjax.losses.contrastive import l2_normalize  # noqa: F401  (re-exported)
+import mmjax.models.fusion as fusion
 import mmjax.models.layers as layers
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import ViT
@@ -81,6 +82,13 @@ class TwoTower(nn.Module):
       names, init = zip(*cfg.task_log_vars)
       self.multitask = multitask.UncertaintyWeights(tuple(names), tuple(init))
       _ = self.multitask.log_vars  # Created in init, not on first use.
+    if cfg.itm_depth:
+      self.itm = fusion.MatchHead(cfg.itm_depth, cfg.itm_heads, cfg.itm_mlp_dim, cfg.text.dropout,
+                                  dtype, pdtype)
+    if cfg.caption_depth:
+      self.captioner = fusion.CaptionDecoder(
+          cfg.text.vocab_size, cfg.text.max_len, cfg.text.width, cfg.caption_depth,
+          cfg.caption_heads, cfg.caption_mlp_dim, cfg.text.dropout, dtype, pdtype)
 
   # `rows`: the examples' rows in the global batch, which seed their dropout masks (see
   # layers.Dropout); only a call that sees part of the batch (a GradCache micro-batch) passes them.
@@ -90,32 +98,58 @@ class TwoTower(nn.Module):
     return (jnp.zeros((batch, s, s, 3), jnp.uint8), jnp.zeros((batch, n), jnp.int32),
             jnp.ones((batch, n), jnp.int32))
 
-  def embed_images(self, images: jax.Array, *, train: bool = False,
-                   rows: jax.Array | None = None) -> jax.Array:
+  def image_features(self, images: jax.Array, *, train: bool = False,
+                     rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(L2-normalised embeddings [n, d], the ViT's tokens [n, P, Wi]) of one pass."""
     img = self.config.image
     x = normalize_images(images, jnp.dtype(self.config.dtype), tuple(img.pixel_mean),
                          tuple(img.pixel_std))
-    locked = self.config.image.locked
-    return l2_normalize(self.img_head(_locked(self.img(x, train=train and not locked, rows=rows),
-                                              locked)))
+    pooled, tokens = self.img(x, train=train and not img.locked, rows=rows, with_tokens=True)
+    pooled, tokens = _locked(pooled, img.locked), _locked(tokens, img.locked)
+    return l2_normalize(self.img_head(pooled)), tokens
+
+  def text_features(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False,
+                    rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(L2-normalised embeddings [n, d], the text tower's tokens [n, L, Wt]) of one pass."""
+    locked = self.config.text.locked
+    pooled, out = self.txt(tokens, mask, train=train and not locked, rows=rows, with_tokens=True)
+    return l2_normalize(self.txt_head(_locked(pooled, locked))), _locked(out, locked)
+
+  def embed_images(self, images: jax.Array, *, train: bool = False,
+                   rows: jax.Array | None = None) -> jax.Array:
+    return self.image_features(images, train=train, rows=rows)[0]
 
   def embed_texts(self, tokens: jax.Array, mask: jax.Array, *, train: bool = False,
                   rows: jax.Array | None = None) -> jax.Array:
-    locked = self.config.text.locked
-    return l2_normalize(self.txt_head(_locked(
-        self.txt(tokens, mask, train=train and not locked, rows=rows), locked)))
+    return self.text_features(tokens, mask, train=train, rows=rows)[0]
+
+  def match_logits(self, text_tokens: jax.Array, mask: jax.Array, image_tokens: jax.Array, *,
+                   train: bool = False, rows: jax.Array | None = None) -> jax.Array:
+    """ITM logits [n] of (text i, image i) from the towers' token outputs."""
+    return self.itm(text_tokens, mask, image_tokens, deterministic=not train, rows=rows)
+
+  def caption_logits(self, tokens: jax.Array, image_tokens: jax.Array, *, train: bool = False,
+                     rows: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced next-token logits [n, L, V] of captions `tokens` given image tokens."""
+    return self.captioner(tokens, image_tokens, deterministic=not train, rows=rows)
 
   def embed_batch(self, batch, *, train: bool = False, rows: jax.Array | None = None):
     """The embeddings of a batch, by role (the train step's model contract):
     'image' (`image`), 'text' (`tokens`/`mask`), 'query' (text-text pairs: `query_tokens`/
     `query_mask`), 'neg_text' [B, K, d] (`neg_tokens`/`neg_mask`) and 'neg_image' [B, K, d]
-    (`neg_image`), for the columns the batch has. Roles other than the pair get row ids offset
-    by multiples of `ROLE_ROW_STRIDE`, so no two embeddings share a dropout mask."""
+    (`neg_image`), for the columns the batch has; with ITM / captioning heads also the towers'
+    token outputs 'image_tokens' [B, P, Wi] and 'text_tokens' [B, L, Wt]. Roles other than the
+    pair get row ids offset by multiples of `ROLE_ROW_STRIDE`, so no two embeddings share a
+    dropout mask."""
     n = batch['tokens'].shape[0]
     rows = jnp.arange(n, dtype=jnp.int32) if rows is None else rows
-    out = {'text': self.embed_texts(batch['tokens'], batch['mask'], train=train, rows=rows)}
+    out = {}
+    out['text'], text_tokens = self.text_features(batch['tokens'], batch['mask'], train=train,
+                                                  rows=rows)
     if 'image' in batch:
-      out['image'] = self.embed_images(batch['image'], train=train, rows=rows)
+      out['image'], image_tokens = self.image_features(batch['image'], train=train, rows=rows)
+      if self.config.token_heads:  # The heads' inputs: GradCache caches and differentiates them.
+        out['image_tokens'], out['text_tokens'] = image_tokens, text_tokens
     if 'query_tokens' in batch:
       out['query'] = self.embed_texts(batch['query_tokens'], batch['query_mask'], train=train,
                                       rows=rows + ROLE_ROW_STRIDE)
@@ -145,7 +179,11 @@ class TwoTower(nn.Module):
 
   def __call__(self, images: jax.Array, tokens: jax.Array, mask: jax.Array, *,
                train: bool = False):
-    zimg = self.embed_images(images, train=train)
-    ztxt = self.embed_texts(tokens, mask, train=train)
+    zimg, image_tokens = self.image_features(images, train=train)
+    ztxt, text_tokens = self.text_features(tokens, mask, train=train)
+    if self.config.itm_depth:  # Run once here so that `init` creates the heads' parameters.
+      self.match_logits(text_tokens, mask, image_tokens)
+    if self.config.caption_depth:
+      self.caption_logits(tokens, image_tokens)
     t, b = self.logit_params()
     return zimg, ztxt, t, b

@@ -31,7 +31,8 @@ class ViT(nn.Module):
   """Returns pooled features [batch, width] of float images [batch, H, W, C] in [-1, 1], or with
   `patch_tokens=True` the encoder's patch tokens [batch, patches, width] (a CLS token, when the
   config has one, still takes part in attention but is left out; no pooling head is built or
-  run), as LLaVA reads a CLIP/SigLIP tower."""
+  run), as LLaVA reads a CLIP/SigLIP tower. With `with_tokens=True`: (pooled, every encoder
+  token [batch, tokens, width]) of one pass, for the heads on token outputs (models.fusion)."""
 
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
@@ -39,7 +40,7 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False, rows: jax.Array | None = None,
-               patch_tokens: bool = False) -> jax.Array:
+               patch_tokens: bool = False, with_tokens: bool = False):
     cfg = self.config
     b, h, w, c = images.shape
     p, r = cfg.patch_size, cfg.stem_reduction
@@ -108,6 +109,8 @@ class ViT(nn.Module):
     if patch_tokens:
       return x[:, 1:] if cfg.pool == 'cls' else x
     if cfg.pool == 'map':
-      return layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype, cfg.act,
-                            cfg.ln_eps, name='map_head')(x)
-    return poolers.POOLERS[cfg.pool](x)
+      pooled = layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype, cfg.act,
+                              cfg.ln_eps, name='map_head')(x)
+    else:
+      pooled = poolers.POOLERS[cfg.pool](x)
+    return (pooled, x) if with_tokens else pooled

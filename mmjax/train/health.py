@@ -142,8 +142,12 @@ class Instrumented:
     """Whether the loop logs the metrics of the step that starts at `step` (it logs step + 1)."""
     return ((step + 1) % self.log_every == 0) | (step + 1 == self.total_steps)
 
-  def __call__(self, embs, t, b, batch):
-    loss, metrics = self.objective(embs, t, b, batch)
+  @property
+  def uses_heads(self) -> bool:
+    return bool(getattr(self.objective, 'uses_heads', False))
+
+  def __call__(self, embs, t, b, batch, **kwargs):  # kwargs: the step's heads= (ITM, captions).
+    loss, metrics = self.objective(embs, t, b, batch, **kwargs)
     stats = lambda: embedding_metrics(embs, self.rows)  # noqa: E731
     if self.step is not None:
       shapes = jax.eval_shape(stats)

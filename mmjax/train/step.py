@@ -51,6 +51,53 @@ def _logit_params(apply_fn, params):
   return apply_fn({'params': params}, method='logit_params')
 
 
+HEADS_KEY_SALT = 0x17E  # fold_in(step rng, salt): the key of the heads' negative sampling.
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+  """The model's heads on token outputs bound to the params being differentiated, for the
+  objectives that use them (`mmjax.losses.heads`): `match` (ITM logits of pairs of token
+  outputs) and `caption` (next-token logits), in train mode with the step's dropout key (each
+  head call sees the whole global batch, so its masks are the same in plain backprop and
+  GradCache); `key` seeds the hard-negative sampling."""
+
+  apply_fn: Any
+  params: Any
+  rng: jax.Array
+
+  @property
+  def key(self) -> jax.Array:
+    return jax.random.fold_in(self.rng, HEADS_KEY_SALT)
+
+  def _apply(self, method: str, *args):
+    return self.apply_fn({'params': self.params}, *args, train=True, rngs={'dropout': self.rng},
+                         method=method)
+
+  def match(self, text_tokens, mask, image_tokens) -> jax.Array:
+    return self._apply('match_logits', text_tokens, mask, image_tokens)
+
+  def caption(self, tokens, image_tokens) -> jax.Array:
+    return self._apply('caption_logits', tokens, image_tokens)
+
+
+def uses_heads(objective) -> bool:
+  """Whether `objective` takes the step's `heads=` (ITM / captioning terms)."""
+  return bool(getattr(objective, 'uses_heads', False))
+
+
+def _objective_of_params(apply_fn, opts: StepOptions, batch: Batch, rng: jax.Array):
+  """(embs, params) -> (loss, (temperature, bias, metrics)): the objective with the logit
+  params and, when it uses them, the heads taken from `params` (so one gradient w.r.t. params
+  covers the temperature, the bias and every head parameter)."""
+  def fn(embs, params):
+    temperature, bias = _logit_params(apply_fn, params)
+    kwargs = {'heads': Heads(apply_fn, params, rng)} if uses_heads(opts.objective) else {}
+    loss, metrics = opts.objective(embs, temperature, bias, batch, **kwargs)
+    return loss, (temperature, bias, metrics)
+  return fn
+
+
 def _to_micro(x: jax.Array, num_shards: int, micro_batches: int) -> jax.Array:
   """[B, ...] -> [M, B / M, ...]: micro-batch m holds rows m*u..(m+1)*u-1 of *every* device's
   b = B / D rows (u = b / M), so each micro-batch stays split over all devices, no data moves."""
@@ -82,7 +129,9 @@ def gradcache_loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opt
      and the temperature/bias.
   3. Re-embed each micro-batch with the same dropout masks (rows seed them; see layers.Dropout)
      and pull its slice of the embedding gradient back to the parameters (VJP), accumulating.
-  The temperature/bias gradient comes from step 2 only, so it is counted once.
+  The temperature/bias gradient comes from step 2 only, so it is counted once; so do the
+  gradients of heads on token outputs (ITM, captioning), which step 2 runs on the cached tokens
+  of the whole batch (their token gradients flow back in step 3 like the embeddings').
   """
   n, k = opts.num_shards, opts.micro_batches
   batch = _with_rows(batch)
@@ -90,16 +139,24 @@ def gradcache_loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opt
 
   _, embs = lax.scan(lambda c, mb: (c, _embed(apply_fn, params, mb, rng)), None, micro)
   embs = jax.tree.map(lambda x: _from_micro(x, n), embs)
-  (temperature, bias), logit_vjp = jax.vjp(lambda p: _logit_params(apply_fn, p), params)
-  (loss, metrics), (dembs, dtemperature, dbias) = jax.value_and_grad(
-      opts.objective, argnums=(0, 1, 2), has_aux=True)(embs, temperature, bias, batch)
+  if uses_heads(opts.objective):
+    # The heads run here on the whole batch's cached token outputs: their parameter gradient
+    # comes from this step alone, like the temperature's; the token gradients go back below.
+    (loss, (temperature, bias, metrics)), (dembs, head_grads) = jax.value_and_grad(
+        _objective_of_params(apply_fn, opts, batch, rng), argnums=(0, 1), has_aux=True)(
+            embs, params)
+  else:
+    (temperature, bias), logit_vjp = jax.vjp(lambda p: _logit_params(apply_fn, p), params)
+    (loss, metrics), (dembs, dtemperature, dbias) = jax.value_and_grad(
+        opts.objective, argnums=(0, 1, 2), has_aux=True)(embs, temperature, bias, batch)
+    head_grads = logit_vjp((dtemperature, dbias))[0]
 
   def accumulate(grads, xs):
     mb, g = xs
     _, vjp = jax.vjp(lambda p: _embed(apply_fn, p, mb, rng), params)
     return jax.tree.map(jnp.add, grads, vjp(g)[0]), None
 
-  grads, _ = lax.scan(accumulate, logit_vjp((dtemperature, dbias))[0],
+  grads, _ = lax.scan(accumulate, head_grads,
                       (micro, jax.tree.map(lambda x: _to_micro(x, n, k), dembs)))
   return loss, grads, temperature, bias, metrics
 
@@ -109,11 +166,10 @@ def loss_and_grads(apply_fn, params, batch: Batch, rng: jax.Array, opts: StepOpt
   if opts.micro_batches > 1:
     return gradcache_loss_and_grads(apply_fn, params, batch, rng, opts)
 
+  objective = _objective_of_params(apply_fn, opts, batch, rng)
+
   def compute_loss(p):
-    embs = _embed(apply_fn, p, _with_rows(batch), rng)
-    temperature, bias = _logit_params(apply_fn, p)
-    loss, metrics = opts.objective(embs, temperature, bias, batch)
-    return loss, (temperature, bias, metrics)
+    return objective(_embed(apply_fn, p, _with_rows(batch), rng), p)
 
   (loss, (temperature, bias, metrics)), grads = jax.value_and_grad(compute_loss,
                                                                    has_aux=True)(params)
@@ -149,7 +205,8 @@ def make_objective(config, mesh, contract: DataContract | None = None):
   between the contract's two roles, spanning the mesh (with hard negatives when the batch has
   them, and the robust-loss drop); distillation / multi-task terms; Matryoshka averaging."""
   loss_fn = distributed.make_loss(config.loss.kind, config.loss.impl, mesh)
-  return kinds.get(config).objective(config, loss_fn, contract or kinds.contract(config))
+  return kinds.get(config).objective(config, loss_fn, contract or kinds.contract(config),
+                                     mesh=mesh)
 
 
 def make_options(config, mesh, contract: DataContract | None = None) -> StepOptions:
