@@ -83,7 +83,7 @@ class AudioTextKind(ModelKind):
     return audio_pipeline.make_train_dataset(config, encoder, process_index=process_index,
                                              process_count=process_count)
 
-  def objective(self, config, loss_fn, contract: DataContract):
+  def objective(self, config, loss_fn, contract: DataContract, *, mesh=None):  # noqa: ARG002
     return objectives.Contrastive(loss_fn, *contract.roles,
                                   drop_noisy_fraction=config.loss.drop_noisy_fraction)
 
