@@ -234,7 +234,7 @@ def main(argv):
   t0 = time.perf_counter()
   with mesh_context(mesh, rules):
     lowered = jitted.lower(state, batches[0], rng)
-    compiled = lowered.compile()
+    compiled = lowered.compile(step_lib.compiler_options(config, jax.default_backend()))
   compile_s = time.perf_counter() - t0
 
   xla_flops = loop.step_flops(compiled)
