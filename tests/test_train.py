@@ -129,15 +129,11 @@ def test_resume_in_fresh_process_is_exact(trained, tmp_path):
   shutil.rmtree(resumed / 'checkpoints' / '4')  # As if killed right after saving step 2.
   (resumed / 'eval.json').unlink()
   cached = compile_cache.entries(resumed / compile_cache.WORKDIR_SUBDIR)
-  steps = [p.name for p in cached if p.name.startswith('jit_train_step-')]
-  assert steps, [p.name for p in cached]  # The first run filled WORKDIR/jax_cache ...
-  run_cli(resumed, '--config.compilation_cache=workdir',
-          '--config.compilation_cache_min_compile_s=0')
+  # The first run filled WORKDIR/jax_cache (reuse: tests/test_compile_cache.py).
+  assert any(p.name.startswith('jit_train_step-') for p in cached), [p.name for p in cached]
+  run_cli(resumed, '--config.compilation_cache=workdir')
   assert json.loads((resumed / 'eval.json').read_text())['step'] == 4
   assert_same_params(saved_params(workdir, 4), saved_params(resumed, 4))
-  after = compile_cache.entries(resumed / compile_cache.WORKDIR_SUBDIR)
-  # ... and the resumed process loaded its train step from there instead of adding another.
-  assert [p.name for p in after if p.name.startswith('jit_train_step-')] == steps
 
 
 @pytest.mark.slow  # ~110 s; test_resume_in_fresh_process_is_exact covers resume by default.
