@@ -64,8 +64,7 @@ def compiled_stats(config) -> dict:
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
   jitted = step_lib.jit_train_step(shardings, batch_sh, repl, step_lib.make_options(config, mesh))
   with mesh_lib.activate(mesh, rules):
-    compiled = jitted.lower(abstract, batch, key).compile(
-        step_lib.compiler_options(config, jax.default_backend()))
+    compiled = jitted.lower(abstract, batch, key).compile()
   mem = compiled.memory_analysis()
   hlo = compiled.as_text()
   ops = collections.Counter(re.findall(r'= \S+ (fusion|transpose|copy|dot|convolution)\(', hlo))

@@ -28,8 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   # directory path, or '' (off).
   c.compilation_cache = 'user'
   c.compilation_cache_min_compile_s = 1.0  # Programs compiling faster than this are not cached.
-  # XLA:CPU only: schedule the train step for memory instead of concurrency
-  # (xla_cpu_enable_concurrency_optimized_scheduler=false); bench-tiny: 23% less temp memory.
+  # XLA:CPU only: schedule for memory instead of concurrency (XLA_FLAGS
+  # --xla_cpu_enable_concurrency_optimized_scheduler=false, set by mmjax.main before the backend
+  # starts); bench-tiny train step: 23% less temp memory, and remat then saves memory.
   c.cpu_memory_scheduler = False
 
   # --- Model -----------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """mmjax.train.compile_cache: where the persistent compilation cache goes, that a compile fills it
 and that a later compile of the same program is served from it (no timings)."""
 
-import pathlib
+import os
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from configs import tiny
-from mmjax.train import compile_cache, step as step_lib
+from mmjax.train import compile_cache
 
 
 def test_cache_dir_settings(tmp_path, monkeypatch):
@@ -48,11 +48,15 @@ def test_cache_is_populated_then_reused(tmp_path, restore_cache):  # pylint: dis
   assert not jax.config.jax_compilation_cache_dir
 
 
-def test_cpu_memory_scheduler_option():
+def test_cpu_memory_scheduler_sets_xla_flags_before_the_backend(monkeypatch):
   config = tiny.get_config()
-  assert step_lib.compiler_options(config, 'cpu') == {}
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  assert not compile_cache.cpu_schedule(config)  # Off by default: XLA_FLAGS untouched.
   config.cpu_memory_scheduler = True
-  assert step_lib.compiler_options(config, 'cpu') == {
-      'xla_cpu_enable_concurrency_optimized_scheduler': False}
-  assert step_lib.compiler_options(config, 'tpu') == {}
-  assert isinstance(pathlib.Path(compile_cache.user_cache_root()), pathlib.Path)
+  jax.devices()
+  assert not compile_cache.cpu_schedule(config)  # The backend started: too late, a warning.
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8'
+  monkeypatch.setattr(compile_cache.xla_bridge, 'backends_are_initialized', lambda: False)
+  assert compile_cache.cpu_schedule(config)  # As mmjax.main calls it, before the backend.
+  assert os.environ['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=8',
+                                             compile_cache.CPU_MEMORY_SCHEDULER_FLAG]

@@ -186,8 +186,7 @@ def compile_step(run: Run, state, rng, columns: tuple[str, ...], extra_spec=None
   """The compiled train step (`lower_step`); logs its FLOPs and memory analysis."""
   t0 = time.perf_counter()
   with mesh_lib.activate(run.mesh, run.axis_rules):
-    compiled = lower_step(run, state, rng, columns, extra_spec).compile(
-        step_lib.compiler_options(run.config, run.mesh.devices.flat[0].platform))
+    compiled = lower_step(run, state, rng, columns, extra_spec).compile()
   log.info('Train step compiled in %.1f s.', time.perf_counter() - t0)  # bench/startup.py reads it.
   flops = step_flops(compiled)
   mem = compiled.memory_analysis()

@@ -161,13 +161,6 @@ def make_options(config, mesh, contract: DataContract | None = None) -> StepOpti
                      num_shards=distributed.num_batch_shards(mesh))
 
 
-def compiler_options(config, backend: str) -> dict[str, Any]:
-  """XLA options of the train step's compilation (`lowered.compile(compiler_options=...)`)."""
-  if backend == 'cpu' and config.cpu_memory_scheduler:
-    return {'xla_cpu_enable_concurrency_optimized_scheduler': False}
-  return {}
-
-
 def jit_train_step(state_shardings, batch_sharding, replicated, opts: StepOptions):
   """`train_step` jitted once: state in and out with its shardings, donated."""
   return jax.jit(functools.partial(train_step, opts=opts),
