@@ -7,8 +7,9 @@ Each round runs the same config twice, each time in a fresh child process and a 
 *cold* with an empty compilation cache directory, then *warm* with the directory the cold run
 filled (`--config.compilation_cache=DIR`: what a repeated run or a resumed one finds in the
 default 'user' cache). Each child is stopped once it logs 'First step done'. Reported per run:
-seconds from the process start to the end of set-up ('Model: ...' line), the train step's compile
-time (its own log line) and to the first finished step; the warm / cold ratio. Before the first
+seconds from the process start to the state being ready ('Model: ...' line: after set-up, the
+train step's compilation and the parameter init or restore), the train step's compile time (its
+own log line) and to the first finished step; the cold / warm ratio. Before the first
 round one untimed import of mmjax fills the OS file cache, so cold means "not compiled", not
 "not read from disk". Appended to BENCHMARKS.md with the load average.
 """
@@ -46,7 +47,7 @@ def one_run(args, workdir: pathlib.Path, cache: pathlib.Path) -> dict:
 
 
 def fmt(r: dict) -> str:
-  return (f"first step {r['first_step_s']:.1f} s (set-up done at {r['setup_s']:.1f} s, train step "
+  return (f"first step {r['first_step_s']:.1f} s (state ready at {r['setup_s']:.1f} s, train step "
           f"compile {r['compile_s']:.1f} s, {r['cache_files']} cached programs)")
 
 
