@@ -234,9 +234,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   monitor = health.Monitor.for_run(config)  # Plateau / collapse warnings on the console.
   # Distillation: the teacher's columns (precomputed, or its tokens for the live teacher).
   teacher = teacher_lib.for_run(config, run.mesh, text_pairs=run.contract.text_pairs)
-  # Compiled on the abstract state before anything else is traced, so a fresh and a resumed run
-  # lower the same program and share its compilation cache entry.
-  compiled = compile_step(run, run.abstract_state, _abstract_rng(run), *step_inputs(run, teacher))
+  # On the abstract state, before anything else is traced: fresh and resumed runs share it.
+  compiled = compile_step(run, run.abstract_state, state_lib.abstract_key(run.mesh),
+                          *step_inputs(run, teacher))
   data_iter, state, rng, start = _resume(run, teacher)
   writer = MetricWriter(run.workdir)
   host_columns = run.contract.columns + (teacher.host_columns if teacher else ())
@@ -292,11 +292,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if not eval_metrics:  # Resumed a finished run: evaluate what is there.
     eval_metrics = evaluate(run, state.params, evaluator, embedder)
   return _write_result(run, eval_metrics, evaluator, step)
-
-
-def _abstract_rng(run: Run) -> jax.ShapeDtypeStruct:
-  key = jax.random.key(run.config.seed)
-  return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=mesh_lib.replicated(run.mesh))
 
 
 def _resume(run: Run, teacher) -> tuple[Any, Any, jax.Array, int]:
