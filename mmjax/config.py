@@ -19,8 +19,8 @@ from mmjax import kinds, schema
 from mmjax.eval import specs
 from mmjax.parallel.mesh import mesh_shape
 # Re-exported: the typed configs and ConfigError lived here before mmjax.types.
-from mmjax.types import (MESH_AXES, REMAT_POLICIES, ConfigError, DecoderConfig,  # noqa: F401
-                         LoraConfig, ModelConfig, TextConfig, TransformerConfig, ViTConfig,
+from mmjax.types import (ENCODER_REMAT_POLICIES, MESH_AXES, REMAT_POLICIES,  # noqa: F401
+                         ConfigError, DecoderConfig, LoraConfig, ModelConfig, TextConfig, TransformerConfig, ViTConfig,
                          lists_to_tuples, require)
 from mmjax.data import augment, demo
 
@@ -184,7 +184,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
                'eval.batch_size', 'data.num_train_examples', 'data.read_threads',
                'tokenizer.vocab_size', 'optimizer.learning_rate'):
     _positive(name, _get(config, name))
-  for name in ('data.num_workers', 'data.decode_cache_mb'):
+  for name in ('data.num_workers', 'data.decode_cache_mb', 'compilation_cache_min_compile_s'):
     _require(_get(config, name) >= 0, f'config.{name}={_get(config, name)} must be >= 0.')
   # Warmup may exceed total_steps (short smoke runs): the rate then never reaches its peak.
   _require(config.optimizer.warmup_steps >= 0,
@@ -219,6 +219,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _require(0.0 <= cfg.dropout < 1.0, f'config.model.{tower}.dropout={cfg.dropout} must be in [0, 1).')
     _one_of(f'model.{tower}.norm', cfg.norm, NORMS)
     _one_of(f'model.{tower}.act', cfg.act, ACTIVATIONS)
+    _one_of(f'model.{tower}.remat_policy', cfg.remat_policy, ENCODER_REMAT_POLICIES)
     _positive(f'model.{tower}.ln_eps', cfg.ln_eps)
   _one_of('model.image_head', config.model.image_head, ('',) + HEADS)
   _one_of('model.text_head', config.model.text_head, ('',) + HEADS)

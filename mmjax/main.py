@@ -14,7 +14,7 @@ from absl import flags
 from mmjax import cli
 from mmjax import config as config_lib
 from mmjax.parallel import distributed
-from mmjax.train import aot, loop
+from mmjax.train import aot, compile_cache, loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and exports.')
@@ -39,6 +39,7 @@ def main() -> None:
       raise config_lib.ConfigError('--mode=compile needs --compile_topology (e.g. v5e:2x2).')
     aot.compile_for_topology(config, FLAGS.workdir, FLAGS.compile_topology)
     return
+  compile_cache.cpu_schedule(config)  # XLA:CPU flags: read once, when the backend starts.
   distributed.initialize(config.distributed)  # Before anything touches a JAX backend.
   config_lib.validate(config)
   if FLAGS.mode == 'train':

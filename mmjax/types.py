@@ -76,6 +76,7 @@ class TransformerConfig:
   mlp_dim: int = 1024
   dropout: float = 0.0
   remat: bool = False
+  remat_policy: str = 'nothing_saveable'  # What a remat'ed block keeps: ENCODER_REMAT_POLICIES.
   # Architecture options of released checkpoints (docs/pretrained.md); the defaults are mmjax's.
   norm: str = 'pre'  # 'pre' | 'post' (BERT) layer norm placement.
   act: str = 'gelu_tanh'  # MLP activation: 'gelu_tanh' | 'gelu' | 'quick_gelu' | 'relu'.
@@ -133,6 +134,10 @@ class TextConfig(TransformerConfig):
 # jax.checkpoint_policies a remat'ed decoder layer may use (what it keeps for the backward pass).
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
                   'everything_saveable')
+# An encoder block may also keep only named activations (mmjax.models.layers tags them):
+# 'save_attention' keeps q/k/v and the attention context (recomputes the LayerNorms and the MLP),
+# 'save_mlp_hidden' keeps the MLP's hidden layer before its activation (recomputes attention).
+ENCODER_REMAT_POLICIES = REMAT_POLICIES + ('save_attention', 'save_mlp_hidden')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """Test set-up: 8 simulated CPU devices, so sharded code paths run for real on one machine."""
 
 import os
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The runs' 'user' compilation cache (mmjax.train.compile_cache) of this session, not ~/.cache.
+os.environ.setdefault('MMJAX_CACHE_DIR', tempfile.mkdtemp(prefix='mmjax-test-cache-'))
 
 import pathlib  # noqa: E402
 

@@ -147,6 +147,10 @@ BAD = {
     'demo-negatives-without-k': ({'data.negatives': 'shape'},
                                  ['config.data.negatives', 'num_hard_negatives=0']),
     # Tokenizer.
+    'remat-policy': ({'model.image.remat_policy': 'all'},
+                     ['config.model.image.remat_policy', "'all'", 'save_attention']),
+    'compile-cache-min': ({'compilation_cache_min_compile_s': -1.0},
+                          ['config.compilation_cache_min_compile_s', '-1.0']),
     'tokenizer-vocab': ({'tokenizer.vocab_size': 300}, ['config.tokenizer.vocab_size=300',
                                                         'config.model.text.vocab_size=256']),
 }

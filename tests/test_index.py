@@ -32,6 +32,21 @@ def test_exact_search_matches_numpy(metric):
   assert ex._corpus.sharding.num_devices == 8  # pylint: disable=protected-access
 
 
+def test_exact_search_compiles_once_per_shape_bucket():
+  """Corpora of nearby sizes are padded to one shape bucket and share one compiled search."""
+  rng = np.random.default_rng(2)
+  queries = rng.normal(size=(5, 16)).astype(np.float32)
+  first = None
+  for n in (1001, 1010, 1017):  # 126, 127, 128 rows per device: one bucket of 128.
+    corpus = rng.normal(size=(n, 16)).astype(np.float32)
+    ex = ExactSearch(corpus, block_size=64, query_batch=16)
+    _, ids = ex.search(queries, 5)
+    np.testing.assert_array_equal(ids, np.argsort(-(queries @ corpus.T), axis=1)[:, :5])
+    first = first or ex._compiled(5)  # pylint: disable=protected-access
+    assert ex._compiled(5) is first  # pylint: disable=protected-access
+  assert first._cache_size() == 1  # pylint: disable=protected-access
+
+
 def test_exact_search_bad_input():
   ex = ExactSearch(np.eye(4, dtype=np.float32), block_size=2)
   with pytest.raises(ValueError, match=r'\[Q, 4\]'):

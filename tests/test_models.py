@@ -535,9 +535,11 @@ def test_matmul_nd_value_and_gradients_match_tensordot(x_shape, w_shape, n_in):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow  # 20 s
-def test_remat_gives_the_same_gradients(tiny_config):
-  """`remat` recomputes activations in the backward pass; the gradients must not change."""
+@pytest.mark.slow  # 20 s each
+@pytest.mark.parametrize('policy', ['nothing_saveable', 'save_attention', 'save_mlp_hidden'])
+def test_remat_gives_the_same_gradients(tiny_config, policy):
+  """`remat` recomputes activations in the backward pass (keeping what `remat_policy` names);
+  the gradients must not change."""
   cfg = config_lib.model_config(tiny_config)
   inputs = TwoTower(cfg).init_inputs(4)
   images = jax.random.randint(jax.random.key(2), inputs[0].shape, 0, 255).astype(jnp.uint8)
@@ -550,8 +552,9 @@ def test_remat_gives_the_same_gradients(tiny_config):
       return jnp.sum(zi @ zt.T) * t + b
     return jax.jit(jax.grad(loss))(params)
 
-  remat = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, remat=True),
-                              text=dataclasses.replace(cfg.text, remat=True))
+  remat = dataclasses.replace(
+      cfg, image=dataclasses.replace(cfg.image, remat=True, remat_policy=policy),
+      text=dataclasses.replace(cfg.text, remat=True, remat_policy=policy))
   for a, b in zip(jax.tree.leaves(grads(cfg)), jax.tree.leaves(grads(remat))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

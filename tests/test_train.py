@@ -18,7 +18,7 @@ import pytest
 
 import mmjax
 from mmjax.train import checkpoint as ckpt_lib
-from mmjax.train import loop
+from mmjax.train import compile_cache, loop
 from test_health import assert_report_png
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,6 +63,8 @@ def trained(tmp_path_factory):
   from configs import tiny  # pylint: disable=import-outside-toplevel
   workdir = tmp_path_factory.mktemp('trained')
   config = tiny.get_config()
+  config.compilation_cache = 'workdir'  # test_resume_in_fresh_process_is_exact reuses it.
+  config.compilation_cache_min_compile_s = 0.0
   result = loop.train_and_evaluate(config, workdir)
   return config, workdir, result
 
@@ -126,7 +128,10 @@ def test_resume_in_fresh_process_is_exact(trained, tmp_path):
   shutil.copytree(workdir, resumed)
   shutil.rmtree(resumed / 'checkpoints' / '4')  # As if killed right after saving step 2.
   (resumed / 'eval.json').unlink()
-  run_cli(resumed)
+  cached = compile_cache.entries(resumed / compile_cache.WORKDIR_SUBDIR)
+  # The first run filled WORKDIR/jax_cache (reuse: tests/test_compile_cache.py).
+  assert any(p.name.startswith('jit_train_step-') for p in cached), [p.name for p in cached]
+  run_cli(resumed, '--config.compilation_cache=workdir')
   assert json.loads((resumed / 'eval.json').read_text())['step'] == 4
   assert_same_params(saved_params(workdir, 4), saved_params(resumed, 4))
 

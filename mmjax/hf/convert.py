@@ -276,5 +276,6 @@ def describe(directory: str | pathlib.Path) -> str:
     cfg = getattr(ckpt, tower)
     if cfg is not None:
       lines += [f'--config.model.{tower}.{f.name}={getattr(cfg, f.name)!r}'
-                for f in dataclasses.fields(cfg) if f.name not in ('dropout', 'remat', 'locked')]
+                for f in dataclasses.fields(cfg)
+                if f.name not in ('dropout', 'remat', 'remat_policy', 'locked')]
   return '\n'.join(lines)

@@ -44,9 +44,11 @@ class ExactSearch:
     self.axes = tuple(self.mesh.axis_names)
     shards = math.prod(self.mesh.shape.values())
     self.size, self.dim = corpus.shape
-    per_shard = -(-self.size // shards)
+    # Rows per shard rounded up to a shape bucket, so corpora of nearby sizes (the evaluators'
+    # sets, a growing index) share one compiled search; the true size is an argument.
+    per_shard = bucket(-(-self.size // shards))
     self.block_size = min(block_size, per_shard)
-    per_shard = -(-per_shard // self.block_size) * self.block_size
+    per_shard = bucket(-(-per_shard // self.block_size)) * self.block_size
     padded = np.zeros((per_shard * shards, self.dim), np.float32)
     padded[:self.size] = corpus
     rows = NamedSharding(self.mesh, P(self.axes))
@@ -57,13 +59,14 @@ class ExactSearch:
     self._half_norms = jax.make_array_from_callback(norms.shape, rows,
                                                     lambda i: (0.5 * norms)[i])
     self.query_batch = query_batch
-    self._search = {}
+    self._n = jax.device_put(np.int32(self.size), NamedSharding(self.mesh, P()))
 
   def _compiled(self, k: int):
-    if k not in self._search:
-      self._search[k] = jax.jit(functools.partial(_sharded_top_k, mesh=self.mesh, axes=self.axes,
-                                                  k=k, block=self.block_size, n=self.size))
-    return self._search[k]
+    key = (k, self.block_size, self.mesh, self.axes)
+    if key not in _SEARCH:
+      _SEARCH[key] = jax.jit(functools.partial(_sharded_top_k, mesh=self.mesh, axes=self.axes,
+                                               k=k, block=self.block_size))
+    return _SEARCH[key]
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     queries = np.asarray(queries, np.float32)
@@ -79,7 +82,7 @@ class ExactSearch:
       valid = len(q)
       q = np.concatenate([q, np.zeros((b - valid, self.dim), np.float32)]) if valid < b else q
       with jax.set_mesh(self.mesh):  # Our mesh, whatever mesh the caller has made current.
-        s, i = fn(jnp.asarray(q), self._corpus, self._half_norms)
+        s, i = fn(jnp.asarray(q), self._corpus, self._half_norms, self._n)
       scores.append(np.asarray(s)[:valid])
       ids.append(np.asarray(i)[:valid])
     scores = np.concatenate(scores) if scores else np.zeros((0, k), np.float32)
@@ -89,8 +92,21 @@ class ExactSearch:
     return scores, ids
 
 
-def _sharded_top_k(queries, corpus, half_norms, *, mesh, axes, k, block, n):
-  def local(q, c, hn):
+# One jitted search per (k, block, mesh): jax compiles it once per corpus shape bucket.
+_SEARCH: dict = {}
+
+
+def bucket(n: int) -> int:
+  """The shape bucket of `n` rows: n itself up to 8, else the smallest m * 2**e >= n with m in
+  4..7 (at most 25% padding)."""
+  if n <= 8:
+    return n
+  e = n.bit_length() - 3
+  return -(-n // 2**e) * 2**e
+
+
+def _sharded_top_k(queries, corpus, half_norms, n, *, mesh, axes, k, block):
+  def local(q, c, hn, n):
     shard = jax.lax.axis_index(axes)
     rows = c.shape[0]
     kl = min(k, rows)  # Each shard's own top-k (a shard may hold fewer than k rows).
@@ -112,8 +128,8 @@ def _sharded_top_k(queries, corpus, half_norms, *, mesh, axes, k, block, n):
     top_s, top_j = jax.lax.top_k(all_s, k)
     return top_s, jnp.take_along_axis(all_i, top_j, axis=1)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes), P(axes)),
-                       out_specs=(P(), P()), check_vma=False)(queries, corpus, half_norms)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes), P(axes), P()),
+                       out_specs=(P(), P()), check_vma=False)(queries, corpus, half_norms, n)
 
 
 def _merge(a, b, k):

@@ -20,7 +20,7 @@ from mmjax.types import ConfigError
 Spec = dict[str, tuple[tuple[int, ...], Any]]  # Column -> (global shape, dtype).
 # The tower fields a run may choose freely over an imported checkpoint (every other field is
 # architecture).
-RUN_FIELDS = frozenset({'dropout', 'remat', 'locked', 'max_len', 'pool'})
+RUN_FIELDS = frozenset({'dropout', 'remat', 'remat_policy', 'locked', 'max_len', 'pool'})
 
 
 @dataclasses.dataclass(frozen=True)

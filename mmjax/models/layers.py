@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -90,7 +91,7 @@ class MlpBlock(nn.Module):
     d = x.shape[-1]
     h = DenseND((self.mlp_dim,), ('embed', 'mlp'), dtype=self.dtype, param_dtype=self.param_dtype,
                 name='fc1')(x)
-    h = ACTIVATIONS[self.act](h)
+    h = ACTIVATIONS[self.act](checkpoint_name(h, 'mlp_hidden'))
     h = Dropout(self.dropout)(h, deterministic=deterministic, rows=rows)
     return DenseND((d,), ('mlp', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype,
                    name='fc2')(h)
@@ -178,9 +179,11 @@ class Attention(nn.Module):
       return DenseND((self.num_heads, head_dim), ('embed', 'heads', 'kv'), dtype=self.dtype,
                      param_dtype=self.param_dtype, name=name)
 
-    q, k, v = heads('query')(q_in), heads('key')(kv_in), heads('value')(kv_in)
+    q, k, v = (checkpoint_name(x, 'qkv') for x in
+               (heads('query')(q_in), heads('key')(kv_in), heads('value')(kv_in)))
     attn_mask = None if mask is None else mask[:, None, None, :].astype(bool)
     out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, is_causal=self.causal)
+    out = checkpoint_name(out, 'attn_context')
     return DenseND((d,), ('heads', 'kv', 'embed'), in_dims=2, dtype=self.dtype,
                    param_dtype=self.param_dtype, name='out')(out)
 
@@ -227,6 +230,19 @@ class EncoderBlock(nn.Module):
         x + Dropout(self.dropout)(h, deterministic=deterministic, rows=rows))
 
 
+# Named activations of an encoder block (jax.ad_checkpoint.checkpoint_name), which the named
+# remat policies keep (mmjax.types.ENCODER_REMAT_POLICIES).
+NAMED_REMAT_POLICIES = {'save_attention': ('qkv', 'attn_context'),
+                        'save_mlp_hidden': ('mlp_hidden',)}
+
+
+def remat_policy(name: str):
+  """The jax.checkpoint policy called `name`: a jax.checkpoint_policies one or a named one."""
+  if name in NAMED_REMAT_POLICIES:
+    return jax.checkpoint_policies.save_only_these_names(*NAMED_REMAT_POLICIES[name])
+  return getattr(jax.checkpoint_policies, name)
+
+
 class Encoder(nn.Module):
   """A stack of `depth` encoder blocks and a final LayerNorm (none for post-LN stacks: BERT)."""
 
@@ -236,6 +252,7 @@ class Encoder(nn.Module):
   causal: bool = False
   dropout: float = 0.0
   remat: bool = False
+  remat_policy: str = 'nothing_saveable'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   norm: str = 'pre'
@@ -246,7 +263,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                deterministic: bool = True, rows: jax.Array | None = None) -> jax.Array:
-    block = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
+    block = (nn.remat(EncoderBlock, static_argnums=(3,), policy=remat_policy(self.remat_policy))
+             if self.remat else EncoderBlock)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.causal, self.dropout, self.dtype,
                 self.param_dtype, self.norm, self.act, self.ln_eps, name=f'block{i}')(

@@ -55,7 +55,8 @@ class TextTransformer(nn.Module):
     x = layers.Dropout(cfg.dropout)(x, deterministic=not train, rows=rows)
     mask = jnp.ones(tokens.shape, bool) if cfg.attend_padding else mask.astype(bool)
     x = layers.Encoder(cfg.depth, cfg.num_heads, cfg.mlp_dim, causal=cfg.causal,
-                       dropout=cfg.dropout, remat=cfg.remat, dtype=self.dtype,
+                       dropout=cfg.dropout, remat=cfg.remat, remat_policy=cfg.remat_policy,
+                       dtype=self.dtype,
                        param_dtype=self.param_dtype, norm=cfg.norm, act=cfg.act,
                        ln_eps=cfg.ln_eps, final_ln=cfg.final_ln, name='encoder')(
                            x, mask, deterministic=not train, rows=rows)

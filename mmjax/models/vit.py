@@ -103,7 +103,8 @@ class ViT(nn.Module):
 
     x = layers.Dropout(cfg.dropout)(x, deterministic=not train, rows=rows)
     x = layers.Encoder(cfg.depth, cfg.num_heads, cfg.mlp_dim, causal=False, dropout=cfg.dropout,
-                       remat=cfg.remat, dtype=self.dtype, param_dtype=self.param_dtype,
+                       remat=cfg.remat, remat_policy=cfg.remat_policy, dtype=self.dtype,
+                       param_dtype=self.param_dtype,
                        norm=cfg.norm, act=cfg.act, ln_eps=cfg.ln_eps, final_ln=cfg.final_ln,
                        name='encoder')(x, deterministic=not train, rows=rows)
     if patch_tokens:

@@ -29,7 +29,7 @@ from mmjax.eval.evaluators import Suite, build_suite, format_results
 from mmjax.parallel import mesh as mesh_lib
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import optim, state as state_lib, step as step_lib, teacher as teacher_lib
-from mmjax.train import health, preemption, report, transfer
+from mmjax.train import compile_cache, health, preemption, report, transfer
 from mmjax.train.writer import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,10 @@ def lower_step(run: Run, state, rng, columns: tuple[str, ...], extra_spec=None):
 
 def compile_step(run: Run, state, rng, columns: tuple[str, ...], extra_spec=None):
   """The compiled train step (`lower_step`); logs its FLOPs and memory analysis."""
+  t0 = time.perf_counter()
   with mesh_lib.activate(run.mesh, run.axis_rules):
     compiled = lower_step(run, state, rng, columns, extra_spec).compile()
+  log.info('Train step compiled in %.1f s.', time.perf_counter() - t0)  # bench/startup.py reads it.
   flops = step_flops(compiled)
   mem = compiled.memory_analysis()
   if mem is not None:
@@ -227,22 +229,23 @@ def evaluate(run: InferenceRun, params, evaluator: Suite,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains `config` into `workdir` (resuming if possible); returns the final eval metrics."""
+  compile_cache.for_run(config, workdir)
   run = setup(config, workdir)
   monitor = health.Monitor.for_run(config)  # Plateau / collapse warnings on the console.
   # Distillation: the teacher's columns (precomputed, or its tokens for the live teacher).
   teacher = teacher_lib.for_run(config, run.mesh, text_pairs=run.contract.text_pairs)
+  # On the abstract state, before anything else is traced: fresh and resumed runs share it.
+  compiled = compile_step(run, run.abstract_state, state_lib.abstract_key(run.mesh),
+                          *step_inputs(run, teacher))
   data_iter, state, rng, start = _resume(run, teacher)
   writer = MetricWriter(run.workdir)
-  columns = run.contract.columns
-  host_columns = columns + (teacher.host_columns if teacher else ())
-  compiled = compile_step(run, state, rng, *step_inputs(run, teacher))
+  host_columns = run.contract.columns + (teacher.host_columns if teacher else ())
   evaluator = make_evaluator(config)
   embedder = make_embedder(run, state.params)
 
   eval_metrics: dict[str, float] = {}
-  pending: list[dict[str, jax.Array]] = []
   bar = _progress_bar(config, start)
-  t_log, steps_since_log = time.perf_counter(), 0
+  logger = _StepLog(run, bar, writer, monitor)
   step = start
   preempt = preemption.Preemption()
   preempted = False
@@ -254,27 +257,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         batch = teacher(batch)
       state, metrics = compiled(state, batch, rng)
       step += 1
-      steps_since_log += 1
-      if pending:
-        # Wait for the previous step (this one is already queued behind it), so the bar's rate
-        # and ETA follow finished steps rather than dispatches, without stalling the device.
-        jax.block_until_ready(pending[-1]['loss'])
-        bar.update(config.batch_size)
-      pending.append(metrics)
+      if step == start + 1:  # bench/startup.py times start-to-first-step by this line.
+        log.info('First step done (loss %.4f).', float(metrics['loss']))
       last = step == config.total_steps
-
-      if step % config.log_every_steps == 0 or last:
-        host = jax.device_get(pending)
-        bar.update(config.batch_size)
-        summary = _train_summary(run, host, step, steps_since_log, time.perf_counter() - t_log)
-        writer.write(step, summary)
-        monitor.observe(step, summary, echo=bar.write)
-        bar.set_postfix(loss=f'{summary["train/loss"]:.4f}')
-        pending, t_log, steps_since_log = [], time.perf_counter(), 0
+      logger.after_step(step, metrics, last)
 
       if due := evaluator.select(step, last):
         eval_metrics.update(_evaluate_due(run, state.params, due, embedder, writer, bar, step))
-        t_log = time.perf_counter()  # Eval time is not training throughput.
+        logger.restart_clock()  # Eval time is not training throughput.
 
       preempted = preempt.reached(step)
       if step % config.checkpoint.every_steps == 0 or last or preempted:
@@ -299,6 +289,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return _write_result(run, eval_metrics, evaluator, step)
 
 
+class _StepLog:
+  """The progress bar and the train metrics of every `log_every_steps` steps: a step's metrics
+  are read back only once the next one is queued, so logging never stalls the device."""
+
+  def __init__(self, run: Run, bar, writer: MetricWriter, monitor: health.Monitor):
+    self.run, self.bar, self.writer, self.monitor = run, bar, writer, monitor
+    self.pending: list[dict[str, jax.Array]] = []
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    self.t0, self.steps = time.perf_counter(), 0
+
+  def after_step(self, step: int, metrics: dict[str, jax.Array], last: bool) -> None:
+    config = self.run.config
+    self.steps += 1
+    if self.pending:
+      # Wait for the previous step (this one is queued behind it): the bar follows finished steps.
+      jax.block_until_ready(self.pending[-1]['loss'])
+      self.bar.update(config.batch_size)
+    self.pending.append(metrics)
+    if step % config.log_every_steps == 0 or last:
+      host = jax.device_get(self.pending)
+      self.bar.update(config.batch_size)
+      summary = _train_summary(self.run, host, step, self.steps, time.perf_counter() - self.t0)
+      self.writer.write(step, summary)
+      self.monitor.observe(step, summary, echo=self.bar.write)
+      self.bar.set_postfix(loss=f'{summary["train/loss"]:.4f}')
+      self.pending = []
+      self.restart_clock()
+
+
 def _resume(run: Run, teacher) -> tuple[Any, Any, jax.Array, int]:
   """(data iterator, state, base rng, start step): the run's data and its state, restored from
   the newest good checkpoint (or fresh); config.json is written only once the workdir was
@@ -319,7 +340,9 @@ def _resume(run: Run, teacher) -> tuple[Any, Any, jax.Array, int]:
 def _evaluate_due(run: Run, params, due: Suite, embedder: Embedder, writer: MetricWriter, bar,
                   step: int) -> dict[str, float]:
   """The evaluators due at `step`: logged, and their headline numbers under the progress bar."""
+  t0 = time.perf_counter()
   new = evaluate(run, params, due, embedder)
+  log.info('Evaluated at step %d in %.1f s.', step, time.perf_counter() - t0)
   writer.write(step, {f'eval/{k}': v for k, v in new.items()})
   bar.write(f'step {step}: ' + ', '.join(
       f'{k}={new[k]:.4f}' for k in ('i2t/recall@1', 't2i/recall@1', 'i2t/mrr') if k in new))
@@ -384,6 +407,7 @@ def load_for_inference(config, workdir) -> tuple[InferenceRun, InferenceState, i
 
 def evaluate_checkpoint(config, workdir) -> dict:
   """`--mode=eval`: the retrieval evaluation of the newest checkpoint, into eval.json."""
+  compile_cache.for_run(config, workdir)
   run, state, step = load_for_inference(config, workdir)
   evaluator = make_evaluator(config)
   metrics = evaluate(run, state.params, evaluator)

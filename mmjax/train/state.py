@@ -64,3 +64,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh:
 
 def param_count(params) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def abstract_key(mesh: Mesh) -> jax.ShapeDtypeStruct:
+  """The shape, dtype and (replicated) sharding of the run's base PRNG key."""
+  key = jax.random.key(0)
+  return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=mesh_lib.replicated(mesh))
