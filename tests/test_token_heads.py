@@ -186,7 +186,13 @@ def _assert_same(a, b):
                                err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize('itm,caption', [(1.0, 0.0), (0.0, 0.5), (1.0, 0.5)])
+# The default suite runs the combined case (both heads, and for 8 devices with GradCache too);
+# each head alone runs in `make test-slow` (suite budget: ~20 s per compiled pair).
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize('itm,caption', [pytest.param(1.0, 0.0, marks=SLOW),
+                                         pytest.param(0.0, 0.5, marks=SLOW), (1.0, 0.5)])
 def test_gradcache_equals_plain_backprop(itm, caption):
   plain, cached = _run(itm, caption, 1), _run(itm, caption, 4)
   _assert_same(plain, cached)
@@ -196,8 +202,9 @@ def test_gradcache_equals_plain_backprop(itm, caption):
   assert ('loss/itm' in plain[2]) == bool(itm) and ('loss/caption' in plain[2]) == bool(caption)
 
 
-@pytest.mark.parametrize('itm,caption,micro_batches', [(1.0, 0.0, 1), (0.0, 0.5, 1),
-                                                       (1.0, 0.5, 1), (1.0, 0.5, 2)])
+@pytest.mark.parametrize('itm,caption,micro_batches', [
+    pytest.param(1.0, 0.0, 1, marks=SLOW), pytest.param(0.0, 0.5, 1, marks=SLOW),
+    pytest.param(1.0, 0.5, 1, marks=SLOW), (1.0, 0.5, 2)])
 def test_8_devices_equal_one_device(itm, caption, micro_batches):
   _assert_same(_run(itm, caption, 1), _run(itm, caption, micro_batches, devices=8))
 
