@@ -1,11 +1,11 @@
 """The launchers (launch/): the dry runs for a 4-host target print what runs on every host, the
 GKE JobSet is well-formed for TPU and GPU node pools and refuses a config that does not fit the
-job, and the Slurm task script runs for real as 2 local processes with faked SLURM variables."""
+job (the Slurm task script runs for real as 2 local processes, with faked SLURM variables, in
+tests/test_multiprocess.py: it resumes the preempted 2-process run there)."""
 
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 
@@ -128,23 +128,3 @@ def test_gke_refuses_what_would_fail_on_the_cluster(args, message):
   proc = _render('--config=configs/tiny.py', '--workdir=w', '--image=i', *args, check=False)
   assert proc.returncode == 2 and message in proc.stderr, proc.stderr
   assert proc.stdout == ''
-
-
-def test_slurm_task_runs_two_local_processes_from_faked_slurm_variables(tmp_path):
-  # What srun gives each task, faked for 2 tasks on this machine; jax.distributed's Slurm
-  # detection derives the coordinator (first node of the step + a port) and the process ids.
-  job_id = random.randrange(1 << 20)
-  base = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'SLURM_JOB_ID': str(job_id), 'MMJAX_VENV': sys.prefix,
-          'SLURM_STEP_NODELIST': 'localhost', 'SLURM_NTASKS': '2', 'SLURM_STEP_NUM_NODES': '1',
-          'JAX_COORDINATOR_PORT': str(20000 + job_id % 20000),
-          'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  procs = [subprocess.Popen(
-      ['bash', str(LAUNCH / 'slurm_task.sh'), 'configs/tiny.py', str(tmp_path / 'run'),
-       '--config.total_steps=1', '--config.batch_size=4', '--config.eval.num_scenes=16',
-       '--config.log_every_steps=1'],
-      cwd=REPO, env={**base, 'SLURM_PROCID': str(i), 'SLURM_LOCALID': str(i)},
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f'task {i}:\n{out[-3000:]}'
-  assert 'Process 1 of 2' in outs[1] or 'Process 1 of 2' in outs[0], outs[1][-2000:]
