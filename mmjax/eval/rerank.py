@@ -11,9 +11,7 @@ seconds of the re-scoring vs of embedding the set.
 
 from __future__ import annotations
 
-import functools
 import time
-from typing import Any
 
 import numpy as np
 
@@ -65,17 +63,8 @@ def itm_compositionality(embedder, image_tokens: np.ndarray,
   return out
 
 
-class RerankEvaluator:
+class RerankEvaluator(robustness.DemoSetEvaluator):
   """`config.evals.<name> = spec('rerank', k=10, ...)` on the demo validation scenes."""
-
-  def __init__(self, spec: dict[str, Any], image_size: int):
-    self.spec = spec
-    self.image_size = image_size
-
-  @functools.cached_property
-  def data(self) -> dict:
-    return demo.make_eval_set(num_scenes=self.spec['num_scenes'], image_size=self.image_size,
-                              seed=self.spec['seed'])
 
   def __call__(self, embedder) -> dict[str, float]:
     if not getattr(embedder, 'has_itm', False):

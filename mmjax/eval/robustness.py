@@ -178,8 +178,8 @@ def compositionality(zimg: np.ndarray, embed_texts, scene_keys: Sequence[str]) -
   return out
 
 
-class RobustnessEvaluator:
-  """Retrieval on demo validation scenes: clean, corrupted, perturbed; and compositionality."""
+class DemoSetEvaluator:
+  """An evaluator over the demo validation scenes of its spec (num_scenes, seed), built once."""
 
   def __init__(self, spec: dict[str, Any], image_size: int):
     self.spec = spec
@@ -189,6 +189,10 @@ class RobustnessEvaluator:
   def data(self) -> dict:
     return demo.make_eval_set(num_scenes=self.spec['num_scenes'], image_size=self.image_size,
                               seed=self.spec['seed'])
+
+
+class RobustnessEvaluator(DemoSetEvaluator):
+  """Retrieval on demo validation scenes: clean, corrupted, perturbed; and compositionality."""
 
   def _rng(self, *key) -> np.random.Generator:
     return np.random.default_rng([self.spec['seed'], *key])
