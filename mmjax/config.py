@@ -288,6 +288,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 def _validate_distributed(d) -> None:
   _one_of('distributed.cpu_collectives', d.cpu_collectives, CPU_COLLECTIVES)
   _positive('distributed.timeout_s', d.timeout_s)
+  _positive('distributed.heartbeat_timeout_s', d.heartbeat_timeout_s)
+  _positive('distributed.shutdown_timeout_s', d.shutdown_timeout_s)
   addr = d.coordinator_address
   if addr in ('', 'auto'):
     return

@@ -41,13 +41,14 @@ def main() -> None:
     return
   compile_cache.cpu_schedule(config)  # XLA:CPU flags: read once, when the backend starts.
   distributed.initialize(config.distributed)  # Before anything touches a JAX backend.
-  config_lib.validate(config)
-  if FLAGS.mode == 'train':
-    loop.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == 'eval':
-    loop.evaluate_checkpoint(config, FLAGS.workdir)
-  else:
-    loop.export_checkpoint(config, FLAGS.workdir)
+  with distributed.failure_exit():  # A dead peer: exit promptly, never hang (multi-process).
+    config_lib.validate(config)
+    if FLAGS.mode == 'train':
+      loop.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == 'eval':
+      loop.evaluate_checkpoint(config, FLAGS.workdir)
+    else:
+      loop.export_checkpoint(config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

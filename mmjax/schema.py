@@ -405,6 +405,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
   c.distributed.timeout_s = 300  # How long processes wait for each other at start-up.
+  # A process that stops sending heartbeats for this long (killed, host lost) is declared dead
+  # by the coordinator, and every other process then exits non-zero instead of hanging in a
+  # collective (jax.distributed's heartbeat; docs/scaling.md, "Dead peers").
+  c.distributed.heartbeat_timeout_s = 100
+  # How long a process exiting normally waits at the shutdown barrier for the others.
+  c.distributed.shutdown_timeout_s = 300
   # CPU-only runs: the cross-process collectives library ('gloo'; 'mpi' needs an MPI install).
   c.distributed.cpu_collectives = 'gloo'
 

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -166,3 +167,48 @@ def test_launcher_usage():
   proc = subprocess.run([str(SCRIPT), 'two', 'configs/tiny.py', 'w'], capture_output=True,
                         text=True, timeout=30, check=False)
   assert proc.returncode == 2 and 'positive integer' in proc.stderr
+
+
+def test_a_killed_process_stops_the_other_promptly_naming_it(tmp_path):
+  """SIGKILL process 1 of 2 mid-run (no launcher to clean up, as on separate hosts): process 0
+  must exit non-zero within the heartbeat timeout plus a margin, naming process 1, not hang."""
+  heartbeat = 10
+  workdir, port = tmp_path / 'w', _free_port()
+  procs, logs = [], []
+  for i in range(2):
+    logs.append((tmp_path / f'process_{i}.log').open('w'))
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'mmjax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+         *COMMON, '--config.total_steps=100000',
+         f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+         '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}',
+         f'--config.distributed.heartbeat_timeout_s={heartbeat}'],
+        cwd=REPO, env=_env(devices=2), stdout=logs[-1], stderr=subprocess.STDOUT))
+  try:
+    deadline = time.monotonic() + 300
+    while not (workdir / 'metrics.jsonl').is_file() or 1 not in _losses(workdir):
+      assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, (
+          (tmp_path / 'process_0.log').read_text()[-3000:])
+      time.sleep(0.2)
+    procs[1].kill()
+    killed = time.monotonic()
+    status = procs[0].wait(timeout=heartbeat + 60)
+    elapsed = time.monotonic() - killed
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    for f in logs:
+      f.close()
+  out = (tmp_path / 'process_0.log').read_text()
+  assert status != 0, out[-3000:]
+  assert elapsed < heartbeat + 30, (elapsed, out[-3000:])
+  # Either mmjax's own exit (a collective failed: gloo saw the closed connection) or the
+  # coordinator's heartbeat verdict; both name process 1.
+  assert re.search(r'lost process\(es\) \[1\]|stopped sending heartbeats\):\s+1\b', out), out[-3000:]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
