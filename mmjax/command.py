@@ -44,7 +44,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
                     a.split('=')[0].split('.')[-1] == key), None)
     where = f' in {culprit}' if culprit else ''
     sys.exit(f'Config error: unknown config key {key!r}{where}. Every key is listed, with a '
-             'comment, in mmjax/schema.py.')
+             'comment, in mmjax/schema/.')
   except flags.Error as e:
     sys.exit(f'Config error: {e}')
 

@@ -27,6 +27,14 @@ from mmjax.data import augment, demo
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 model_config = kinds.dual_encoder_config  # The typed config of a two_tower run config.
 
+__all__ = [  # With the mmjax.types names re-exported for old callers.
+    'REPO_ROOT', 'model_config', 'IMAGE_POOLS', 'TEXT_POOLS', 'LOSSES', 'HEADS', 'STEM_DOWNSAMPLE',
+    'DTYPES', 'POSEMBS', 'SCHEDULES', 'DATASETS', 'LOSS_IMPLS', 'CPU_COLLECTIVES', 'NORMS',
+    'ACTIVATIONS', 'load_config_file', 'base_config', 'SOURCE_FIELDS', 'validate_schema',
+    'validate', 'DISTILL_KINDS', 'DISTILL_SOURCES', 'TASKS', 'WEIGHTINGS', 'ENCODER_REMAT_POLICIES',
+    'MESH_AXES', 'REMAT_POLICIES', 'ConfigError', 'DecoderConfig', 'LoraConfig', 'ModelConfig',
+    'TextConfig', 'TransformerConfig', 'ViTConfig', 'lists_to_tuples', 'require']
+
 
 IMAGE_POOLS = ('cls', 'gap', 'map')
 TEXT_POOLS = ('last', 'first', 'mean', 'map')
@@ -170,6 +178,22 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
              num_processes: int | None = None) -> None:
   """Raises ConfigError naming the key and value of the first problem found."""
   validate_schema(config)
+  _validate_evals(config)
+  _validate_training(config)
+  _validate_data(config)
+  _validate_towers(config)
+  _validate_transfer(config)
+  _one_of('model.kind', config.model.kind, tuple(kinds.KINDS))
+  kinds.get(config).validate(config)
+  _validate_distill_multitask(config)
+  _validate_image(config.model.image)
+  _validate_text(config)
+  _validate_axis_rules(config.logical_axis_rules)
+  _validate_batch_layout(config, num_devices, num_processes)
+
+
+def _validate_evals(config) -> None:
+  """config.eval and config.evals (mmjax.eval.specs), as ConfigErrors."""
   try:
     specs.validate(config)
     specs.primary_name(config)
@@ -179,6 +203,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   except specs.SpecError as e:
     raise ConfigError(str(e) if str(e).startswith('config.') else f'config.eval: {e}') from e
 
+
+def _validate_training(config) -> None:
+  """Counts, the optimizer, the loss and the model-wide choices."""
   for name in ('batch_size', 'micro_batches', 'total_steps', 'log_every_steps', 'model.embed_dim',
                'checkpoint.every_steps', 'checkpoint.keep', 'eval.every_steps', 'eval.num_scenes',
                'eval.batch_size', 'data.num_train_examples', 'data.read_threads',
@@ -205,8 +232,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _one_of('model.dtype', config.model.dtype, DTYPES)
   _one_of('model.param_dtype', config.model.param_dtype, DTYPES)
   _one_of('data.name', config.data.name, DATASETS)
-  _validate_data(config)
 
+
+def _validate_towers(config) -> None:
+  """What the image and text towers share: sizes, norms, activations, remat, heads."""
   img = config.model.image
   _one_of('model.image.pool', img.pool, IMAGE_POOLS)
   _one_of('model.image.posemb', img.posemb, POSEMBS)
@@ -223,10 +252,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _positive(f'model.{tower}.ln_eps', cfg.ln_eps)
   _one_of('model.image_head', config.model.image_head, ('',) + HEADS)
   _one_of('model.text_head', config.model.text_head, ('',) + HEADS)
-  _validate_transfer(config)
-  _one_of('model.kind', config.model.kind, tuple(kinds.KINDS))
-  kinds.get(config).validate(config)
-  _validate_distill_multitask(config)
+
+
+def _validate_image(img) -> None:
+  """config.model.image: the patch grid, the stem and the pixel statistics."""
   _positive('model.image.patch_size', img.patch_size)
   _require(all(isinstance(ch, int) and ch > 0 for ch in img.stem_channels),
            f'config.model.image.stem_channels={tuple(img.stem_channels)} must be positive ints '
@@ -243,6 +272,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
            + (f' x the stem reduction {reduction // img.patch_size}' if reduction > img.patch_size
               else '') + '.')
   _require(img.image_size >= 16, f'config.model.image.image_size={img.image_size} must be >= 16.')
+
+
+def _validate_text(config) -> None:
+  """config.model.text and the trained tokenizer's fit in its vocabulary."""
   txt = config.model.text
   _one_of('model.text.pool', txt.pool, TEXT_POOLS)
   _require(txt.max_len >= 2, f'config.model.text.max_len={txt.max_len} must be >= 2 (text + EOS).')
@@ -257,7 +290,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
              f'config.tokenizer.vocab_size={config.tokenizer.vocab_size} exceeds '
              f'config.model.text.vocab_size={txt.vocab_size}.')
 
-  rules = config.logical_axis_rules
+
+def _validate_axis_rules(rules) -> None:
+  """Each logical_axis_rules entry maps a name to known mesh axes."""
   for rule in rules:
     _require(isinstance(rule, (tuple, list)) and len(rule) == 2,
              f'config.logical_axis_rules entry {rule!r} must be (logical_name, mesh_axes).')
@@ -267,6 +302,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
                f'config.logical_axis_rules maps {rule[0]!r} to unknown mesh axis {a!r} '
                f'(mesh axes: {", ".join(MESH_AXES)}).')
 
+
+def _validate_batch_layout(config, num_devices: int | None, num_processes: int | None) -> None:
+  """The batch splits over the mesh's batch shards, the processes and the micro-batches."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   num_processes = jax.process_count() if num_processes is None else num_processes
   shape = mesh_shape(config.mesh, num_devices)

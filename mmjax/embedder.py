@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from mmjax.data import audio_io, llm_tasks, tokenizer as tokenizer_lib
+from mmjax.data import audio_io, llm_encoding, tokenizer as tokenizer_lib
 import mmjax.models.fusion as fusion
 from mmjax.models.audio_text import AudioText
 from mmjax.models.llm_embedder import LLMEmbedder
@@ -236,7 +236,7 @@ class MultimodalEmbedder(Embedder):
   `embed_queries(task, contents, images)` prefixes the task's instruction, `embed_candidates`
   the candidate instruction; `embed_images` / `embed_texts` embed plain candidates (an image
   alone, a text alone), so the dual encoder's evaluators run on it too. Inputs are checked on
-  the host (`mmjax.data.llm_tasks.MultimodalEncoder`): placeholders must match the images and
+  the host (`mmjax.data.llm_encoding.MultimodalEncoder`): placeholders must match the images and
   fit the context.
   """
 
@@ -256,8 +256,8 @@ class MultimodalEmbedder(Embedder):
                   batch_size: int) -> MultimodalEmbedder:
     llm = info['llm']
     return cls(LLMEmbedderConfig.from_dict(info['model']), params,
-               llm_tasks.MultimodalEncoder(tokenizer, **llm['encoder']),
-               llm_tasks.Instructions(**llm['instructions']), mesh=mesh, batch_size=batch_size)
+               llm_encoding.MultimodalEncoder(tokenizer, **llm['encoder']),
+               llm_encoding.Instructions(**llm['instructions']), mesh=mesh, batch_size=batch_size)
 
   def embedding_steps(self) -> dict[str, tuple[Any, tuple[Any, ...]]]:
     enc, size = self.encoder, self.config.image.image_size
@@ -277,7 +277,7 @@ class MultimodalEmbedder(Embedder):
     rows = [enc(t, len(ims)) for t, ims in zip(texts, images)]
     tokens = np.stack([r[0] for r in rows]) if rows else np.zeros((0, enc.max_len), np.int32)
     mask = np.stack([r[1] for r in rows]) if rows else tokens
-    pixels = np.stack([llm_tasks.stack_images(ims, enc.max_images, size) for ims in images]) \
+    pixels = np.stack([llm_encoding.stack_images(ims, enc.max_images, size) for ims in images]) \
         if rows else np.zeros((0, enc.max_images, size, size, 3), np.uint8)
     out = [np.asarray(self._embed(self.params, t, m, x))[:valid]
            for (t, m, x), valid in self._batches([tokens, mask, pixels])]
@@ -286,11 +286,12 @@ class MultimodalEmbedder(Embedder):
   def embed_queries(self, task: str, contents: Sequence[str],
                     images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
     instruction = self.instructions.query[task]
-    return self.embed([llm_tasks.format_text(instruction, c) for c in contents], images)
+    return self.embed([llm_encoding.format_text(instruction, c) for c in contents], images)
 
   def embed_candidates(self, contents: Sequence[str],
                        images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-    return self.embed([llm_tasks.format_text(self.instructions.candidate, c) for c in contents], images)
+    instruction = self.instructions.candidate
+    return self.embed([llm_encoding.format_text(instruction, c) for c in contents], images)
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
     return self.embed_candidates([self.encoder.image_token] * len(images),

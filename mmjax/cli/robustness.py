@@ -17,7 +17,7 @@ from mmjax import cli
 from mmjax.eval import specs as specs_lib
 from mmjax.eval.robustness import RobustnessEvaluator, format_report, plot
 from mmjax.parallel import mesh as mesh_lib
-from mmjax.train import loop
+from mmjax.train import run_state
 
 
 def run_report(config, workdir, out_dir=None) -> dict[str, float]:
@@ -25,9 +25,9 @@ def run_report(config, workdir, out_dir=None) -> dict[str, float]:
   entries = [specs_lib.resolved(e) for e in (config.get('evals', None) or {}).values()]
   spec = next((e for e in entries if e['type'] == 'robustness'),
               specs_lib.resolved({'type': 'robustness'}))
-  run, state, step = loop.load_for_inference(config, workdir)
+  run, state, step = run_state.load_for_inference(config, workdir)
   run.checkpointer.close()
-  embedder = loop.make_embedder(run, state.params)
+  embedder = run_state.make_embedder(run, state.params)
   with mesh_lib.activate(run.mesh, run.axis_rules):
     results = RobustnessEvaluator(spec, config.model.image.image_size)(embedder)
   out_dir = pathlib.Path(out_dir or run.workdir / 'robustness')

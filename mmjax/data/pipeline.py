@@ -132,6 +132,51 @@ def _concat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {name: x.reshape((-1,) + x.shape[2:]) for name, x in batch.items()}
 
 
+def _source_stream(config, i: int, spec, src, *, encoder: TextEncoder | None,
+                   text_pairs: bool, teacher_encoder: TextEncoder | None,
+                   transform: Callable[[int], grain.transforms.RandomMap] | None
+                   ) -> grain.MapDataset:
+  """Source `i` as an endless stream of transformed elements: seeded by (seed, i), globally
+  shuffled anew every epoch (`make_train_dataset`)."""
+  data = config.data
+  if len(src) == 0:
+    raise ValueError(f'Data source {i} ({spec.name} {spec.path or spec.tfds_name}) is empty.')
+  if distills_from_data(config):  # Precomputed teacher embeddings ride along as columns.
+    src = teacher_embed.TeacherEmbeddings(src, teacher_embed.path(config.distill.embeddings, i))
+  ds = grain.MapDataset.source(src).seed(int(np.random.SeedSequence([config.seed, i])
+                                             .generate_state(1)[0]))
+  ds = ds.shuffle().repeat(None)  # A new permutation every epoch.
+  # Transforms are lazy and seeded by the global index, so they are the same in every process
+  # whatever the process count; only the rows this process keeps below are computed.
+  ds = ds.random_map(transform(i) if transform is not None else transforms.Preprocess(
+      encoder, view=augment.view(data, config.model.image.image_size),
+      augment=augment.from_config(data), caption_sampling=data.caption_sampling,
+      num_negatives=data.num_hard_negatives, source_index=i, text_pairs=text_pairs,
+      teacher_encoder=teacher_encoder, caption_query=caption_query(config) and not text_pairs,
+      decode_cache_mb=data.decode_cache_mb))
+  return ds
+
+
+def _mix_and_batch(streams, weights, data, local_batch: int, read, process_index: int,
+                   process_count: int) -> grain.IterDataset:
+  """This process's batches of the weighted mix of `streams`: k single-source sub-batches per
+  batch when data.sub_batches = k, else rows of all sources interleaved."""
+  sub = data.sub_batches
+  if sub:
+    parts = [transforms.SkipCorrupt(ds[process_index::process_count].to_iter_dataset(read),
+                                    data.max_skip_fraction)
+             .batch(local_batch // sub, drop_remainder=True) for ds in streams]
+    it = grain.IterDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
+    it = it.batch(sub, drop_remainder=True).map(_concat)
+  else:
+    # Mix first, then shard: the processes' batch k together hold the one-process batch k.
+    ds = grain.MapDataset.mix(streams, weights) if len(streams) > 1 else streams[0]
+    ds = ds[process_index::process_count]
+    it = transforms.SkipCorrupt(ds.to_iter_dataset(read), data.max_skip_fraction)
+    it = it.batch(local_batch, drop_remainder=True)
+  return it
+
+
 def make_train_dataset(config, encoder: TextEncoder | None, *, process_index: int = 0,
                        process_count: int = 1, teacher_encoder: TextEncoder | None = None,
                        text_pairs: bool | None = None,
@@ -154,42 +199,16 @@ def make_train_dataset(config, encoder: TextEncoder | None, *, process_index: in
   specs, srcs = make_sources(config)
   text_pairs = _text_pairs(srcs) if text_pairs is None else text_pairs
   read = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=2 * local_batch)
-  streams = []
-  for i, (spec, src) in enumerate(zip(specs, srcs)):
-    if len(src) == 0:
-      raise ValueError(f'Data source {i} ({spec.name} {spec.path or spec.tfds_name}) is empty.')
-    if distills_from_data(config):  # Precomputed teacher embeddings ride along as columns.
-      src = teacher_embed.TeacherEmbeddings(src, teacher_embed.path(config.distill.embeddings, i))
-    ds = grain.MapDataset.source(src).seed(int(np.random.SeedSequence([config.seed, i])
-                                               .generate_state(1)[0]))
-    ds = ds.shuffle().repeat(None)  # A new permutation every epoch.
-    # Transforms are lazy and seeded by the global index, so they are the same in every process
-    # whatever the process count; only the rows this process keeps below are computed.
-    ds = ds.random_map(transform(i) if transform is not None else transforms.Preprocess(
-        encoder, view=augment.view(data, config.model.image.image_size),
-        augment=augment.from_config(data), caption_sampling=data.caption_sampling,
-        num_negatives=data.num_hard_negatives, source_index=i, text_pairs=text_pairs,
-        teacher_encoder=teacher_encoder, caption_query=caption_query(config) and not text_pairs,
-        decode_cache_mb=data.decode_cache_mb))
-    streams.append(ds)
+  streams = [_source_stream(config, i, spec, src, encoder=encoder, text_pairs=text_pairs,
+                            teacher_encoder=teacher_encoder, transform=transform)
+             for i, (spec, src) in enumerate(zip(specs, srcs))]
   weights = sources_lib.mixture_weights(specs, [len(src) for src in srcs],
                                         data.mixture_temperature)
   if len(specs) > 1:
     log.info('Mixture sampling proportions: %s.', ', '.join(
         f'{s.name} {s.path or s.tfds_name} {w:.4f}'.replace('  ', ' ') for s, w in
         zip(specs, weights)))
-  if sub:
-    parts = [transforms.SkipCorrupt(ds[process_index::process_count].to_iter_dataset(read),
-                                    data.max_skip_fraction)
-             .batch(local_batch // sub, drop_remainder=True) for ds in streams]
-    it = grain.IterDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
-    it = it.batch(sub, drop_remainder=True).map(_concat)
-  else:
-    # Mix first, then shard: the processes' batch k together hold the one-process batch k.
-    ds = grain.MapDataset.mix(streams, weights) if len(streams) > 1 else streams[0]
-    ds = ds[process_index::process_count]
-    it = transforms.SkipCorrupt(ds.to_iter_dataset(read), data.max_skip_fraction)
-    it = it.batch(local_batch, drop_remainder=True)
+  it = _mix_and_batch(streams, weights, data, local_batch, read, process_index, process_count)
   if process_count == 1:
     it = it.map(transforms.assign_groups)
   # With several processes the duplicate keys stay in the batch: `link_duplicates` groups them

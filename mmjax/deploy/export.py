@@ -66,16 +66,8 @@ def export_serving(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, na
   becomes the model's square input (`mmjax.data.images.View`), which the backfill follows.
   """
   platforms = _check_platforms(platforms)
-  model_dir = pathlib.Path(model_dir).absolute()
-  if not (model_dir / 'model.json').exists() and (model_dir / 'export' / 'model.json').exists():
-    model_dir = model_dir / 'export'
-  if resize not in ('crop', 'letterbox'):
-    raise ValueError(f'resize={resize!r} is not one of (\'crop\', \'letterbox\').')
-  emb = embedder_lib.load_embedder(model_dir, batch_size=1)
-  if type(emb) is not embedder_lib.Embedder:  # pylint: disable=unidiomatic-typecheck
-    raise ValueError(f'{model_dir}: serving exports cover the {embedder_lib.EXPORT_FORMAT} format '
-                     f'(images and texts), not {emb.FORMAT}.')
-  model, cfg = emb.model, emb.config
+  model_dir, emb = _load_params_export(model_dir, resize)
+  cfg = emb.config
   params = jax.device_get(emb.params)
   flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
   tokenizer_json = emb.encoder.to_str()
@@ -88,6 +80,50 @@ def export_serving(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, na
     if old.is_file():
       old.unlink()
 
+  _write_functions(out, emb.model, cfg, params, platforms)
+  np.savez(out / serving.PARAMS_FILE, **flat)
+  (out / 'tokenizer.json').write_text(tokenizer_json)
+  files = {p.name: {'sha256': serving.sha256(p), 'bytes': p.stat().st_size}
+           for p in sorted(out.iterdir()) if p.is_file() and p.name != serving.INFO_FILE}
+  info = {
+      'format': serving.FORMAT,
+      'version': {'id': f'{name}-{digest[:12]}', 'name': name, 'fingerprint': digest},
+      'source': str(model_dir),
+      'model': model_dict,
+      'embed_dim': cfg.embed_dim,
+      'platforms': list(platforms),
+      'preprocessing': {
+          'image_size': cfg.image.image_size, 'resize': resize, 'background': [255, 255, 255],
+          # uint8 -> (x/255 - mean)/std when given, else x * 2/255 - 1 (inside the functions).
+          'pixel_mean': list(cfg.image.pixel_mean), 'pixel_std': list(cfg.image.pixel_std),
+          'max_text_len': cfg.text.max_len, 'pad_id': int(emb.encoder.pad_id),
+      },
+      'files': files,
+  }
+  tmp = out / (serving.INFO_FILE + '.tmp')
+  tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+  tmp.replace(out / serving.INFO_FILE)  # serving.json last: a half-written export has none.
+  return out
+
+
+def _load_params_export(model_dir: str | pathlib.Path, resize: str):
+  """(the params export's directory, its dual-encoder Embedder): `model_dir` may be a workdir
+  holding export/; other export formats and resize values are refused."""
+  model_dir = pathlib.Path(model_dir).absolute()
+  if not (model_dir / 'model.json').exists() and (model_dir / 'export' / 'model.json').exists():
+    model_dir = model_dir / 'export'
+  if resize not in ('crop', 'letterbox'):
+    raise ValueError(f'resize={resize!r} is not one of (\'crop\', \'letterbox\').')
+  emb = embedder_lib.load_embedder(model_dir, batch_size=1)
+  if type(emb) is not embedder_lib.Embedder:  # pylint: disable=unidiomatic-typecheck
+    raise ValueError(f'{model_dir}: serving exports cover the {embedder_lib.EXPORT_FORMAT} format '
+                     f'(images and texts), not {emb.FORMAT}.')
+  return model_dir, emb
+
+
+def _write_functions(out: pathlib.Path, model, cfg, params, platforms: Sequence[str]) -> None:
+  """The image and text embedding functions as StableHLO, one file per modality and platform,
+  with a symbolic batch dimension."""
   size, max_len = cfg.image.image_size, cfg.text.max_len
   batch, = jax.export.symbolic_shape('b')
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
@@ -102,29 +138,6 @@ def export_serving(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, na
     for platform in platforms:
       exported = jax.export.export(jax.jit(fn), platforms=(platform,))(abstract, *args)
       (out / serving.function_file(modality, platform)).write_bytes(exported.serialize())
-  np.savez(out / serving.PARAMS_FILE, **flat)
-  (out / 'tokenizer.json').write_text(tokenizer_json)
-  files = {p.name: {'sha256': serving.sha256(p), 'bytes': p.stat().st_size}
-           for p in sorted(out.iterdir()) if p.is_file() and p.name != serving.INFO_FILE}
-  info = {
-      'format': serving.FORMAT,
-      'version': {'id': f'{name}-{digest[:12]}', 'name': name, 'fingerprint': digest},
-      'source': str(model_dir),
-      'model': model_dict,
-      'embed_dim': cfg.embed_dim,
-      'platforms': list(platforms),
-      'preprocessing': {
-          'image_size': size, 'resize': resize, 'background': [255, 255, 255],
-          # uint8 -> (x/255 - mean)/std when given, else x * 2/255 - 1 (inside the functions).
-          'pixel_mean': list(cfg.image.pixel_mean), 'pixel_std': list(cfg.image.pixel_std),
-          'max_text_len': max_len, 'pad_id': int(emb.encoder.pad_id),
-      },
-      'files': files,
-  }
-  tmp = out / (serving.INFO_FILE + '.tmp')
-  tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
-  tmp.replace(out / serving.INFO_FILE)  # serving.json last: a half-written export has none.
-  return out
 
 
 if __name__ == '__main__':  # The command lives in the CLI layer (mmjax.cli.deploy).

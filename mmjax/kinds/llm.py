@@ -10,7 +10,7 @@ import numpy as np
 from flax import traverse_util
 
 from mmjax import hf
-from mmjax.data import llm_tasks, pipeline, sources
+from mmjax.data import llm_encoding, llm_tasks, pipeline, sources
 from mmjax.embedder import LLM_EXPORT_FORMAT, MultimodalEmbedder
 from mmjax.hf import llama
 from mmjax.kinds.base import DataContract, ModelKind, architecture_mismatch, put_params
@@ -94,8 +94,8 @@ class LLMEmbedderKind(ModelKind):
     """model.llm, model.decoder and data.llm (docs/llm_embedder.md); the typed config checks
     the shapes."""
     llm = config.data.llm
-    require(llm.pad_side in llm_tasks.PAD_SIDES, f'config.data.llm.pad_side={llm.pad_side!r} '
-            f'is not one of {", ".join(map(repr, llm_tasks.PAD_SIDES))}.')
+    require(llm.pad_side in llm_encoding.PAD_SIDES, f'config.data.llm.pad_side={llm.pad_side!r} '
+            f'is not one of {", ".join(map(repr, llm_encoding.PAD_SIDES))}.')
     for group in ('weights', 'instructions'):
       keys = sorted(llm[group].keys())
       require(keys == sorted(LLM_TASKS),
@@ -153,7 +153,7 @@ class LLMEmbedderKind(ModelKind):
 
   def prepare_tokenizer(self, tokenizer, config):
     """The image placeholder becomes one special token, never split."""
-    tokenizer = llm_tasks.add_image_token(tokenizer, config.model.llm.image_token)
+    tokenizer = llm_encoding.add_image_token(tokenizer, config.model.llm.image_token)
     return tokenizer, ('model.decoder.vocab_size', config.model.decoder.vocab_size)
 
   def tokenizer_dir(self, config) -> str:
@@ -164,8 +164,8 @@ class LLMEmbedderKind(ModelKind):
         return str(directory)
     return ''
 
-  def encoder(self, config, tokenizer) -> llm_tasks.MultimodalEncoder:
-    return llm_tasks.make_encoder(config, tokenizer)
+  def encoder(self, config, tokenizer) -> llm_encoding.MultimodalEncoder:
+    return llm_encoding.make_encoder(config, tokenizer)
 
   def train_dataset(self, config, encoder, contract, *, process_index: int = 0,
                     process_count: int = 1, teacher_encoder=None):
@@ -183,13 +183,13 @@ class LLMEmbedderKind(ModelKind):
 
   def embedder(self, model_config, params, encoder, config, *, mesh, batch_size: int):
     return MultimodalEmbedder(model_config, params, encoder,
-                              llm_tasks.Instructions.from_config(config), mesh=mesh,
+                              llm_encoding.Instructions.from_config(config), mesh=mesh,
                               batch_size=batch_size)
 
   def export_parts(self, model_config, params, encoder, config):
     """LoRA merged into the base: the export is a plain model."""
     cfg, params, settings = llm_embedder.export_parts(
-        model_config, params, encoder, llm_tasks.Instructions.from_config(config))
+        model_config, params, encoder, llm_encoding.Instructions.from_config(config))
     return cfg, params, {'llm': settings}
 
   def frozen_patterns(self, config) -> list[str]:

@@ -44,19 +44,19 @@ def duplicate_mask(groups_a: jax.Array | None, groups_b: jax.Array | None,
 
 
 def hard_negative_logits(hard: dict | None, direction: str, t: jax.Array,
-                         b: jax.Array | float = 0.0) -> jax.Array | None:
-  """t * sim + b of one direction's hard negatives ('q2c' or 'c2q'), -inf where absent."""
+                         bias: jax.Array | float = 0.0) -> jax.Array | None:
+  """t * sim + bias of one direction's hard negatives ('q2c' or 'c2q'), -inf where absent."""
   if not hard or f'{direction}_sim' not in hard:
     return None
-  logits = t * hard[f'{direction}_sim'].astype(jnp.float32) + b
+  logits = t * hard[f'{direction}_sim'].astype(jnp.float32) + bias
   return jnp.where(hard[f'{direction}_valid'], logits, -jnp.inf)
 
 
-def sigmoid_hard_nll(hard: dict | None, t: jax.Array, b: jax.Array) -> jax.Array | None:
-  """Per-row sum of the hard negatives' sigmoid NLL, softplus(t * sim + b), both directions."""
+def sigmoid_hard_nll(hard: dict | None, t: jax.Array, bias: jax.Array) -> jax.Array | None:
+  """Per-row sum of the hard negatives' sigmoid NLL, softplus(t * sim + bias), both directions."""
   total = None
   for direction in ('q2c', 'c2q'):
-    logits = hard_negative_logits(hard, direction, t, b)
+    logits = hard_negative_logits(hard, direction, t, bias)
     if logits is not None:
       nll = jnp.sum(jnp.where(jnp.isfinite(logits), jax.nn.softplus(logits), 0.0), axis=1)
       total = nll if total is None else total + nll
@@ -75,17 +75,18 @@ def row_cross_entropy(logits: jax.Array, positives: jax.Array, keep: jax.Array |
   return -jnp.sum(jnp.where(positives, jax.nn.log_softmax(logits, axis=1), 0.0), axis=1)
 
 
-def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array, bias: jax.Array,
+def sigmoid_loss(zq: jax.Array, zc: jax.Array, temperature: jax.Array, bias: jax.Array,
                  groups: jax.Array | None = None, weights: jax.Array | None = None,
                  hard: dict | None = None) -> jax.Array:
-  """SigLIP: every (image, text) pair is an independent binary classification.
+  """SigLIP: every (query, candidate) pair (image, text for the dual encoder) is an independent
+  binary classification.
 
-  loss = -1/n * sum_ij log sigmoid(y_ij * (t * <zimg_i, ztxt_j> + b)), y_ij = +1 iff i == j.
-  Normalised by the number of images n, as in the SigLIP paper.
+  loss = -1/n * sum_ij log sigmoid(y_ij * (t * <zq_i, zc_j> + bias)), y_ij = +1 iff i == j.
+  Normalised by the number of queries n, as in the SigLIP paper.
   """
-  zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
-  n = zimg.shape[0]
-  logits = temperature * (zimg @ ztxt.T) + bias
+  zq, zc = zq.astype(jnp.float32), zc.astype(jnp.float32)
+  n = zq.shape[0]
+  logits = temperature * (zq @ zc.T) + bias
   eye = jnp.eye(n, dtype=bool)
   nll = -jax.nn.log_sigmoid(jnp.where(eye, logits, -logits))
   keep = duplicate_mask(groups, groups, eye)
@@ -100,38 +101,39 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array, bias:
   return jnp.sum(nll * weights) / jnp.sum(weights)
 
 
-def softmax_loss(zimg: jax.Array, ztxt: jax.Array, temperature: jax.Array,
+def softmax_loss(zq: jax.Array, zc: jax.Array, temperature: jax.Array,
                  bias: jax.Array | None = None, groups: jax.Array | None = None,
                  weights: jax.Array | None = None, hard: dict | None = None) -> jax.Array:
-  """Symmetric InfoNCE (CLIP): mean of image->text and text->image cross-entropies."""
+  """Symmetric InfoNCE (CLIP): mean of the query->candidate and candidate->query cross-entropies
+  (image->text and text->image for the dual encoder)."""
   del bias
-  zimg, ztxt = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
-  logits = temperature * (zimg @ ztxt.T)
-  eye = jnp.eye(zimg.shape[0], dtype=bool)
+  zq, zc = zq.astype(jnp.float32), zc.astype(jnp.float32)
+  logits = temperature * (zq @ zc.T)
+  eye = jnp.eye(zq.shape[0], dtype=bool)
   keep = duplicate_mask(groups, groups, eye)
-  i2t = row_cross_entropy(logits, eye, keep, hard_negative_logits(hard, 'q2c', temperature))
-  t2i = row_cross_entropy(logits.T, eye, None if keep is None else keep.T,
+  q2c = row_cross_entropy(logits, eye, keep, hard_negative_logits(hard, 'q2c', temperature))
+  c2q = row_cross_entropy(logits.T, eye, None if keep is None else keep.T,
                           hard_negative_logits(hard, 'c2q', temperature))
   if weights is None:
-    return 0.5 * (jnp.mean(i2t) + jnp.mean(t2i))
-  return 0.5 * jnp.sum(weights * (i2t + t2i)) / jnp.sum(weights)
+    return 0.5 * (jnp.mean(q2c) + jnp.mean(c2q))
+  return 0.5 * jnp.sum(weights * (q2c + c2q)) / jnp.sum(weights)
 
 
-def drop_noisy_pairs(zimg: jax.Array, ztxt: jax.Array, fraction: float,
+def drop_noisy_pairs(zq: jax.Array, zc: jax.Array, fraction: float,
                      weights: jax.Array | None = None) -> jax.Array:
   """Robust-loss weights: the `fraction` of the batch whose positive pair agrees least is dropped.
 
-  Ranked by the positive similarity <zimg_i, ztxt_i>. For the sigmoid loss that is exactly the
-  pairs with the highest positive-pair loss (-log sigmoid(t s_ii + b) falls as s_ii rises); for
+  Ranked by the positive similarity <zq_i, zc_i>. For the sigmoid loss that is exactly the
+  pairs with the highest positive-pair loss (-log sigmoid(t s_ii + bias) falls as s_ii rises); for
   InfoNCE it is the same ranking without the normaliser. Returns float [n] weights (the given
   `weights`, or ones, with the dropped rows zeroed). The selection carries no gradient.
   """
-  n = zimg.shape[0]
+  n = zq.shape[0]
   weights = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
   k = int(fraction * n)
   if k == 0:
     return weights
-  sim = jax.lax.stop_gradient(jnp.sum(zimg.astype(jnp.float32) * ztxt.astype(jnp.float32), -1))
+  sim = jax.lax.stop_gradient(jnp.sum(zq.astype(jnp.float32) * zc.astype(jnp.float32), -1))
   dropped = jnp.zeros((n,), bool).at[jnp.argsort(sim)[:k]].set(True)
   return jnp.where(dropped, 0.0, weights)
 

@@ -59,11 +59,11 @@ class WithHeads:
   terms: tuple[tuple[str, float, Any], ...]
   uses_heads: bool = True  # The step passes `heads=` (mmjax.train.step.loss_and_grads).
 
-  def __call__(self, embs, t, b, batch, heads=None):
+  def __call__(self, embs, t, bias, batch, heads=None):
     if heads is None:
       raise ValueError('The ITM / captioning objective needs the step\'s heads (heads=...); call '
                        'it through mmjax.train.step.loss_and_grads.')
-    loss, metrics = self.base(embs, t, b, batch)
+    loss, metrics = self.base(embs, t, bias, batch)
     metrics = {**metrics, 'loss/base': loss}
     for name, weight, term in self.terms:
       value, m = term(embs, t, batch, heads)

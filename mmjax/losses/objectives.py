@@ -73,13 +73,13 @@ def distill_term(embs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], 
 
 @dataclasses.dataclass(frozen=True)
 class Distill:
-  """The distillation term as an objective (embs, t, b, batch) -> (loss, metrics)."""
+  """The distillation term as an objective (embs, t, bias, batch) -> (loss, metrics)."""
 
   kind: str = 'kl'
   temperature: float = 20.0
 
-  def __call__(self, embs, t, b, batch):
-    del t, b
+  def __call__(self, embs, t, bias, batch):
+    del t, bias
     return distill_term(embs, batch, kind=self.kind, temperature=self.temperature)
 
 
@@ -99,7 +99,7 @@ class MultiTask:
   balance: str = ''  # '' | 'gradnorm' | 'loss_ratio' (multitask.balanced_weights).
   log_grad_norms: bool = False  # Metrics 'grad_norm/<task>' and 'grad_share/<task>'.
 
-  def grad_norms(self, embs, t, b, batch) -> dict[str, jax.Array]:
+  def grad_norms(self, embs, t, bias, batch) -> dict[str, jax.Array]:
     """||dL_k / dz|| of every term k w.r.t. the towers' output embeddings z (every role but the
     uncertainty log-variances), over the whole global batch: exact under GradCache, whose
     objective sees the whole batch too."""
@@ -108,16 +108,16 @@ class MultiTask:
     out = {}
     for name, term in self.terms:
       g = jax.grad(lambda e, term=term: term({**rest, **e}, lax.stop_gradient(t),
-                                             lax.stop_gradient(b), batch)[0])(z)
+                                             lax.stop_gradient(bias), batch)[0])(z)
       out[name] = multitask.tree_norm(g)
     return out
 
-  def __call__(self, embs, t, b, batch):
+  def __call__(self, embs, t, bias, batch):
     losses, metrics = {}, {}
     for name, term in self.terms:
-      losses[name], m = term(embs, t, b, batch)
+      losses[name], m = term(embs, t, bias, batch)
       metrics.update(m)
-    norms = (self.grad_norms(embs, t, b, batch)
+    norms = (self.grad_norms(embs, t, bias, batch)
              if self.log_grad_norms or self.balance == 'gradnorm' else None)
     if self.uncertainty:
       s = jnp.mean(embs['task_log_vars'].astype(jnp.float32), axis=0)
@@ -184,10 +184,10 @@ class Matryoshka:
   objective: Callable
   dims: tuple[int, ...]
 
-  def __call__(self, embs, t, b, batch):
+  def __call__(self, embs, t, bias, batch):
     losses, metrics = [], {}
     for d in self.dims:
-      loss, m = self.objective(truncate(embs, d), t, b, batch)
+      loss, m = self.objective(truncate(embs, d), t, bias, batch)
       losses.append(loss)
       metrics[f'loss/dim{d}'] = loss
     return sum(losses) / len(losses), {**m, **metrics}  # `m`: the full dimension's metrics.

@@ -69,6 +69,6 @@ class AudioText(nn.Module):
     return jnp.exp(self.t_prime), bias
 
   def __call__(self, waves, lengths, tokens, mask, *, train: bool = False):
-    t, b = self.logit_params()
+    t, bias = self.logit_params()
     return (self.embed_audio(waves, lengths, train=train),
-            self.embed_texts(tokens, mask, train=train), t, b)
+            self.embed_texts(tokens, mask, train=train), t, bias)

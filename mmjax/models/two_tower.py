@@ -185,5 +185,5 @@ class TwoTower(nn.Module):
       self.match_logits(text_tokens, mask, image_tokens)
     if self.config.caption_depth:
       self.caption_logits(tokens, image_tokens)
-    t, b = self.logit_params()
-    return zimg, ztxt, t, b
+    t, bias = self.logit_params()
+    return zimg, ztxt, t, bias

@@ -42,6 +42,27 @@ class ViT(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False, rows: jax.Array | None = None,
                patch_tokens: bool = False, with_tokens: bool = False):
     cfg = self.config
+    x, gh, gw = self._patchify(images)
+    x = self._position_and_cls(x, gh, gw)
+    x = layers.Dropout(cfg.dropout)(x, deterministic=not train, rows=rows)
+    x = layers.Encoder(cfg.depth, cfg.num_heads, cfg.mlp_dim, causal=False, dropout=cfg.dropout,
+                       remat=cfg.remat, remat_policy=cfg.remat_policy, dtype=self.dtype,
+                       param_dtype=self.param_dtype,
+                       norm=cfg.norm, act=cfg.act, ln_eps=cfg.ln_eps, final_ln=cfg.final_ln,
+                       name='encoder')(x, deterministic=not train, rows=rows)
+    if patch_tokens:
+      return x[:, 1:] if cfg.pool == 'cls' else x
+    if cfg.pool == 'map':
+      pooled = layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype, cfg.act,
+                              cfg.ln_eps, name='map_head')(x)
+    else:
+      pooled = poolers.POOLERS[cfg.pool](x)
+    return (pooled, x) if with_tokens else pooled
+
+  def _patchify(self, images: jax.Array) -> tuple[jax.Array, int, int]:
+    """(patch tokens [batch, gh * gw, width], gh, gw): the optional conv stem, then the patch
+    embedding (called from `__call__`, so its parameters are the tower's own)."""
+    cfg = self.config
     b, h, w, c = images.shape
     p, r = cfg.patch_size, cfg.stem_reduction
     if h % (p * r) or w % (p * r):
@@ -80,7 +101,13 @@ class ViT(nn.Module):
       bias = self.param('patch_bias', nn.with_logical_partitioning(
           nn.initializers.zeros, ('embed',)), (cfg.width,), self.param_dtype)
       x = x + bias.astype(self.dtype)
+    return x, gh, gw
 
+  def _position_and_cls(self, x: jax.Array, gh: int, gw: int) -> jax.Array:
+    """The position embedding and the CLS token (when pooling by it), then the embedding
+    LayerNorm (CLIP vision)."""
+    cfg = self.config
+    b = x.shape[0]
     # With posemb_cls (CLIP) the CLS token is prepended first and gets its own position row.
     with_cls = cfg.pool == 'cls' and cfg.posemb_cls
     if cfg.posemb == 'learn':
@@ -100,18 +127,4 @@ class ViT(nn.Module):
       x = x + pos.astype(self.dtype)
     if cfg.embed_ln:
       x = layers.layer_norm(self.dtype, self.param_dtype, 'embed_ln', cfg.ln_eps)(x)
-
-    x = layers.Dropout(cfg.dropout)(x, deterministic=not train, rows=rows)
-    x = layers.Encoder(cfg.depth, cfg.num_heads, cfg.mlp_dim, causal=False, dropout=cfg.dropout,
-                       remat=cfg.remat, remat_policy=cfg.remat_policy, dtype=self.dtype,
-                       param_dtype=self.param_dtype,
-                       norm=cfg.norm, act=cfg.act, ln_eps=cfg.ln_eps, final_ln=cfg.final_ln,
-                       name='encoder')(x, deterministic=not train, rows=rows)
-    if patch_tokens:
-      return x[:, 1:] if cfg.pool == 'cls' else x
-    if cfg.pool == 'map':
-      pooled = layers.MAPHead(cfg.num_heads, cfg.mlp_dim, self.dtype, self.param_dtype, cfg.act,
-                              cfg.ln_eps, name='map_head')(x)
-    else:
-      pooled = poolers.POOLERS[cfg.pool](x)
-    return (pooled, x) if with_tokens else pooled
+    return x

@@ -1,69 +1,13 @@
-"""The bottom layer: plain types every other mmjax module may import; it imports nothing of mmjax.
-
-- `ConfigError`, the frozen dataclasses each layer receives instead of the ConfigDict (tower,
-  decoder, LoRA and model configs), and the names shared across layers: mesh axes, the batch
-  axes, the LLM embedder's roles, tasks and image-slot id.
-- `Embedder`: the protocol evaluators embed through (the dual encoder's and the LLM embedder's
-  runners in `mmjax.embedder` implement it), so evaluation never depends on the trainer.
-"""
+"""The frozen configs of the towers: the shared transformer stack, ViT, text, audio, the
+Llama/Qwen2 decoder and its LoRA adapters. Part of `mmjax.types` (imports nothing outside it);
+each checks itself on construction where a shape can be impossible."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import re
-from typing import Any, Mapping, Protocol, Sequence
 
-import numpy as np
-
-# The mesh always has these three axes (mmjax.parallel.mesh); the batch is split over the first
-# two, so `data x fsdp` is the number of batch shards.
-MESH_AXES = ('data', 'fsdp', 'tensor')
-BATCH_AXES = ('data', 'fsdp')
-# The mesh of a runner or tool given none: every device on 'data'.
-DEFAULT_MESH = {'data': -1, 'fsdp': 1, 'tensor': 1}
-
-# The LLM embedder: its training tasks, the batch-column prefix of each of its roles, and the
-# token id that marks one visual token's place in a sequence (spliced in by the model).
-LLM_TASKS = ('i2t', 't2i', 'composed')
-LLM_ROLE_PREFIX = {'query': 'query_', 'candidate': 'cand_', 'neg_candidate': 'neg_cand_'}
-IMAGE_SLOT = -200
-
-Batch = dict[str, Any]  # Column name -> [B, ...] array (numpy on the host, jax.Array on device).
-Embeddings = dict[str, Any]  # Role -> [B, d] (hard negatives [B, K, d]) L2-normalised embeddings.
-
-
-class Embedder(Protocol):
-  """What evaluators embed through: images uint8 [N, H, W, 3] and texts -> [N, d] numpy."""
-
-  embed_dim: int
-
-  def embed_images(self, images: np.ndarray) -> np.ndarray: ...
-
-  def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-def require(cond: bool, msg: str) -> None:
-  """Raises ConfigError(msg) unless `cond`: the one check of every config validator."""
-  if not cond:
-    raise ConfigError(msg)
-
-
-def check_batch_divides(batch_size: int, processes: int) -> None:
-  """Every process loads batch_size / processes rows: refuse a batch that does not divide."""
-  if batch_size % processes:
-    raise ConfigError(f'config.batch_size={batch_size} is not divisible by the {processes} '
-                      'processes.')
-
-
-class ConfigError(ValueError):
-  """A config that cannot run: names the offending key and value."""
-
-
-def lists_to_tuples(d: Mapping[str, Any]) -> dict[str, Any]:
-  """A JSON / ConfigDict mapping with list values as tuples (the frozen dataclasses' fields)."""
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+from mmjax.types.common import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,121 +157,6 @@ class LoraConfig:
     return self.alpha / self.rank
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  image: ViTConfig
-  text: TextConfig
-  embed_dim: int = 256
-  head: str = 'linear'
-  loss: str = 'sigmoid'
-  temperature_init: float = math.log(10.0)
-  bias_init: float | None = -10.0
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  image_head: str = ''  # Per-tower head kind; '' uses `head`.
-  text_head: str = ''
-  head_bias: bool = True  # CLIP's projections have no bias.
-  # Multi-task uncertainty weighting: (task, initial log-variance) pairs, trained as the
-  # 'multitask' params (config.multitask.weighting='uncertainty'); () = none.
-  task_log_vars: tuple[tuple[str, float], ...] = ()
-  # Heads on the towers' token outputs (mmjax.models.fusion, docs/objectives.md); depth 0: none.
-  # ITM: text tokens cross-attend to image tokens, a binary match logit (ALBEF/BLIP).
-  itm_depth: int = 0
-  itm_heads: int = 4
-  itm_mlp_dim: int = 0  # 0: 4 x the text width.
-  # Captioning (CoCa): a causal text decoder cross-attending to the image tokens.
-  caption_depth: int = 0
-  caption_heads: int = 4
-  caption_mlp_dim: int = 0
-
-  @property
-  def token_heads(self) -> bool:
-    """Whether the model has a head on token outputs (then embed_batch returns them)."""
-    return bool(self.itm_depth or self.caption_depth)
-
-  def tower_head(self, tower: str) -> str:
-    return (self.image_head if tower == 'image' else self.text_head) or self.head
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-shaped (tuples as lists), so it compares equal to a saved checkpoint's meta."""
-    return json.loads(json.dumps(dataclasses.asdict(self)))
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-    d = dict(d)
-    image = lists_to_tuples(d.pop('image'))
-    d['task_log_vars'] = tuple(tuple(x) for x in d.get('task_log_vars', ()))
-    return cls(image=ViTConfig(**image), text=TextConfig(**d.pop('text')), **d)
-
-
-LLM_POOLS = ('last', 'mean')
-LLM_PROJECTORS = ('mlp', 'linear')
-
-
-def tokens_per_image(image: ViTConfig, merge: int) -> int:
-  """Visual tokens one image becomes in the LLM embedder: (patch grid / merge)^2."""
-  return (image.grid_size // merge) ** 2
-
-
-@dataclasses.dataclass(frozen=True)
-class LLMEmbedderConfig:
-  """What the LLM embedder's layers need (built from config.model by `from_run_config`)."""
-
-  image: ViTConfig
-  decoder: DecoderConfig
-  max_len: int = 128  # Sequence length of every row (visual tokens included).
-  max_images: int = 1  # Image slots per sequence.
-  merge: int = 1  # merge x merge neighbouring patches become one visual token.
-  projector: str = 'mlp'
-  pool: str = 'last'
-  matryoshka_dims: tuple[int, ...] = ()
-  temperature: float = 0.02
-  lora: LoraConfig = LoraConfig()  # rank 0: no adapters.
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-
-  def __post_init__(self):
-    grid = self.image.grid_size
-    if self.merge < 1 or grid % self.merge:
-      raise ValueError(f'model.llm.merge={self.merge} must divide the {grid}x{grid} patch grid.')
-    if self.pool not in LLM_POOLS:
-      raise ValueError(f'model.llm.pool={self.pool!r} is not one of {LLM_POOLS}.')
-    if self.projector not in LLM_PROJECTORS:
-      raise ValueError(f'model.llm.projector={self.projector!r} is not one of {LLM_PROJECTORS}.')
-    bad = [d for d in self.matryoshka_dims if not 0 < d <= self.embed_dim]
-    if bad or list(self.matryoshka_dims) != sorted(set(self.matryoshka_dims)):
-      raise ValueError(f'model.llm.matryoshka_dims={self.matryoshka_dims} must be increasing, '
-                       f'each in 1..{self.embed_dim} (the decoder width).')
-    if self.max_len > self.decoder.max_len:
-      raise ValueError(f'model.llm.max_len={self.max_len} exceeds the decoder context '
-                       f'model.decoder.max_len={self.decoder.max_len}.')
-    if not self.temperature > 0:
-      raise ValueError(f'model.llm.temperature={self.temperature} must be > 0.')
-
-  @property
-  def embed_dim(self) -> int:
-    return self.decoder.width
-
-  @property
-  def tokens_per_image(self) -> int:
-    return tokens_per_image(self.image, self.merge)
-
-  @property
-  def eval_dims(self) -> tuple[int, ...]:
-    """The dimensions trained (and evaluated): the Matryoshka ones and always the full one."""
-    return tuple(sorted(set(self.matryoshka_dims) | {self.embed_dim}))
-
-  def to_dict(self) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> LLMEmbedderConfig:
-    d = dict(d)
-    image = lists_to_tuples(d.pop('image'))
-    return cls(image=ViTConfig(**image), decoder=DecoderConfig(**d.pop('decoder')),
-               lora=LoraConfig(**d.pop('lora', {})), **lists_to_tuples(d))
-
-
 # Front-end choices of the audio tower (mmjax.models.audio).
 MEL_SCALES = ('slaney', 'htk')
 AUDIO_POOLS = ('gap', 'map')
@@ -400,32 +229,3 @@ class AudioConfig(TransformerConfig):
   @property
   def freq_patches(self) -> int:
     return self.n_mels // self.patch_freq
-
-
-@dataclasses.dataclass(frozen=True)
-class AudioTextConfig:
-  """The audio-text dual encoder (model.kind='audio_text', mmjax.models.audio)."""
-
-  audio: AudioConfig
-  text: TextConfig
-  embed_dim: int = 256
-  head: str = 'linear'
-  loss: str = 'softmax'
-  temperature_init: float = math.log(1 / 0.07)
-  bias_init: float | None = None
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  audio_head: str = ''
-  text_head: str = ''
-  head_bias: bool = True
-
-  def tower_head(self, tower: str) -> str:
-    return (self.audio_head if tower == 'audio' else self.text_head) or self.head
-
-  def to_dict(self) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> AudioTextConfig:
-    d = dict(d)
-    return cls(audio=AudioConfig(**d.pop('audio')), text=TextConfig(**d.pop('text')), **d)
