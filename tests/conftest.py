@@ -1,6 +1,9 @@
 """Test set-up: 8 simulated CPU devices, so sharded code paths run for real on one machine."""
 
+import atexit
 import os
+import shutil
+import sys
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -8,6 +11,19 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The runs' 'user' compilation cache (mmjax.train.compile_cache) of this session, not ~/.cache.
 os.environ.setdefault('MMJAX_CACHE_DIR', tempfile.mkdtemp(prefix='mmjax-test-cache-'))
+# jax's default also points XLA's GPU autotuning cache into the compilation cache directory and
+# that path is part of every cache key, so a copied WORKDIR/jax_cache (tests/test_train.py) never
+# hit. The tests run on CPU, where that cache does nothing: off, keys no longer name the path.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES', 'none')
+# Under PYTHONDONTWRITEBYTECODE every `python -m ...` a test starts (~40 in the suite) recompiles
+# the ~2,000 modules of jax, flax, orbax and mmjax from source (3-5 s each, measured). Bytecode
+# then goes to a session directory instead (never into the tree or the venv), written by this
+# process's imports and read by the subprocesses.
+if sys.dont_write_bytecode:
+  sys.pycache_prefix = os.environ['PYTHONPYCACHEPREFIX'] = tempfile.mkdtemp(prefix='mmjax-test-pyc-')
+  sys.dont_write_bytecode = False
+  os.environ.pop('PYTHONDONTWRITEBYTECODE', None)
+  atexit.register(shutil.rmtree, sys.pycache_prefix, ignore_errors=True)
 
 import pathlib  # noqa: E402
 

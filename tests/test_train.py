@@ -132,6 +132,10 @@ def test_resume_in_fresh_process_is_exact(trained, tmp_path):
   # The first run filled WORKDIR/jax_cache (reuse: tests/test_compile_cache.py).
   assert any(p.name.startswith('jit_train_step-') for p in cached), [p.name for p in cached]
   run_cli(resumed, '--config.compilation_cache=workdir')
+  # Served from the copied cache: a miss would have written a second train step.
+  steps = lambda: [p.name for p in compile_cache.entries(resumed / compile_cache.WORKDIR_SUBDIR)
+                   if p.name.startswith('jit_train_step-')]
+  assert steps() == [p.name for p in cached if p.name.startswith('jit_train_step-')]
   assert json.loads((resumed / 'eval.json').read_text())['step'] == 4
   assert_same_params(saved_params(workdir, 4), saved_params(resumed, 4))
 
@@ -165,7 +169,9 @@ def test_truncated_latest_checkpoint_falls_back_and_is_kept(trained, tmp_path):
   for f in [p for p in (wd / 'checkpoints' / '4' / 'state').rglob('*') if p.parent.name == 'd']:
     data = f.read_bytes()
     f.write_bytes(data[:len(data) // 2])
-  proc = run_cli(wd, '--config.total_steps=6')
+  # The copied WORKDIR/jax_cache serves the evaluation and checkpoint programs (the train step of
+  # 6 steps is another program: its learning-rate schedule).
+  proc = run_cli(wd, '--config.total_steps=6', '--config.compilation_cache=workdir')
   assert 'unreadable' in proc.stderr and 'step 4' in proc.stderr
   kept = list((wd / 'checkpoints_corrupt').iterdir())
   assert len(kept) == 1 and kept[0].name.startswith('4-')
