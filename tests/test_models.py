@@ -580,11 +580,14 @@ def demo_init_params():
 def test_patch_kernel_init_is_lecun_over_the_patch_fan_in():
   # The Xavier default counted the patch area in the fan-out too: std 0.035 at the demo's
   # p=4, C=3, width=96 instead of 1/sqrt(48) = 0.144 (big_vision; open_clip's conv: 0.083).
+  # The demo now patchifies its conv stem's output (p=1, C = the stem's last channels); the
+  # fan-in is p*p*C either way.
   cfg, img, _ = demo_init_params()
   p = cfg.image.patch_size
+  c = cfg.image.stem_channels[-1] if cfg.image.stem_channels else 3
   kernel = np.asarray(img['patch_kernel'])
-  assert kernel.shape == (p, p, 3, cfg.image.width)
-  expected = 1 / math.sqrt(p * p * 3)
+  assert kernel.shape == (p, p, c, cfg.image.width)
+  expected = 1 / math.sqrt(p * p * c)
   assert abs(kernel.std() / expected - 1) < 0.06, (kernel.std(), expected)
   # Truncated at 2 std (flax's variance-scaling normal), so nothing beyond ~2.3x expected.
   assert np.abs(kernel).max() < 2.3 * expected
