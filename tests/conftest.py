@@ -11,10 +11,6 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The runs' 'user' compilation cache (mmjax.train.compile_cache) of this session, not ~/.cache.
 os.environ.setdefault('MMJAX_CACHE_DIR', tempfile.mkdtemp(prefix='mmjax-test-cache-'))
-# jax's default also points XLA's GPU autotuning cache into the compilation cache directory and
-# that path is part of every cache key, so a copied WORKDIR/jax_cache (tests/test_train.py) never
-# hit. The tests run on CPU, where that cache does nothing: off, keys no longer name the path.
-os.environ.setdefault('JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES', 'none')
 # Under PYTHONDONTWRITEBYTECODE every `python -m ...` a test starts (~40 in the suite) recompiles
 # the ~2,000 modules of jax, flax, orbax and mmjax from source (3-5 s each, measured). Bytecode
 # then goes to a session directory instead (never into the tree or the venv), written by this

@@ -25,6 +25,8 @@ import traceback
 import jax
 from jax._src import distributed as jax_distributed  # The coordinator client (live processes).
 
+from mmjax.types import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -70,13 +72,15 @@ def failure_exit():
   ignored on resume. One-process runs raise as usual."""
   try:
     yield
-  except BaseException as e:  # pylint: disable=broad-except
-    if not jax.distributed.is_initialized() or jax.process_count() == 1 or isinstance(
-        e, (SystemExit, KeyboardInterrupt)):
+  except Exception as e:  # pylint: disable=broad-except
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
       raise
     live = live_processes()
     lost = (sorted(set(range(jax.process_count())) - set(live)) if live is not None else None)
-    traceback.print_exc()
+    if isinstance(e, ConfigError):  # As mmjax.command reports it: the message, no traceback.
+      print(f'Config error: {e}', file=sys.stderr)
+    else:
+      traceback.print_exc()
     who = (f'lost process(es) {lost} (the coordinator hears only from {live})' if lost else
            'no process reported lost yet (the coordinator declares one dead after '
            'distributed.heartbeat_timeout_s)' if live is not None else

@@ -66,6 +66,11 @@ def enable(setting: str, workdir: str | pathlib.Path,
   current = jax.config.jax_compilation_cache_dir
   wanted = None if path is None else str(path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', float(min_compile_s))
+  if path is not None and jax.default_backend() == 'cpu':
+    # By default jax also keeps XLA's GPU autotuning cache inside the cache directory, and that
+    # path becomes part of every cache key, so a copied or moved workdir cache never hit. On CPU
+    # those XLA caches do nothing: off, the keys no longer name the directory.
+    jax.config.update('jax_persistent_cache_enable_xla_caches', 'none')
   if wanted != current:
     if path is not None:
       path.mkdir(parents=True, exist_ok=True)
